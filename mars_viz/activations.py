@@ -1,0 +1,64 @@
+"""Batched activation collection: queries in, `[N, layers, d]` float32 residuals at the last prompt position out.
+
+Queries are grouped by modality and sorted by prompt length so each left-padded batch wastes little padding; the
+output keeps the input order. Memory grows as N * L * d (one vector per layer per query), never with sequence length.
+
+Example:
+    >>> acts = collect_activations(backbone, [Query("hi"), Query("how are you?")], batch_size=8)  # doctest: +SKIP
+    >>> acts.shape                                                                                 # doctest: +SKIP
+    torch.Size([2, 24, 896])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .backbone import Backbone
+from .hooks import capture_residuals
+from .inputs import Query, build_batch
+
+__all__ = ["Progress", "collect_activations", "forward_last"]
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@torch.inference_mode()
+def forward_last(backbone: Backbone, queries: Sequence[Query]) -> torch.Tensor:
+    """One forward pass over one left-padded batch; float32 `[B, L, d]` at the last prompt position."""
+    batch = build_batch(backbone, list(queries))
+    with capture_residuals(backbone.layers) as cap:
+        # logits_to_keep=1: only the last position's logits are computed (capture never needs the rest).
+        backbone.model(**batch, use_cache=False, logits_to_keep=1)
+    return cap.last()
+
+
+def _order(queries: Sequence[Query]) -> list[int]:
+    return sorted(range(len(queries)), key=lambda i: (queries[i].modality, len(queries[i].prompt)))
+
+
+def collect_activations(backbone: Backbone, queries: Sequence[Query], batch_size: int = 8,
+                        progress: Progress | None = None) -> torch.Tensor:
+    """Residuals of every decoder layer at the last prompt position for each query: float32 `[N, L, d]` on CPU."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    n = len(queries)
+    out = torch.empty(n, backbone.num_layers, backbone.hidden_size, dtype=torch.float32)
+    order = _order(queries)
+    done = 0
+    if progress:
+        progress(0, n)
+    i = 0
+    while i < n:
+        # A batch never mixes modalities: processors handle homogeneous batches most reliably.
+        idx = [order[i]]
+        while len(idx) < batch_size and i + len(idx) < n and \
+                queries[order[i + len(idx)]].modality == queries[idx[0]].modality:
+            idx.append(order[i + len(idx)])
+        out[idx] = forward_last(backbone, [queries[j] for j in idx])
+        i += len(idx)
+        done += len(idx)
+        if progress:
+            progress(done, n)
+    return out

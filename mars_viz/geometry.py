@@ -1,0 +1,670 @@
+"""Pure tensor maths of MARS: centroids, offsets, scores, gate, trust region, layer scores.
+
+Everything here is a plain function of tensors: no model, no hooks, no I/O, no
+gradio. That keeps the formulation (see ``DESIGN.md``, "Definitions"; it is our
+own formulation of the MARS paper) testable with planted geometry, and lets the
+calibration, the hooks and the dashboard share one implementation.
+
+Shape conventions (written beside the code as ``# [N, L, d]``):
+
+- ``acts``: activations of a prompt set, ``[N, L, d]`` (prompts, layers, hidden size);
+- per-layer vectors (centroids, directions, offsets): ``[L, d]``;
+- per-layer scalars (thresholds, layer scores): ``[L]``;
+- scores of a set: ``[N, L]``.
+
+Most functions also accept a single layer (drop the ``L`` axis everywhere), and
+then return scalars (0-d tensors) where they would return ``[L]``.
+
+Means and scores are computed in float64: activations of bf16 models have large
+norms, and the score is a small difference of large dot products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayerScores",
+    "allowed_layer_range",
+    "auroc",
+    "balanced_accuracy_threshold",
+    "choose_layer",
+    "choose_target_level",
+    "combined_score",
+    "consistency",
+    "fisher_ratio",
+    "gate_weight",
+    "mean_activation",
+    "misalignment",
+    "modality_offset",
+    "normalise_steerability",
+    "recentre",
+    "refusal_direction",
+    "split_half_cosine",
+    "steer_displacement",
+    "trust_region_coefficient",
+    "unsafety_score",
+]
+
+_F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _f64(x: Tensor | float | Sequence[float], device: torch.device | None = None) -> Tensor:
+    """``x`` as a float64 tensor (on ``device`` when given)."""
+    return torch.as_tensor(x, dtype=_F64, device=device)
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or inf values; check the activations/scores that produced it "
+            "(e.g. a model run in fp16 that overflowed: use bf16 or fp32)"
+        )
+
+
+def _check_non_empty(x: Tensor, name: str) -> None:
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}): it needs at least one row along its "
+            "first axis; check that the prompt set / split that produced it is not empty"
+        )
+
+
+def _check_trailing(x: Tensor, ref: Tensor, x_name: str, ref_name: str) -> None:
+    """``ref``'s shape must be the trailing part of ``x``'s shape (so they broadcast as meant)."""
+    if ref.ndim > x.ndim or tuple(x.shape[x.ndim - ref.ndim :]) != tuple(ref.shape):
+        raise ValueError(
+            f"{x_name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}: "
+            f"the trailing dims of {x_name} must equal {ref_name}'s shape "
+            "(e.g. h [N, L, d] with r [L, d], or h [N, d] with r [d] for one layer)"
+        )
+
+
+def _as_scores(s_a: Tensor, s_b: Tensor, name_a: str, name_b: str) -> tuple[Tensor, Tensor]:
+    """Validate two score sets ``[N_a, L]`` / ``[N_b, L]`` (or 1-D) and return them as float64."""
+    s_a, s_b = _f64(s_a), _f64(s_b)
+    for s, name in ((s_a, name_a), (s_b, name_b)):
+        if s.ndim not in (1, 2):
+            raise ValueError(
+                f"{name} must be [N, L] or [N] (one layer); got shape {tuple(s.shape)}"
+            )
+        _check_non_empty(s, name)
+        _check_finite(s, name)
+    if s_a.ndim != s_b.ndim or s_a.shape[1:] != s_b.shape[1:]:
+        raise ValueError(
+            f"{name_a} {tuple(s_a.shape)} and {name_b} {tuple(s_b.shape)} must have the same "
+            "number of layers (same trailing shape)"
+        )
+    return s_a, s_b
+
+
+def _norm_nonzero(r: Tensor) -> Tensor:
+    """||r|| over the last axis, raising if any is zero (the score would divide by zero)."""
+    norm = torch.linalg.vector_norm(r, dim=-1)  # [L] or []
+    if bool((norm == 0).any()):
+        bad = torch.nonzero(norm.reshape(-1) == 0).flatten().tolist()
+        raise ValueError(
+            f"the refusal direction r is zero (layer index(es) {bad}): the unsafe and safe "
+            "centroids coincide; use more / more distinct calibration prompts or another layer"
+        )
+    return norm
+
+
+# ---------------------------------------------------------------------------
+# centroids, direction, modality offset
+# ---------------------------------------------------------------------------
+
+
+def mean_activation(acts: Tensor) -> Tensor:
+    """Mean over the prompt axis, accumulated in float64.
+
+    Centroids ``mu_plus`` / ``mu_minus`` are means of a few hundred bf16
+    residuals whose norms can reach the thousands; summing in float64 keeps the
+    small difference between the two centroids exact enough.
+
+    >>> mean_activation(torch.ones(3, 2, 4)).shape  # [N, L, d] -> [L, d]
+    torch.Size([2, 4])
+    """
+    acts = torch.as_tensor(acts)
+    _check_non_empty(acts, "acts")
+    n = acts.shape[0]
+    return torch.sum(acts, dim=0, dtype=_F64) / n  # [L, d]
+
+
+def refusal_direction(mu_plus: Tensor, mu_minus: Tensor) -> tuple[Tensor, Tensor]:
+    """Refusal direction ``r = mu_plus - mu_minus`` and its norm, per layer.
+
+    ``r`` is not normalised: the score divides by ``||r||`` so that the safe
+    centroid sits at 0 and the unsafe one at 1, which makes target levels
+    (``t* = 3``: "three centroid distances towards refusal") comparable across
+    layers and models.
+
+    >>> r, n = refusal_direction(torch.ones(2, 4), torch.zeros(2, 4))
+    >>> n
+    tensor([2., 2.], dtype=torch.float64)
+    """
+    mu_plus, mu_minus = _f64(mu_plus), _f64(mu_minus)
+    if mu_plus.shape != mu_minus.shape:
+        raise ValueError(
+            f"mu_plus {tuple(mu_plus.shape)} and mu_minus {tuple(mu_minus.shape)} must have the "
+            "same shape ([L, d] or [d]); were they computed from the same layers?"
+        )
+    r = mu_plus - mu_minus  # [L, d]
+    return r, torch.linalg.vector_norm(r, dim=-1)  # [L, d], [L]
+
+
+def modality_offset(acts_with_media: Tensor, acts_text: Tensor) -> Tensor:
+    """Modality offset ``delta = mean(acts_with_media) - mean(acts_text)`` in float64.
+
+    Visual tokens shift the whole residual stream; measured with *neutral*
+    media (solid colours) on safe prompts, this shift carries no content, so
+    subtracting it (``recentre``) stops benign images from looking unsafe.
+    ``acts_with_media`` is ``[M, L, d]`` with M = prompts x K neutral inputs
+    flattened; ``acts_text`` is ``[N, L, d]``; they need not be paired.
+
+    >>> modality_offset(torch.full((6, 2, 4), 3.0), torch.ones(2, 2, 4))[0, 0]
+    tensor(2., dtype=torch.float64)
+    """
+    acts_with_media, acts_text = torch.as_tensor(acts_with_media), torch.as_tensor(acts_text)
+    if acts_with_media.shape[1:] != acts_text.shape[1:]:
+        raise ValueError(
+            f"acts_with_media {tuple(acts_with_media.shape)} and acts_text "
+            f"{tuple(acts_text.shape)} must agree on every axis but the first ([*, L, d]); "
+            "capture both at the same layers of the same model"
+        )
+    return mean_activation(acts_with_media) - mean_activation(acts_text)  # [L, d]
+
+
+def recentre(h: Tensor, delta: Tensor) -> Tensor:
+    """Re-centred activation ``h~ = h - delta``, in ``h``'s dtype and on ``h``'s device.
+
+    ``delta`` matches the trailing dims of ``h``: ``h [N, L, d]`` with ``delta [L, d]``,
+    or ``h [N, d]`` / ``[d]`` with ``delta [d]`` for one layer. The subtraction is
+    done in float64 and rounded once, so a bf16 ``h`` loses no extra precision.
+
+    >>> recentre(torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(4)).dtype
+    torch.bfloat16
+    """
+    h = torch.as_tensor(h)
+    delta = _f64(delta, device=h.device)
+    _check_trailing(h, delta, "h", "delta")
+    return (h.to(_F64) - delta).to(h.dtype)
+
+
+# ---------------------------------------------------------------------------
+# score, threshold, target level
+# ---------------------------------------------------------------------------
+
+
+def unsafety_score(h: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
+    """Unsafety score ``s = <h - mu_minus, r_hat> / ||r|| = <h - mu_minus, r> / ||r||^2`` (float64).
+
+    The position of ``h`` along the refusal axis in units of the centroid
+    distance: 0 at the safe centroid, 1 at the unsafe centroid, whatever the
+    layer's scale. Pass the *re-centred* activation for multimodal inputs.
+
+    Shapes: ``h [N, L, d]`` with ``mu_minus, r [L, d]`` -> ``[N, L]``; for one
+    layer ``h [N, d]`` or ``[d]`` with ``mu_minus, r [d]`` -> ``[N]`` or ``[]``.
+
+    >>> unsafety_score(torch.tensor([2.0, 5.0]), torch.zeros(2), torch.tensor([1.0, 0.0]))
+    tensor(2., dtype=torch.float64)
+    """
+    h = torch.as_tensor(h)
+    mu_minus = _f64(mu_minus, device=h.device)
+    r = _f64(r, device=h.device)
+    if mu_minus.shape != r.shape:
+        raise ValueError(
+            f"mu_minus {tuple(mu_minus.shape)} and r {tuple(r.shape)} must have the same shape"
+        )
+    _check_trailing(h, r, "h", "r")
+    norm = _norm_nonzero(r)  # [L]
+    return ((h.to(_F64) - mu_minus) * r).sum(dim=-1) / norm.square()  # [N, L]
+
+
+def balanced_accuracy_threshold(s_unsafe: Tensor, s_safe: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-layer gate threshold ``tau`` maximising balanced accuracy of "unsafe iff s > tau".
+
+    Balanced accuracy ``(TPR + TNR) / 2`` does not reward a threshold for the
+    class sizes of the held-out split. Candidates are the midpoints between
+    consecutive sorted unique scores of both sets, plus one value below the
+    minimum (everything unsafe) and one above the maximum (everything safe).
+
+    Ties: when several candidates reach the best accuracy, take the one
+    closest to the midpoint between the lowest and the highest best candidate
+    (the lower one if two are equally close). For separated classes this puts
+    ``tau`` in the middle of the gap, the most robust choice.
+
+    Inputs ``[N_u, L]`` and ``[N_s, L]`` -> ``(tau [L], accuracy [L])``, float64;
+    1-D inputs (one layer) -> two scalars.
+
+    >>> tau, acc = balanced_accuracy_threshold(torch.tensor([0.75, 1.0]), torch.tensor([0.0, 0.25]))
+    >>> float(tau), float(acc)
+    (0.5, 1.0)
+    """
+    s_u, s_s = _as_scores(s_unsafe, s_safe, "s_unsafe", "s_safe")
+    one_layer = s_u.ndim == 1
+    if one_layer:
+        s_u, s_s = s_u[:, None], s_s[:, None]  # [N, 1]
+    num_layers = s_u.shape[1]
+    n_u, n_s = s_u.shape[0], s_s.shape[0]
+    taus = torch.empty(num_layers, dtype=_F64)
+    accs = torch.empty(num_layers, dtype=_F64)
+    u_sorted = s_u.sort(dim=0).values.T.contiguous()  # [L, N_u]
+    s_sorted = s_s.sort(dim=0).values.T.contiguous()  # [L, N_s]
+    for layer in range(num_layers):
+        uniq = torch.unique(torch.cat([u_sorted[layer], s_sorted[layer]]))  # [K] sorted
+        span = float(uniq[-1] - uniq[0])
+        pad = 0.5 * span if span > 0 else 0.5
+        cands = torch.cat([uniq[:1] - pad, (uniq[1:] + uniq[:-1]) / 2, uniq[-1:] + pad])  # [K+1]
+        # counts of unsafe scores > c and of safe scores <= c, via binary search
+        n_u_le = torch.searchsorted(u_sorted[layer], cands, right=True)  # [K+1]
+        n_s_le = torch.searchsorted(s_sorted[layer], cands, right=True)  # [K+1]
+        tpr = (n_u - n_u_le).to(_F64) / n_u
+        tnr = n_s_le.to(_F64) / n_s
+        bal = (tpr + tnr) / 2  # [K+1]
+        best = bal.max()
+        best_idx = torch.nonzero(bal >= best - 1e-12).flatten()
+        centre = (cands[best_idx[0]] + cands[best_idx[-1]]) / 2
+        pick = best_idx[torch.argmin((cands[best_idx] - centre).abs())]  # first on ties
+        taus[layer] = cands[pick]
+        accs[layer] = bal[pick]
+    if one_layer:
+        return taus[0], accs[0]
+    return taus, accs  # [L], [L]
+
+
+def choose_target_level(
+    levels: Sequence[float] | Tensor, rates: Sequence[float] | Tensor, tol: float = 0.05
+) -> float:
+    """Target level ``t*``: the smallest level whose refusal rate is within ``tol`` of the best.
+
+    Pushing further than needed leaves the model's manifold (answers degrade
+    and refusal falls again), so among near-best levels the gentlest wins.
+    ``levels`` need not be sorted.
+
+    >>> choose_target_level([1, 2, 3, 4, 6], [0.19, 0.31, 0.50, 0.44, 0.0])
+    3.0
+    >>> choose_target_level([1, 2, 3], [0.2, 0.47, 0.50])
+    2.0
+    """
+    lv, rt = _f64(levels).reshape(-1), _f64(rates).reshape(-1)
+    if lv.numel() == 0:
+        raise ValueError("levels is empty: pass the grid of target levels that was measured")
+    if lv.numel() != rt.numel():
+        raise ValueError(
+            f"levels has {lv.numel()} entries but rates has {rt.numel()}: pass one refusal "
+            "rate per level"
+        )
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    _check_finite(lv, "levels")
+    _check_finite(rt, "rates")
+    best = rt.max()
+    ok = rt >= best - tol - 1e-12
+    return float(lv[ok].min())
+
+
+# ---------------------------------------------------------------------------
+# gate and trust region
+# ---------------------------------------------------------------------------
+
+
+def gate_weight(s: Tensor | float, tau: Tensor | float, margin: float = 0.1) -> Tensor:
+    """One-sided ReLU gate ``w = clip(relu(s - tau) / margin, 0, 1)`` (float64).
+
+    0 for inputs judged safe, 1 from ``tau + margin`` on, and a linear ramp in
+    between, so the steering does not switch on abruptly at the threshold.
+
+    >>> gate_weight(torch.tensor([0.0, 0.55, 0.7]), 0.5, margin=0.1)
+    tensor([0.0000, 0.5000, 1.0000], dtype=torch.float64)
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0 (the width of the gate ramp), got {margin}")
+    s = _f64(s)
+    tau = _f64(tau, device=s.device)
+    return (torch.relu(s - tau) / margin).clamp(0.0, 1.0)
+
+
+def trust_region_coefficient(
+    s: Tensor | float,
+    tau: Tensor | float,
+    t_star: Tensor | float,
+    strength: float = 1.0,
+    margin: float = 0.1,
+) -> Tensor:
+    """Coefficient ``c = strength * w * relu(t* - s)`` of the displacement ``c * r`` (float64).
+
+    Moving by ``c * r`` raises the score by exactly ``c``, so with
+    ``strength = 1`` and a fully open gate the input lands at ``t*``; inside
+    the ramp it moves a fraction ``w`` of the way, and beyond ``t*`` not at
+    all: the trust region is the segment ``[tau, t*]``. ``c`` is exactly
+    ``0.0`` (not a tiny number) wherever ``s <= tau``, so benign inputs stay
+    bit-identical. ``strength > 1`` deliberately overshoots ``t*``.
+
+    >>> trust_region_coefficient(torch.tensor([0.2, 1.0, 4.0]), 0.5, 3.0)
+    tensor([0., 2., 0.], dtype=torch.float64)
+    """
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength}")
+    s = _f64(s)
+    tau = _f64(tau, device=s.device)
+    t_star = _f64(t_star, device=s.device)
+    c = strength * gate_weight(s, tau, margin) * torch.relu(t_star - s)
+    return torch.where(s > tau, c, torch.zeros((), dtype=_F64, device=s.device))
+
+
+def steer_displacement(
+    h: Tensor,
+    mu_minus: Tensor,
+    r: Tensor,
+    tau: Tensor | float,
+    t_star: Tensor | float,
+    strength: float = 1.0,
+    margin: float = 0.1,
+    delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Displacement to add to ``h`` (the gated, trust-region push along ``r``) and the score.
+
+    The score is read on the re-centred activation ``h - delta`` (when ``delta``
+    is given), but the displacement is added to the raw ``h`` in the model: the
+    offset is only removed for *judging*, the model keeps seeing its input.
+    With ``strength = 1`` an input with ``tau + margin < s < t*`` ends exactly at
+    ``t*`` (as measured on the re-centred activation), never beyond; inputs
+    with ``s <= tau`` or ``s >= t*`` get an exactly-zero displacement.
+
+    Shapes: ``h [..., d]`` with ``mu_minus, r, delta [d]`` (one layer; the usual
+    case inside a hook) -> ``(displacement [..., d] in h's dtype, s [...] float64)``.
+    Also works on all layers at once: ``h [N, L, d]``, ``r [L, d]``, ``tau [L]``.
+
+    >>> h = torch.tensor([[1.0, 0.0]])
+    >>> disp, s = steer_displacement(h, torch.zeros(2), torch.tensor([1.0, 0.0]), 0.5, 3.0)
+    >>> disp, s
+    (tensor([[2., 0.]]), tensor([1.], dtype=torch.float64))
+    """
+    h = torch.as_tensor(h)
+    h_judged = h if delta is None else recentre(h, delta)  # [..., d]
+    s = unsafety_score(h_judged, mu_minus, r)  # [...]
+    c = trust_region_coefficient(s, tau, t_star, strength=strength, margin=margin)  # [...]
+    r64 = _f64(r, device=h.device)  # [d] or [L, d]
+    disp = torch.where(
+        (c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=h.device)
+    )  # [..., d]
+    return disp.to(h.dtype), s
+
+
+# ---------------------------------------------------------------------------
+# layer scores
+# ---------------------------------------------------------------------------
+
+
+def auroc(s_pos: Tensor, s_neg: Tensor) -> Tensor:
+    """Per-layer AUROC of ``s_pos`` (e.g. unsafe) against ``s_neg`` (Mann-Whitney, ties = 0.5).
+
+    The probability that a random positive scores above a random negative:
+    threshold-free separability of the two classes along ``r``. Inputs
+    ``[N_p, L]`` and ``[N_n, L]`` -> ``[L]`` float64; 1-D -> scalar.
+
+    >>> auroc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0]))
+    tensor(0.8750, dtype=torch.float64)
+    """
+    s_p, s_n = _as_scores(s_pos, s_neg, "s_pos", "s_neg")
+    one_layer = s_p.ndim == 1
+    if one_layer:
+        s_p, s_n = s_p[:, None], s_n[:, None]
+    neg_sorted = s_n.sort(dim=0).values.T.contiguous()  # [L, N_n]
+    pos = s_p.T.contiguous()  # [L, N_p]
+    n_less = torch.searchsorted(neg_sorted, pos, right=False)  # [L, N_p]
+    n_leq = torch.searchsorted(neg_sorted, pos, right=True)  # [L, N_p]
+    wins = (n_less + n_leq).to(_F64) / 2  # less + 0.5 * equal
+    out = wins.mean(dim=1) / s_n.shape[0]  # [L]
+    return out[0] if one_layer else out
+
+
+def fisher_ratio(s_pos: Tensor, s_neg: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-layer Fisher ratio ``(mean_pos - mean_neg)^2 / (var_pos + var_neg + eps)``.
+
+    Unlike AUROC it keeps growing with the margin between the classes, so it
+    still ranks layers whose AUROC is saturated at 1. Variances are population
+    variances (no Bessel correction), so a one-element set is allowed.
+
+    >>> fisher_ratio(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))
+    tensor(4.0000, dtype=torch.float64)
+    """
+    s_p, s_n = _as_scores(s_pos, s_neg, "s_pos", "s_neg")
+    gap = s_p.mean(dim=0) - s_n.mean(dim=0)  # [L]
+    var = s_p.var(dim=0, correction=0) + s_n.var(dim=0, correction=0)  # [L]
+    return gap.square() / (var + eps)
+
+
+def consistency(acts_unsafe: Tensor, mu_minus: Tensor, r: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-layer mean cosine between ``h - mu_minus`` and ``r_hat`` over the unsafe set.
+
+    1 when every unsafe activation sits on the ray from the safe centroid
+    along ``r``; near 0 when ``r`` is only the mean of unrelated directions,
+    in which case steering along it is a poor summary of "unsafe".
+    ``acts_unsafe [N, L, d]``, ``mu_minus, r [L, d]`` -> ``[L]`` float64.
+
+    >>> consistency(torch.tensor([[[2.0, 0.0]]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
+    tensor([1.], dtype=torch.float64)
+    """
+    acts_unsafe = torch.as_tensor(acts_unsafe)
+    _check_non_empty(acts_unsafe, "acts_unsafe")
+    mu_minus = _f64(mu_minus, device=acts_unsafe.device)
+    r = _f64(r, device=acts_unsafe.device)
+    _check_trailing(acts_unsafe, r, "acts_unsafe", "r")
+    if mu_minus.shape != r.shape:
+        raise ValueError(
+            f"mu_minus {tuple(mu_minus.shape)} and r {tuple(r.shape)} must have the same shape"
+        )
+    r_norm = _norm_nonzero(r)  # [L]
+    diff = acts_unsafe.to(_F64) - mu_minus  # [N, L, d]
+    diff_norm = torch.linalg.vector_norm(diff, dim=-1).clamp_min(eps)  # [N, L]
+    cos = (diff * r).sum(dim=-1) / (diff_norm * r_norm)  # [N, L]
+    return cos.mean(dim=0)  # [L]
+
+
+def split_half_cosine(acts_unsafe: Tensor, acts_safe: Tensor, seed: int = 0) -> Tensor:
+    """Per-layer cosine between refusal directions fitted on two random halves of the data.
+
+    A reliability check: if ``r`` is a real property of the layer it barely
+    changes when half the prompts are swapped out (cosine near 1); if it is
+    noise, the two halves disagree. Each set is split by a seeded permutation.
+    ``acts_unsafe [N_u, L, d]``, ``acts_safe [N_s, L, d]`` (each N >= 2) -> ``[L]``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> u, s = torch.randn(8, 2, 4, generator=g) + 5, torch.randn(8, 2, 4, generator=g)
+    >>> bool((split_half_cosine(u, s) > 0.9).all())
+    True
+    """
+    acts_unsafe, acts_safe = torch.as_tensor(acts_unsafe), torch.as_tensor(acts_safe)
+    for acts, name in ((acts_unsafe, "acts_unsafe"), (acts_safe, "acts_safe")):
+        if acts.ndim < 2 or acts.shape[0] < 2:
+            raise ValueError(
+                f"{name} needs at least 2 prompts to split in halves; got shape {tuple(acts.shape)}"
+            )
+    if acts_unsafe.shape[1:] != acts_safe.shape[1:]:
+        raise ValueError(
+            f"acts_unsafe {tuple(acts_unsafe.shape)} and acts_safe {tuple(acts_safe.shape)} "
+            "must agree on every axis but the first"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    halves = []
+    for acts in (acts_unsafe, acts_safe):
+        perm = torch.randperm(acts.shape[0], generator=gen).to(acts.device)
+        half = acts.shape[0] // 2
+        halves.append((acts[perm[:half]], acts[perm[half:]]))  # [N/2, L, d] x 2
+    (u_a, u_b), (s_a, s_b) = halves
+    r_a = mean_activation(u_a) - mean_activation(s_a)  # [L, d]
+    r_b = mean_activation(u_b) - mean_activation(s_b)  # [L, d]
+    denom = torch.linalg.vector_norm(r_a, dim=-1) * torch.linalg.vector_norm(r_b, dim=-1)  # [L]
+    return (r_a * r_b).sum(dim=-1) / denom.clamp_min(1e-300)
+
+
+def misalignment(s: Tensor) -> Tensor:
+    """Per-layer mean score of a set: ``[N, L]`` -> ``[L]`` (``[N]`` -> scalar), float64.
+
+    Used on neutral-image + safe-text inputs: before re-centring their mean
+    score shows how far the modality offset alone pushes benign inputs toward
+    "unsafe"; after re-centring it should be back near 0.
+
+    >>> misalignment(torch.tensor([[0.5, 1.0], [0.7, 0.0]]))
+    tensor([0.6000, 0.5000], dtype=torch.float64)
+    """
+    s = _f64(s)
+    _check_non_empty(s, "s")
+    return s.mean(dim=0)
+
+
+def normalise_steerability(gains: Tensor) -> Tensor:
+    """Steerability in ``[0, 1]``: ``gains / max(gains)``, negatives clipped to 0.
+
+    Raw gains (log-probability of the refusal opening) are in nats and only
+    their ranking across layers matters; layers where steering lowers the
+    refusal probability count as not steerable. All gains ``<= 0`` -> zeros.
+
+    >>> normalise_steerability(torch.tensor([2.0, 4.0, -1.0]))
+    tensor([0.5000, 1.0000, 0.0000], dtype=torch.float64)
+    """
+    gains = _f64(gains)
+    _check_non_empty(gains, "gains")
+    _check_finite(gains, "gains")
+    top = gains.max()
+    if top <= 0:
+        return torch.zeros_like(gains)
+    return (gains / top).clamp_min(0.0)
+
+
+def combined_score(separability: Tensor, consistency: Tensor, steerability: Tensor) -> Tensor:
+    """Layer score ``separability * max(consistency, 0) * steerability`` per layer (float64).
+
+    A product so that a layer must be good on all three: separability and
+    consistency alone peak at early layers where steering does nothing.
+    Negative consistency (r points away from the unsafe points) counts as 0.
+
+    >>> one = torch.tensor([1.0, 1.0])
+    >>> combined_score(torch.tensor([1.0, 0.9]), torch.tensor([-0.5, 0.5]), one)
+    tensor([0.0000, 0.4500], dtype=torch.float64)
+    """
+    sep, con, steer = _f64(separability), _f64(consistency), _f64(steerability)
+    if not (sep.shape == con.shape == steer.shape):
+        raise ValueError(
+            f"separability {tuple(sep.shape)}, consistency {tuple(con.shape)} and steerability "
+            f"{tuple(steer.shape)} must all be [L] with the same L"
+        )
+    return sep * con.clamp_min(0.0) * steer
+
+
+# ---------------------------------------------------------------------------
+# layer choice
+# ---------------------------------------------------------------------------
+
+
+def allowed_layer_range(num_layers: int, skip_first: float = 0.1, skip_last: float = 0.2) -> range:
+    """Layers eligible for steering: all but the first and last few.
+
+    Skips ``floor(L * skip_first)`` first and ``floor(L * skip_last)`` last layers.
+
+    Early layers still encode tokens, the last ones are committed to the
+    output; neither steers refusal well. Never empty: if the skips would
+    leave nothing, all layers are allowed.
+
+    >>> allowed_layer_range(24)
+    range(2, 20)
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    for name, frac in (("skip_first", skip_first), ("skip_last", skip_last)):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"{name} is a fraction of the layers in [0, 1], got {frac}")
+    start = math.floor(num_layers * skip_first)
+    stop = num_layers - math.floor(num_layers * skip_last)
+    if start >= stop:
+        return range(num_layers)
+    return range(start, stop)
+
+
+def choose_layer(combined: Tensor, allowed: range | None = None) -> int:
+    """Index of the best layer by ``combined`` within ``allowed`` (all layers when ``None``).
+
+    NaN scores never win; ties go to the earliest layer.
+
+    >>> choose_layer(torch.tensor([9.0, 0.2, 0.5, 0.1]), allowed=range(1, 4))
+    2
+    """
+    combined = _f64(combined).reshape(-1)  # [L]
+    num_layers = combined.numel()
+    if num_layers == 0:
+        raise ValueError("combined is empty: compute layer scores first")
+    idx = (
+        list(range(num_layers)) if allowed is None else [i for i in allowed if 0 <= i < num_layers]
+    )
+    if not idx:
+        raise ValueError(
+            f"allowed={allowed!r} contains no layer index in [0, {num_layers}); "
+            "use allowed_layer_range(num_layers) or pass allowed=None"
+        )
+    vals = combined[idx]
+    vals = torch.where(torch.isnan(vals), torch.full_like(vals, -math.inf), vals)
+    return idx[int(torch.argmax(vals))]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerScores:
+    """All per-layer diagnostics of one calibration, each ``[L]`` float64.
+
+    ``eq=False``: tensors have no single truth value, so equality is identity;
+    compare ``to_dict()`` outputs instead.
+
+    A value object for plots and the saved state: ``to_dict`` gives plain
+    lists of floats (JSON-ready), ``from_dict`` restores it.
+
+    >>> z = torch.zeros(2)
+    >>> ls = LayerScores(z, z, z, z, z, z, z, z)
+    >>> LayerScores.from_dict(ls.to_dict()).to_dict() == ls.to_dict()
+    True
+    """
+
+    separability: Tensor  # [L] AUROC of s on held-out unsafe vs safe
+    fisher: Tensor  # [L] Fisher ratio along r_hat
+    consistency: Tensor  # [L] mean cos(h - mu_minus, r_hat) over unsafe fit
+    split_half: Tensor  # [L] cosine of r between two halves
+    steerability: Tensor  # [L] normalised refusal log-prob gain
+    misalignment_before: Tensor  # [L] mean s of neutral media + safe text, raw
+    misalignment_after: Tensor  # [L] same, after re-centring
+    combined: Tensor  # [L] separability * consistency+ * steerability
+
+    def __post_init__(self) -> None:
+        lengths = {}
+        for f in fields(self):
+            value = _f64(getattr(self, f.name)).reshape(-1).cpu()
+            object.__setattr__(self, f.name, value)
+            lengths[f.name] = value.numel()
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"all LayerScores fields must have the same length L; got {lengths}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.combined.numel()
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain ``{field: [float, ...]}`` for JSON sidecars and plots."""
+        return {f.name: [float(v) for v in getattr(self, f.name)] for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Sequence[float]]) -> LayerScores:
+        """Inverse of ``to_dict``; raises ``ValueError`` naming any missing field."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"LayerScores dict is missing field(s) {missing}; expected {names}")
+        return cls(**{n: _f64(list(data[n])) for n in names})

@@ -1,0 +1,118 @@
+"""Turn prompts (+ images or a video) into one left-padded model batch via the processor's chat template.
+
+Left padding puts every prompt's last token at position -1, the position that produces the first generated token:
+the one MARS reads and steers.
+
+Example:
+    >>> q = Query("Describe this picture.", images=(img,))      # doctest: +SKIP
+    >>> batch = build_batch(backbone, [q, Query("Hello")])      # doctest: +SKIP
+    >>> batch["input_ids"].shape                                 # doctest: +SKIP
+    torch.Size([2, 31])
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+from .backbone import NESTED_IMAGE_TYPES, Backbone
+
+__all__ = ["MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "render_chat"]
+
+MAX_PROMPT_CHARS = 8000
+Modality = Literal["text", "image", "video"]
+
+
+def clean_prompt(prompt: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """Strip control characters (keeping newlines and tabs); reject empty or over-long prompts with a ValueError."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+    cleaned = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch)[0] != "C").strip()
+    if not cleaned:
+        raise ValueError("the prompt is empty: type a question or instruction")
+    if len(cleaned) > max_chars:
+        raise ValueError(f"the prompt has {len(cleaned)} characters; the limit is {max_chars}: shorten it")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class Query:
+    """One user turn: a prompt with optional images or one video (given as sampled RGB frames)."""
+
+    prompt: str
+    images: tuple[Image.Image, ...] = ()
+    video: tuple[Image.Image, ...] | None = None
+    tag: str = field(default="", compare=False)  # free label for reports
+
+    def __post_init__(self) -> None:
+        if self.images and self.video:
+            raise ValueError("give either images or a video, not both")
+        if self.video is not None and len(self.video) == 0:
+            raise ValueError("the video has no frames")
+
+    @property
+    def modality(self) -> Modality:
+        return "video" if self.video else "image" if self.images else "text"
+
+
+def _content(q: Query, backbone: Backbone) -> tuple[list[dict], list[Image.Image], list[list[Image.Image]]]:
+    """Structured chat content plus the images and videos the processor must receive for this query."""
+    images: list[Image.Image] = list(q.images)
+    videos: list[list[Image.Image]] = []
+    parts: list[dict] = []
+    if q.video:
+        frames = list(q.video)
+        if backbone.video_mode == "native":
+            # Qwen-style video processors group frames in temporal pairs: repeat the last one to make the count even.
+            if len(frames) % 2 == 1:
+                frames.append(frames[-1])
+            videos.append(frames)
+            parts.append({"type": "video"})
+        elif backbone.video_mode == "frames":
+            images.extend(frames)
+        else:
+            raise ValueError(f"{backbone.model_id} is a text-only model: it cannot take a video")
+    if q.images and backbone.video_mode == "none":
+        raise ValueError(f"{backbone.model_id} is a text-only model: it cannot take an image")
+    parts = [{"type": "image"} for _ in images] + parts + [{"type": "text", "text": q.prompt}]
+    return parts, images, videos
+
+
+def render_chat(backbone: Backbone, q: Query) -> str:
+    """The chat-templated prompt string, generation prompt appended."""
+    parts, _, _ = _content(q, backbone)
+    if backbone.video_mode == "none":
+        messages = [{"role": "user", "content": q.prompt}]
+    else:
+        messages = [{"role": "user", "content": parts}]
+    proc = backbone.processor
+    if getattr(proc, "chat_template", None) is None and getattr(backbone.tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{backbone.model_id} has no chat template: use an instruction-tuned (chat) checkpoint")
+    return proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def build_batch(backbone: Backbone, queries: list[Query]):
+    """One left-padded `BatchEncoding` on the model's input device for `queries` (any mix of modalities)."""
+    if not queries:
+        raise ValueError("no queries to build a batch from")
+    texts, flat_images, nested_images, videos = [], [], [], []
+    for q in queries:
+        texts.append(render_chat(backbone, q))
+        _, imgs, vids = _content(q, backbone)
+        flat_images.extend(imgs)
+        nested_images.append(imgs)
+        videos.extend(vids)
+    tok = backbone.tokenizer
+    if backbone.video_mode == "none":
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    else:
+        kwargs: dict = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
+        if flat_images:
+            kwargs["images"] = nested_images if backbone.model_type in NESTED_IMAGE_TYPES else flat_images
+        if videos:
+            kwargs["videos"] = videos
+        enc = backbone.processor(**kwargs)
+    return enc.to(backbone.input_device)

@@ -1,0 +1,65 @@
+"""The explicit context object the app holds: one loaded backbone, a lock that serialises model access, and why
+this model was chosen (e.g. the offline fallback). Never a module global.
+
+Hooks are global to the module they are attached to, so two requests must never run the model at once: every
+model call in the UI goes through `Session.lock`.
+
+Example:
+    >>> session = open_session("/tmp/tiny/qwen2_vl")        # doctest: +SKIP
+    >>> with session.lock:                                  # doctest: +SKIP
+    ...     acts = collect_activations(session.backbone, queries)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backbone import Backbone, load_backbone
+
+__all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "Session", "cache_dir", "open_session"]
+
+# Qwen2-VL-2B-Instruct: safety-tuned (refuses clearly harmful requests), native image *and* video paths, and ~4.5 GB
+# in bf16 / ~9 GB in fp32, so it runs on a laptop CPU or any 8 GB GPU.
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+FALLBACK_ARCH = "qwen2_vl"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz"))
+
+
+@dataclass
+class Session:
+    backbone: Backbone
+    notice: str = ""  # shown in the UI header, e.g. "fell back to the tiny demo model"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _fallback_model() -> Path:
+    from .demo_models import build_demo_model
+
+    path = cache_dir() / "demo" / FALLBACK_ARCH
+    if not (path / "mars_demo.json").exists():
+        build_demo_model(FALLBACK_ARCH, path)
+    return path
+
+
+def open_session(model: str | None = None, *, fallback: bool = True, **load_kwargs) -> Session:
+    """Load `model` (default: DEFAULT_MODEL). If that fails and `fallback`, load the built-in tiny demo model and
+    say so plainly in `Session.notice`; an explicitly requested model that fails raises ValueError."""
+    explicit = model is not None
+    target = model or DEFAULT_MODEL
+    try:
+        return Session(backbone=load_backbone(target, **load_kwargs))
+    except ValueError as e:
+        if explicit or not fallback:
+            raise
+        path = _fallback_model()
+        notice = (f"The default model {DEFAULT_MODEL} could not be loaded ({e}). Using the built-in tiny "
+                  f"{FALLBACK_ARCH} demo model instead: it has random weights, so its answers are gibberish. "
+                  "Start with --model PATH_OR_ID for a real model.")
+        return Session(backbone=load_backbone(path, **{k: v for k, v in load_kwargs.items() if k != "layers_path"}),
+                       notice=notice)

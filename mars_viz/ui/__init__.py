@@ -1,0 +1,8 @@
+"""The Gradio dashboard. Wiring only: every callback calls the library; figures come from `mars_viz.plots`.
+
+`create_app(session)` returns the Blocks without launching it (tests drive it in-process).
+"""
+
+from .app import create_app
+
+__all__ = ["create_app"]

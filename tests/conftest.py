@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models of every architecture (built once per session, offline), video files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3"]
+REAL_ROOT = Path(os.environ.get("MARS_REAL_ROOT", "/tmp/mars-real"))
+
+
+def real_model(name: str) -> Path:
+    path = REAL_ROOT / name
+    if not (path / ".ok").exists():
+        pytest.skip(f"real backbone {name} not built (bash ../shared/tools/build-real-backbone.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """arch -> folder of a tiny demo model, built lazily once per test session."""
+    from mars_viz.demo_models import build_demo_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = build_demo_model(arch, root / arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tiny_dirs):
+    """arch -> loaded Backbone (cached per session)."""
+    from mars_viz.backbone import load_backbone
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = load_backbone(tiny_dirs(arch), device="cpu")
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory):
+    """A real 12-frame MP4 (4 fps) of distinct solid colours, written with PyAV."""
+    from mars_viz.media import neutral_video
+    from mars_viz.videoio import write_video
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    return Path(write_video(path, neutral_video(12, seed=3, size=64), fps=4))
