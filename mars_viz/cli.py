@@ -62,6 +62,84 @@ def _cmd_capture(args) -> int:
     return 0
 
 
+def _progress_printer(quiet: bool):
+    import time
+
+    last: dict = {"stage": None, "t": 0.0}
+
+    def show(stage: str, done: int, total: int) -> None:
+        now = time.time()
+        if quiet or (stage == last["stage"] and done < total and now - last["t"] < 2.0):
+            return
+        last.update(stage=stage, t=now)
+        print(f"[fit] {stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _config_from_args(args):
+    from .state import MarsConfig
+
+    kw = {}
+    for name in ("seed", "max_prompts", "k_neutral", "neutral_prompts", "curve_prompts", "steer_prompts", "margin",
+                 "batch_size", "layer", "tau", "filter_tokens"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if getattr(args, "max_prompts", None) == 0:
+        kw["max_prompts"] = None
+    if getattr(args, "no_behaviour_filter", False):
+        kw["behaviour_filter"] = False
+    if getattr(args, "levels", None):
+        kw["levels"] = tuple(float(x) for x in args.levels.split(","))
+    return MarsConfig(**kw)
+
+
+def _cmd_fit(args) -> int:
+    from .calibrate import calibrate
+    from .datasets import load_prompts
+
+    harmful = load_prompts(args.harmful) if args.harmful else None
+    harmless = load_prompts(args.harmless) if args.harmless else None
+    cfg = _config_from_args(args)
+    bb = _load(args)
+    state = calibrate(bb, cfg, harmful, harmless, progress=_progress_printer(args.quiet))
+    out = state.save(args.out)
+    meta = json.loads((out / "mars_state.json").read_text())
+    print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "tau", "target_level",
+                                           "target_curve")} | {"out": str(out), "behaviour": meta["behaviour"]}))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .datasets import load_prompts
+    from .generate import run_pairs
+    from .inputs import Query, clean_prompt
+    from .media import load_image, read_video
+    from .state import MarsState
+    from .steering import SteerOptions
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise ValueError("give exactly one of --prompt or --prompts FILE")
+    prompts = [args.prompt] if args.prompt else load_prompts(args.prompts)
+    prompts = [clean_prompt(p) for p in prompts]
+    images = (load_image(args.image),) if args.image else ()
+    video = tuple(read_video(args.video, num_frames=args.frames).frames) if args.video else None
+    options = SteerOptions(steer=not args.no_steer, strength=args.strength, layer=args.layer, tau=args.tau,
+                           recenter=not args.no_recenter, target_level=args.target_level)
+    state = MarsState.load(args.state)
+    bb = _load(args)  # once for the whole file
+    state.check_compatible(bb)
+    queries = [Query(p, images=images, video=video) for p in prompts]
+    for res in run_pairs(bb, state, queries, options, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size):
+        row = res.to_json()
+        print(json.dumps(row, ensure_ascii=False) if args.json else
+              f"[{row['modality']}] s={row['score_recentred']:.3f} tau={row['tau']:.3f} gate={'open' if row['gate_open'] else 'closed'}\n"
+              f"  unsteered{' (refused)' if row['unsteered']['refused'] else ''}: {row['unsteered']['text']}\n"
+              f"  steered{' (refused)' if row['steered']['refused'] else ''}:   {row['steered']['text']}", flush=True)
+    return 0
+
+
 def _cmd_app(args) -> int:
     from .ui.launch import launch
 
@@ -88,6 +166,48 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="video file (frames sampled with decord)")
     p.add_argument("--frames", type=int, default=8, help="frames sampled from a video (default 8)")
     p.set_defaults(func=_cmd_capture)
+
+    p = sub.add_parser("fit", help="calibrate MARS on a model; writes DIR/mars_state.{safetensors,json}")
+    _add_model_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--harmful", help="harmful prompts (.txt, .jsonl, .json or .csv); default: built-in set")
+    p.add_argument("--harmless", help="harmless prompts; default: built-in set")
+    p.add_argument("--max-prompts", type=int, help="per set (default 128; 0 = all)")
+    p.add_argument("--k-neutral", type=int, help="neutral solid-colour images / videos (default 16)")
+    p.add_argument("--neutral-prompts", type=int, help="safe prompts paired with neutral inputs (default 32)")
+    p.add_argument("--curve-prompts", type=int, help="held-out harmless prompts per level for t* (default 32)")
+    p.add_argument("--steer-prompts", type=int, help="held-out harmless prompts for steerability (default 16)")
+    p.add_argument("--filter-tokens", type=int, help="greedy tokens judged for refusal (default 12)")
+    p.add_argument("--levels", help="comma-separated target-level grid (default 1,1.5,2,3,4,6,8)")
+    p.add_argument("--margin", type=float, help="gate ramp margin m (default 0.1)")
+    p.add_argument("--layer", type=int, help="force the intervention layer")
+    p.add_argument("--tau", type=float, help="force the gate threshold")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-behaviour-filter", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("run", help="unsteered and MARS-steered answers, with scores and the gate decision")
+    _add_model_args(p)
+    p.add_argument("--state", required=True, help="folder written by `fit`")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt")
+    src.add_argument("--prompts", help="file of prompts; the model is loaded once")
+    media = p.add_mutually_exclusive_group()
+    media.add_argument("--image")
+    media.add_argument("--video")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--no-steer", action="store_true")
+    p.add_argument("--strength", type=float, default=1.0, help="lambda (default 1)")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--tau", type=float)
+    p.add_argument("--target-level", type=float, help="override t*, the trust region's outer wall")
+    p.add_argument("--no-recenter", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("app", help="launch the dashboard (same as python app.py)")
     from .ui.launch import add_app_args

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ResidualCapture", "capture_residuals", "count_hooks", "hook_name", "layer_output_hook"]
+__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position", "hook_name",
+           "layer_output_hook"]
 
 
 def hook_name(layer: int) -> str:
@@ -122,3 +123,56 @@ def capture_residuals(layers: Sequence[nn.Module], positions: torch.Tensor | Non
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class EditRecord:
+    """What `edit_position` did: how often the hook ran, where it wrote, and the size of each row's change."""
+
+    calls: int = 0  # forward calls seen while the context was open
+    edited_calls: int = 0  # calls that were edited (1: prefill only)
+    position: int | None = None  # absolute position edited in the prefill sequence
+    seq_len: int | None = None  # prefill length
+    change_norm: torch.Tensor | None = None  # [batch] ||h' - h|| at the edited position
+    info: dict = field(default_factory=dict)  # whatever the edit function reports (scores, gate, ...)
+
+
+@contextlib.contextmanager
+def edit_position(layer: nn.Module, edit: Callable[[torch.Tensor, dict], torch.Tensor],
+                  position: int = -1, rows: torch.Tensor | None = None) -> Iterator[EditRecord]:
+    """Replace the residual after `layer` at one prompt position, during the first forward call (prefill) only.
+
+    `edit(h, info) -> h_new` receives the residual `[B', d]` at `position` for the selected `rows` (a bool mask
+    `[batch]`, default all) and may write diagnostics into `info`. Every other position, every other row and every
+    later call (decode steps) pass through untouched; the change still reaches later tokens through the KV cache.
+    The handle is removed in `finally`.
+    """
+    rec = EditRecord()
+
+    def hook(_module, _args, output):
+        rec.calls += 1
+        if rec.edited_calls:
+            return None
+        h = _hidden(output)  # [batch, pos, d]
+        pos = int(position) % h.shape[1]
+        sel = torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if rows is None else rows.to(h.device)
+        if not bool(sel.any()):
+            rec.edited_calls += 1
+            rec.position, rec.seq_len = pos, h.shape[1]
+            rec.change_norm = torch.zeros(h.shape[0])
+            return None
+        old = h[sel, pos, :]  # [B', d]
+        new = edit(old, rec.info).to(h.dtype)
+        out = h.clone()
+        out[sel, pos, :] = new
+        norms = torch.zeros(h.shape[0], dtype=torch.float32)
+        norms[sel.cpu()] = (new.float() - old.float()).norm(dim=-1).cpu()
+        rec.edited_calls += 1
+        rec.position, rec.seq_len, rec.change_norm = pos, h.shape[1], norms
+        return _with_hidden(output, out)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield rec
+    finally:
+        handle.remove()

@@ -48,3 +48,57 @@ def test_corrupt_image_is_an_error_line(tiny_dirs, tmp_path):
     r = run("capture", "--model", tiny_dirs("llava"), "--prompt", "x", "--image", bad)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "not an image" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def fitted_dir(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    r = run("fit", "--model", tiny_dirs("qwen2_vl"), "--out", out, "--max-prompts", "12", "--k-neutral", "3",
+            "--neutral-prompts", "3", "--curve-prompts", "3", "--steer-prompts", "3", "--filter-tokens", "3",
+            "--levels", "1,2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_fit_writes_state_with_documented_fields(fitted_dir):
+    meta = json.loads((fitted_dir / "mars_state.json").read_text())
+    assert (fitted_dir / "mars_state.safetensors").stat().st_size > 0
+    for key in ("model", "num_layers", "hidden_size", "layer", "tau", "target_level", "target_curve", "layer_scores"):
+        assert key in meta
+    assert set(meta["target_curve"]) == {"1", "2"}
+    for name in ("separability", "consistency", "steerability", "combined", "misalignment_before",
+                 "misalignment_after"):
+        assert len(meta["layer_scores"][name]) == meta["num_layers"] == 4
+
+
+def test_run_json_gate_forced_open(tiny_dirs, fitted_dir, tmp_path):
+    img = tmp_path / "i.png"
+    from mars_viz.media import neutral_images
+
+    neutral_images(1, size=40)[0].save(img)
+    r = run("run", "--model", tiny_dirs("qwen2_vl"), "--state", fitted_dir, "--prompt", "Describe this",
+            "--image", img, "--tau", "-100", "--target-level", "50", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("prompt", "layer", "modality", "score_raw", "score_recentred", "tau", "gate_open",
+                "displacement_norm", "unsteered", "steered"):
+        assert key in row
+    assert row["modality"] == "image" and row["gate_open"] and row["displacement_norm"] > 0 and row["tau"] == -100
+    assert set(row["steered"]) >= {"text", "refused"}
+
+
+def test_run_prompts_file_one_line_each_and_gate_closed_identical(tiny_dirs, fitted_dir, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Tell me a joke\nWhat is two plus two?\nName a colour\n")
+    r = run("run", "--model", tiny_dirs("qwen2_vl"), "--state", fitted_dir, "--prompts", f, "--tau", "100",
+            "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [x["prompt"] for x in rows] == ["Tell me a joke", "What is two plus two?", "Name a colour"]
+    assert all(not x["gate_open"] and x["steered"]["text"] == x["unsteered"]["text"] for x in rows)
+
+
+def test_run_with_state_from_another_model_is_an_error_line(tiny_dirs, fitted_dir):
+    r = run("run", "--model", tiny_dirs("llava"), "--state", fitted_dir, "--prompt", "hi", "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: this MARS state was fitted on")

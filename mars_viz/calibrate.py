@@ -1,0 +1,303 @@
+"""Calibration: text prompt sets + neutral media -> activations -> a fitted `MarsState`.
+
+Steps (DESIGN.md, our formulation of MARS):
+  1. seeded fit / held-out split of the harmful (U) and harmless (S) text sets; residuals of every layer;
+  2. behaviour filter: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the harmless
+     prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
+  3. centroids and refusal directions; thresholds tau by balanced accuracy on held-out text;
+  4. modality offsets from K neutral solid-colour images (and videos) paired with safe fit prompts;
+  5. layer scores (separability, consistency, steerability, misalignment) and the layer choice;
+  6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level.
+
+Example:
+    >>> state = calibrate(backbone, MarsConfig(max_prompts=64), progress=print)   # doctest: +SKIP
+    >>> state.save("runs/my-model")                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from . import geometry as G
+from .activations import collect_activations
+from .backbone import Backbone
+from .datasets import builtin_prompts, prompts_hash, split
+from .generate import generate_batch, greedy_texts
+from .hooks import edit_position
+from .inputs import Query, build_batch
+from .judge import RefusalJudge, default_judge
+from .media import neutral_images, neutral_video
+from .state import MarsConfig, MarsState
+from .steering import push_to_level_edit
+
+__all__ = ["CalibrationProgress", "calibrate", "calibrate_cached", "refusal_logprob_gain", "state_cache_key"]
+
+CalibrationProgress = Callable[[str, int, int], None]  # (stage, done, total)
+FALLBACK_OPENING = "I'm sorry, but I can't"
+OPENING_TOKENS = 6
+
+
+def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
+    if limit is None or len(prompts) <= limit:
+        return list(prompts)
+    idx = sorted(random.Random(seed).sample(range(len(prompts)), limit))
+    return [prompts[i] for i in idx]
+
+
+def _stage(progress: CalibrationProgress | None, name: str):
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, done, total)
+
+
+def _refusal_opening(texts_ids: Sequence[tuple[list[int], str]], refused: Sequence[bool], tokenizer) -> str:
+    """The model's own most frequent refusal opening (first few tokens of its refusals)."""
+    openings = [tokenizer.decode(ids[:OPENING_TOKENS], skip_special_tokens=True).strip()
+                for (ids, _), r in zip(texts_ids, refused, strict=True) if r and ids]
+    openings = [o for o in openings if o]
+    if not openings:
+        return FALLBACK_OPENING
+    return Counter(openings).most_common(1)[0][0]
+
+
+def _extend(batch, extra_ids: torch.Tensor):
+    """Append the same token ids to every row of a left-padded text batch (all [B, P] keys extended)."""
+    b, _ = batch["input_ids"].shape
+    ext = extra_ids.to(batch["input_ids"].device).unsqueeze(0).expand(b, -1)
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == b and v.shape[1] == batch["input_ids"].shape[1]:
+            fill = ext if k == "input_ids" else torch.ones_like(ext) if k == "attention_mask" else torch.zeros_like(ext)
+            out[k] = torch.cat([v, fill.to(v.dtype)], dim=1)
+        else:
+            out[k] = v
+    return out
+
+
+@torch.inference_mode()
+def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: str, mu_minus: torch.Tensor,
+                         r: torch.Tensor, level: float = 1.0, batch_size: int = 8,
+                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Per layer: mean gain in teacher-forced log P(opening | prompt) when each prompt's last position is pushed to
+    `level` along r_l at layer l. One forward per layer per batch, no generation. Returns float64 `[L]`."""
+    tok = backbone.tokenizer
+    open_ids = torch.tensor(tok(opening, add_special_tokens=False)["input_ids"])
+    if open_ids.numel() == 0:
+        raise ValueError("the refusal opening is empty")
+    k, num_layers = open_ids.numel(), backbone.num_layers
+    total = torch.zeros(num_layers, dtype=torch.float64)
+    n_done = 0
+    steps = num_layers * ((len(prompts) + batch_size - 1) // batch_size)
+    step = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        prompt_batch = build_batch(backbone, [Query(p) for p in chunk])
+        p_len = prompt_batch["input_ids"].shape[1]
+        batch = _extend(prompt_batch, open_ids)
+        target = open_ids.to(backbone.input_device)
+
+        def logp() -> torch.Tensor:
+            logits = backbone.model(**batch, use_cache=False, logits_to_keep=k + 1).logits[:, :k].float()
+            lp = torch.log_softmax(logits, dim=-1)  # [B, k, V]
+            return lp.gather(-1, target.view(1, k, 1).expand(lp.shape[0], k, 1)).squeeze(-1).sum(-1).double().cpu()
+
+        base = logp()  # [B]
+        levels = torch.full((len(chunk),), float(level), dtype=torch.float64)
+        for layer in range(num_layers):
+            edit = push_to_level_edit(mu_minus[layer], r[layer], levels)
+            with edit_position(backbone.layers[layer], edit, position=p_len - 1):
+                total[layer] += (logp() - base).sum()
+            step += 1
+            if progress:
+                progress(step, steps)
+        n_done += len(chunk)
+    return total / max(n_done, 1)
+
+
+@torch.inference_mode()
+def _target_curve(backbone: Backbone, prompts: Sequence[str], layer: int, mu_minus: torch.Tensor, r: torch.Tensor,
+                  levels: Sequence[float], judge: RefusalJudge, max_new_tokens: int, batch_size: int,
+                  progress: Callable[[int, int], None] | None) -> dict[float, float]:
+    cases = [(p, t) for t in levels for p in prompts]
+    refused: dict[float, list[bool]] = {float(t): [] for t in levels}
+    for i in range(0, len(cases), batch_size):
+        chunk = cases[i:i + batch_size]
+        batch = build_batch(backbone, [Query(p) for p, _ in chunk])
+        edit = push_to_level_edit(mu_minus, r, torch.tensor([t for _, t in chunk], dtype=torch.float64))
+        with edit_position(backbone.layers[layer], edit, position=-1):
+            gen = generate_batch(backbone, batch, max_new_tokens)
+        for (_, t), v in zip(chunk, judge([txt for _, txt in gen]), strict=True):
+            refused[float(t)].append(v)
+        if progress:
+            progress(min(i + batch_size, len(cases)), len(cases))
+    return {t: sum(v) / len(v) for t, v in refused.items()}
+
+
+def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
+              harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
+              progress: CalibrationProgress | None = None) -> MarsState:
+    """Fit MARS on `backbone` from text prompt sets (default: our built-in sets) and neutral media."""
+    cfg = config or MarsConfig()
+    judge = judge or default_judge()
+    harmful = _subsample(list(harmful or builtin_prompts("harmful")), cfg.max_prompts, cfg.seed)
+    harmless = _subsample(list(harmless or builtin_prompts("harmless")), cfg.max_prompts, cfg.seed + 1)
+    if len(harmful) < 4 or len(harmless) < 4:
+        raise ValueError(f"need at least 4 harmful and 4 harmless prompts, got {len(harmful)} and {len(harmless)}")
+    u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
+    s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + 1)
+    bs = cfg.batch_size
+
+    # 1. text activations --------------------------------------------------------------------------------------------
+    texts = u_fit + u_held + s_fit + s_held
+    acts = collect_activations(backbone, [Query(p) for p in texts], bs, _stage(progress, "text activations"))
+    a, b, c = len(u_fit), len(u_fit) + len(u_held), len(u_fit) + len(u_held) + len(s_fit)
+    acts_u_fit, acts_u_held, acts_s_fit, acts_s_held = acts[:a], acts[a:b], acts[b:c], acts[c:]  # [n, L, d]
+
+    # 2. behaviour filter ---------------------------------------------------------------------------------------------
+    behaviour: dict = {"enabled": cfg.behaviour_filter}
+    gen_prompts = u_fit + (s_fit if cfg.behaviour_filter else [])
+    gens = greedy_texts(backbone, [Query(p) for p in gen_prompts], cfg.filter_tokens, bs,
+                        _stage(progress, "behaviour filter"))
+    verdicts = judge([t for _, t in gens])
+    u_refused = torch.tensor(verdicts[:a], dtype=torch.bool)
+    opening = _refusal_opening(gens[:a], verdicts[:a], backbone.tokenizer)
+    behaviour.update(harmful_total=a, harmful_refused=int(u_refused.sum()), refusal_opening=opening)
+    u_keep = torch.ones(a, dtype=torch.bool)
+    s_keep = torch.ones(len(s_fit), dtype=torch.bool)
+    notes: list[str] = []
+    if cfg.behaviour_filter:
+        s_answered = ~torch.tensor(verdicts[a:], dtype=torch.bool)
+        behaviour.update(harmless_total=len(s_fit), harmless_answered=int(s_answered.sum()))
+        if int(u_refused.sum()) >= cfg.min_refused:
+            u_keep = u_refused
+        else:
+            notes.append(f"behaviour filter: only {int(u_refused.sum())} of {a} harmful fit prompts were refused "
+                         f"(< {cfg.min_refused}); the unsafe centroid uses all of them")
+        if int(s_answered.sum()) >= 2:
+            s_keep = s_answered
+        else:
+            notes.append("behaviour filter: fewer than 2 harmless prompts were answered; the safe centroid uses all")
+    behaviour.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()))
+
+    # 3. centroids, directions, thresholds ----------------------------------------------------------------------------
+    mu_plus = G.mean_activation(acts_u_fit[u_keep])  # [L, d] float64
+    mu_minus = G.mean_activation(acts_s_fit[s_keep])
+    r, _ = G.refusal_direction(mu_plus, mu_minus)
+    s_u_held, s_s_held = G.unsafety_score(acts_u_held, mu_minus, r), G.unsafety_score(acts_s_held, mu_minus, r)
+    taus, bacc = G.balanced_accuracy_threshold(s_u_held, s_s_held)  # [L], [L]
+    s_u_fit = G.unsafety_score(acts_u_fit[u_keep], mu_minus, r)
+    s_s_fit = G.unsafety_score(acts_s_fit[s_keep], mu_minus, r)
+
+    # 4. modality offsets from neutral media ---------------------------------------------------------------------------
+    n_prompts = s_fit[: cfg.neutral_prompts]
+    idx_text = [s_fit.index(p) for p in n_prompts]
+    images = neutral_images(cfg.k_neutral, seed=cfg.seed, size=cfg.neutral_size)
+    acts_img = collect_activations(backbone, [Query(p, images=(images[i % len(images)],))
+                                              for i, p in enumerate(n_prompts)], bs, _stage(progress, "neutral images"))
+    offsets = {"image": G.modality_offset(acts_img, acts_s_fit[idx_text])}
+    acts_vid = None
+    if "video" in backbone.modalities:
+        videos = [neutral_video(cfg.neutral_video_frames, seed=cfg.seed + 1000 + k, size=cfg.neutral_size)
+                  for k in range(cfg.k_neutral)]
+        acts_vid = collect_activations(backbone, [Query(p, video=tuple(videos[i % len(videos)]))
+                                                  for i, p in enumerate(n_prompts)], bs,
+                                       _stage(progress, "neutral videos"))
+        offsets["video"] = G.modality_offset(acts_vid, acts_s_fit[idx_text])
+
+    # misalignment on *held-out* safe prompts with neutral images (not the prompts the offset was fitted on)
+    held_n = s_held[: cfg.neutral_prompts]
+    acts_img_held = collect_activations(backbone, [Query(p, images=(images[(i + 7) % len(images)],))
+                                                   for i, p in enumerate(held_n)], bs,
+                                        _stage(progress, "misalignment"))
+    mis_before = G.misalignment(G.unsafety_score(acts_img_held, mu_minus, r))
+    mis_after = G.misalignment(G.unsafety_score(G.recentre(acts_img_held, offsets["image"]), mu_minus, r))
+    extra: dict = {"balanced_accuracy": [float(x) for x in bacc]}
+    if acts_vid is not None:
+        acts_vid_held = collect_activations(backbone, [Query(p, video=tuple(neutral_video(
+            cfg.neutral_video_frames, seed=cfg.seed + 2000 + i, size=cfg.neutral_size)))
+            for i, p in enumerate(held_n)], bs, _stage(progress, "misalignment (video)"))
+        extra["misalignment_video_before"] = [float(x) for x in G.misalignment(
+            G.unsafety_score(acts_vid_held, mu_minus, r))]
+        extra["misalignment_video_after"] = [float(x) for x in G.misalignment(
+            G.unsafety_score(G.recentre(acts_vid_held, offsets["video"]), mu_minus, r))]
+
+    # 5. layer scores and choice ---------------------------------------------------------------------------------------
+    gains = refusal_logprob_gain(backbone, s_held[: cfg.steer_prompts], opening, mu_minus, r, 1.0, bs,
+                                 _stage(progress, "steerability"))
+    steer = G.normalise_steerability(gains)
+    sep, cons = G.auroc(s_u_held, s_s_held), G.consistency(acts_u_fit[u_keep], mu_minus, r)
+    combined = G.combined_score(sep, cons, steer)
+    scores = G.LayerScores(separability=sep, fisher=G.fisher_ratio(s_u_held, s_s_held), consistency=cons,
+                           split_half=G.split_half_cosine(acts_u_fit[u_keep], acts_s_fit[s_keep], seed=cfg.seed),
+                           steerability=steer, misalignment_before=mis_before, misalignment_after=mis_after,
+                           combined=combined)
+    extra["steerability_gain_nats"] = [float(x) for x in gains]
+    allowed = G.allowed_layer_range(backbone.num_layers, cfg.skip_first, cfg.skip_last)
+    if cfg.layer is not None:
+        if not 0 <= cfg.layer < backbone.num_layers:
+            raise ValueError(f"layer {cfg.layer} is out of range 0..{backbone.num_layers - 1}")
+        layer = cfg.layer
+    else:
+        layer = G.choose_layer(combined, allowed)
+    extra["allowed_layers"] = [allowed.start, allowed.stop]
+
+    # 6. target level t* ------------------------------------------------------------------------------------------------
+    curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
+                          cfg.filter_tokens, bs, _stage(progress, "target level"))
+    t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)
+
+    # points for the centroid plot, at the chosen layer
+    pts = [acts_u_fit[:, layer], acts_u_held[:, layer], acts_s_fit[:, layer], acts_s_held[:, layer],
+           acts_img[:, layer]]
+    labels = ["unsafe"] * b + ["safe"] * (len(texts) - b) + ["image"] * len(acts_img)
+    if acts_vid is not None:
+        pts.append(acts_vid[:, layer])
+        labels += ["video"] * len(acts_vid)
+    return MarsState(
+        model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
+        hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus,
+        spread_unsafe=s_u_fit.std(dim=0, unbiased=False), spread_safe=s_s_fit.std(dim=0, unbiased=False),
+        offsets=offsets, taus=taus, layer=layer, target_level=float(t_star), target_curve=curve,
+        layer_scores=scores, config=cfg, refusal_opening=opening, behaviour=behaviour,
+        prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
+        calib_points=torch.cat(pts).float(), calib_labels=labels, extra=extra)
+
+
+def state_cache_key(backbone: Backbone, config: MarsConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:
+    blob = json.dumps({"model": backbone.model_id, "type": backbone.model_type, "L": backbone.num_layers,
+                       "d": backbone.hidden_size, "config": config.to_dict(),
+                       "harmful": prompts_hash(list(harmful)), "harmless": prompts_hash(list(harmless))},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def calibrate_cached(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
+                     harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
+                     progress: CalibrationProgress | None = None, cache_root: Path | None = None
+                     ) -> tuple[MarsState, Path, bool]:
+    """`calibrate`, cached per model + config + prompt sets. Returns (state, folder, loaded_from_cache)."""
+    from .session import cache_dir
+
+    cfg = config or MarsConfig()
+    harmful = list(harmful or builtin_prompts("harmful"))
+    harmless = list(harmless or builtin_prompts("harmless"))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", backbone.model_id.strip("/"))[-80:]
+    folder = (cache_root or cache_dir() / "states") / name / state_cache_key(backbone, cfg, harmful, harmless)
+    if (folder / "mars_state.json").exists():
+        try:
+            state = MarsState.load(folder)
+            state.check_compatible(backbone)
+            return state, folder, True
+        except ValueError:
+            pass  # corrupt or stale cache entry: refit below
+    state = calibrate(backbone, cfg, harmful, harmless, judge, progress)
+    state.save(folder)
+    return state, folder, False

@@ -1,0 +1,143 @@
+"""Steered and unsteered answers for the same inputs, with MARS's diagnostics.
+
+Each query runs twice in one batch: row i unsteered, row n+i steered (identical inputs, so identical padding). On a
+GPU the pair costs about one generation; the steering hook edits only the steered rows' last prompt position during
+prefill. With the gate closed the displacement is exactly zero, so both rows compute bit-identical answers.
+
+Example:
+    >>> res = run_pairs(backbone, state, [Query("How do I pick a lock?")], SteerOptions())   # doctest: +SKIP
+    >>> res[0].to_json()["steered"]["refused"]                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone
+from .inputs import Query, build_batch
+from .judge import RefusalJudge, default_judge
+from .state import MarsState
+from .steering import SteerOptions, mars_steering
+
+__all__ = ["Answer", "PairResult", "generate_batch", "greedy_texts", "run_pairs"]
+
+
+@dataclass
+class Answer:
+    text: str
+    refused: bool
+    token_ids: list[int]
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "refused": self.refused, "num_tokens": len(self.token_ids)}
+
+
+@dataclass
+class PairResult:
+    """One query's unsteered and steered answers, and why MARS did what it did."""
+
+    prompt: str
+    modality: str
+    layer: int
+    score_raw: float  # s of the raw activation
+    score_recentred: float  # s after subtracting the modality offset (what the gate sees)
+    tau: float
+    t_star: float
+    gate_open: bool
+    gate_weight: float
+    strength: float
+    recenter: bool
+    steer: bool
+    displacement_norm: float
+    unsteered: Answer
+    steered: Answer
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "modality": self.modality, "layer": self.layer,
+                "score_raw": self.score_raw, "score_recentred": self.score_recentred, "tau": self.tau,
+                "target_level": self.t_star, "gate_open": self.gate_open, "gate_weight": self.gate_weight,
+                "strength": self.strength, "recenter": self.recenter, "steer": self.steer,
+                "displacement_norm": self.displacement_norm, "unchanged": self.unsteered.text == self.steered.text,
+                "unsteered": self.unsteered.to_json(), "steered": self.steered.to_json()}
+
+
+def _gen_kwargs(backbone: Backbone, max_new_tokens: int) -> dict:
+    tok = backbone.tokenizer
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                top_k=None, pad_token_id=tok.pad_token_id)
+
+
+def _eos_ids(backbone: Backbone) -> set[int]:
+    ids = backbone.model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if backbone.tokenizer.eos_token_id is not None:
+        ids.add(backbone.tokenizer.eos_token_id)
+    return ids
+
+
+@torch.inference_mode()
+def generate_batch(backbone: Backbone, batch, max_new_tokens: int) -> list[tuple[list[int], str]]:
+    """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens))
+    new = out[:, batch["input_ids"].shape[1]:].cpu()
+    eos, pad = _eos_ids(backbone), backbone.tokenizer.pad_token_id
+    rows = []
+    for seq in new.tolist():
+        cut = []
+        for t in seq:
+            if t in eos:
+                break
+            cut.append(t)
+        while cut and cut[-1] == pad:
+            cut.pop()
+        rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
+    return rows
+
+
+def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: int, batch_size: int = 8,
+                 progress: Callable[[int, int], None] | None = None) -> list[tuple[list[int], str]]:
+    """Unsteered greedy answers for many queries, batched."""
+    out: list[tuple[list[int], str]] = []
+    for i in range(0, len(queries), batch_size):
+        out += generate_batch(backbone, build_batch(backbone, list(queries[i:i + batch_size])), max_new_tokens)
+        if progress:
+            progress(min(i + batch_size, len(queries)), len(queries))
+    return out
+
+
+def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], options: SteerOptions,
+              judge: RefusalJudge | None = None, max_new_tokens: int = 48, batch_size: int = 4,
+              progress: Callable[[int, int], None] | None = None) -> list[PairResult]:
+    """Unsteered + steered answers for each query (see module doc). `options.steer=False` skips the steered row and
+    reports the unsteered answer for both, with the scores MARS would have used."""
+    judge = judge or default_judge()
+    state.check_compatible(backbone)
+    results: list[PairResult] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = list(queries[start:start + batch_size])
+        n = len(chunk)
+        doubled = chunk + chunk if options.steer else chunk
+        rows = torch.tensor([False] * n + [True] * n) if options.steer else None
+        batch = build_batch(backbone, doubled)
+        with mars_steering(backbone, state, options, [q.modality for q in chunk], rows=rows) as rec:
+            gen = generate_batch(backbone, batch, max_new_tokens)
+        info = rec.info
+        plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
+        verdict = judge([t for _, t in plain] + [t for _, t in steered])
+        for i, q in enumerate(chunk):
+            results.append(PairResult(
+                prompt=q.prompt, modality=q.modality, layer=int(info["layer"]), score_raw=float(info["s_raw"][i]),
+                score_recentred=float(info["s_recentred"][i]), tau=float(info["tau"]), t_star=float(info["t_star"]),
+                gate_open=bool(info["gate_open"][i]), gate_weight=float(info["gate_weight"][i]),
+                strength=options.strength, recenter=options.recenter, steer=options.steer,
+                displacement_norm=float(info["displacement_norm"][i]),
+                unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
+                steered=Answer(steered[i][1], verdict[n + i], steered[i][0])))
+        if progress:
+            progress(min(start + batch_size, len(queries)), len(queries))
+    return results

@@ -1,0 +1,132 @@
+"""MARS at the first generated token: score the last prompt position, gate, push inside the trust region.
+
+This module turns a fitted `MarsState` + user options into an edit function for `hooks.edit_position`. The maths is
+`geometry.steer_displacement`; the hook mechanics are `hooks.edit_position`; nothing else happens here.
+
+Example:
+    >>> opts = SteerOptions(strength=1.0, recenter=True)
+    >>> with mars_steering(backbone, state, opts, ["image"]) as rec:      # doctest: +SKIP
+    ...     backbone.model.generate(**batch, max_new_tokens=32)
+    >>> rec.info["s_recentred"], rec.info["gate_open"]                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .backbone import Backbone
+from .geometry import gate_weight, steer_displacement, unsafety_score
+from .hooks import EditRecord, edit_position
+from .state import MarsState
+
+__all__ = ["SteerOptions", "mars_edit", "mars_steering", "push_to_level_edit"]
+
+
+@dataclass(frozen=True)
+class SteerOptions:
+    """User controls. `mode='ungated'` drops the ReLU gate (always push to t*): the baseline the gate improves on."""
+
+    steer: bool = True
+    strength: float = 1.0  # lambda
+    layer: int | None = None  # override the state's chosen layer
+    tau: float | None = None  # override the gate threshold
+    recenter: bool = True  # subtract the modality offset before scoring
+    target_level: float | None = None  # override t*, the trust region's outer wall
+    mode: Literal["mars", "ungated"] = "mars"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise ValueError(f"strength must be a finite number >= 0, got {self.strength}")
+        if self.tau is not None and not math.isfinite(self.tau):
+            raise ValueError(f"tau must be a finite number, got {self.tau}")
+        if self.target_level is not None and not math.isfinite(self.target_level):
+            raise ValueError(f"target_level must be a finite number, got {self.target_level}")
+
+
+def resolve(state: MarsState, options: SteerOptions) -> tuple[int, float]:
+    """(layer, tau) after overrides. A layer override uses that layer's own fitted threshold unless tau is given."""
+    layer = state.layer if options.layer is None else options.layer
+    if not -state.num_layers <= layer < state.num_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has {state.num_layers} layers "
+                         f"(0..{state.num_layers - 1})")
+    layer %= state.num_layers
+    if options.tau is not None:
+        tau = float(options.tau)
+    elif layer == state.layer:
+        tau = state.tau
+    else:
+        tau = float(state.taus[layer])
+    return layer, tau
+
+
+def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | None):
+    """Edit function `(h [B, d], info) -> h'` applying the gated trust-region displacement at the resolved layer.
+
+    `deltas` `[B, d]` are the per-row modality offsets (zeros for text rows), or None for no re-centring.
+    With `options.steer=False` the scores are recorded and h is returned unchanged.
+    """
+    layer, tau = resolve(state, options)
+    mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
+    t_star = float(state.target_level if options.target_level is None else options.target_level)
+    margin = float(state.config.margin)
+
+    def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
+        d = None if deltas is None else deltas.to(h.device)
+        s_raw = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B]
+        disp, s_rec = steer_displacement(h, mu_minus.to(h.device), r.to(h.device), tau, t_star,
+                                         strength=options.strength, margin=margin, delta=d)
+        if options.mode == "ungated":
+            c = options.strength * torch.relu(t_star - s_rec)  # [B]
+            disp = (c[:, None] * r.to(h.device)).to(h.dtype)
+        info.update(layer=layer, tau=tau, t_star=t_star, s_raw=s_raw.cpu(), s_recentred=s_rec.cpu(),
+                    gate_weight=gate_weight(s_rec, tau, margin).cpu(), gate_open=(s_rec > tau).cpu(),
+                    displacement_norm=disp.float().norm(dim=-1).cpu())
+        if not options.steer:
+            info["displacement_norm"] = torch.zeros(h.shape[0])
+            return h
+        return h + disp
+
+    return layer, edit
+
+
+def push_to_level_edit(mu_minus: torch.Tensor, r: torch.Tensor, levels: torch.Tensor):
+    """Edit that moves each row to score `levels[i]` along r, ungated: h' = h + (t - s) r. For calibration."""
+
+    def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
+        s = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B] float64
+        t = levels.to(device=h.device, dtype=torch.float64)
+        info["s"] = s.cpu()
+        return (h.double() + (t - s)[:, None] * r.to(h.device).double()).to(h.dtype)
+
+    return edit
+
+
+def _row_deltas(state: MarsState, layer: int, modalities: Sequence[str], recenter: bool) -> torch.Tensor | None:
+    if not recenter:
+        return None
+    rows = []
+    for m in modalities:
+        off = state.offset(m, layer)
+        rows.append(torch.zeros(state.hidden_size, dtype=torch.float64) if off is None else off.double())
+    return torch.stack(rows)  # [B, d]
+
+
+@contextlib.contextmanager
+def mars_steering(backbone: Backbone, state: MarsState, options: SteerOptions, modalities: Sequence[str],
+                  rows: torch.Tensor | None = None) -> Iterator[EditRecord]:
+    """Steer the rows selected by `rows` (bool `[batch]`, default all) of the next forward / generate call.
+
+    `modalities` names the modality of each *selected* row, so each is re-centred by its own offset.
+    """
+    state.check_compatible(backbone)
+    layer, _ = resolve(state, options)
+    deltas = _row_deltas(state, layer, modalities, options.recenter)
+    _, edit = mars_edit(state, options, deltas)
+    with edit_position(backbone.layers[layer], edit, position=-1, rows=rows) as rec:
+        yield rec
