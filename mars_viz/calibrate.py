@@ -82,6 +82,15 @@ def _extend(batch, extra_ids: torch.Tensor):
     return out
 
 
+def _opening_logprob(backbone: Backbone, batch: dict, open_ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log P(opening | prompt) per row `[B]`; the opening fills the last k positions of `batch`."""
+    k = open_ids.numel()
+    logits = backbone.model(**batch, use_cache=False, logits_to_keep=k + 1).logits[:, :k].float()  # [B, k, V]
+    lp = torch.log_softmax(logits, dim=-1)
+    target = open_ids.to(lp.device).view(1, k, 1).expand(lp.shape[0], k, 1)
+    return lp.gather(-1, target).squeeze(-1).sum(-1).double().cpu()
+
+
 @torch.inference_mode()
 def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: str, mu_minus: torch.Tensor,
                          r: torch.Tensor, level: float = 1.0, batch_size: int = 8,
@@ -102,19 +111,12 @@ def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: st
         prompt_batch = build_batch(backbone, [Query(p) for p in chunk])
         p_len = prompt_batch["input_ids"].shape[1]
         batch = _extend(prompt_batch, open_ids)
-        target = open_ids.to(backbone.input_device)
-
-        def logp() -> torch.Tensor:
-            logits = backbone.model(**batch, use_cache=False, logits_to_keep=k + 1).logits[:, :k].float()
-            lp = torch.log_softmax(logits, dim=-1)  # [B, k, V]
-            return lp.gather(-1, target.view(1, k, 1).expand(lp.shape[0], k, 1)).squeeze(-1).sum(-1).double().cpu()
-
-        base = logp()  # [B]
+        base = _opening_logprob(backbone, batch, open_ids)  # [B]
         levels = torch.full((len(chunk),), float(level), dtype=torch.float64)
         for layer in range(num_layers):
             edit = push_to_level_edit(mu_minus[layer], r[layer], levels)
             with edit_position(backbone.layers[layer], edit, position=p_len - 1):
-                total[layer] += (logp() - base).sum()
+                total[layer] += (_opening_logprob(backbone, batch, open_ids) - base).sum()
             step += 1
             if progress:
                 progress(step, steps)
@@ -249,7 +251,7 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         layer = G.choose_layer(combined, allowed)
     extra["allowed_layers"] = [allowed.start, allowed.stop]
 
-    # 6. target level t* ------------------------------------------------------------------------------------------------
+    # 6. target level t* ---------------------------------------------------------------------------------------------
     curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
                           cfg.filter_tokens, bs, _stage(progress, "target level"))
     t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)

@@ -111,6 +111,14 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _human(row: dict) -> str:
+    gate = "open" if row["gate_open"] else "closed"
+    mark = {True: " (refused)", False: ""}
+    return (f"[{row['modality']}] s={row['score_recentred']:.3f} tau={row['tau']:.3f} gate={gate}\n"
+            f"  unsteered{mark[row['unsteered']['refused']]}: {row['unsteered']['text']}\n"
+            f"  steered{mark[row['steered']['refused']]}:   {row['steered']['text']}")
+
+
 def _cmd_run(args) -> int:
     from .datasets import load_prompts
     from .generate import run_pairs
@@ -133,10 +141,7 @@ def _cmd_run(args) -> int:
     queries = [Query(p, images=images, video=video) for p in prompts]
     for res in run_pairs(bb, state, queries, options, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size):
         row = res.to_json()
-        print(json.dumps(row, ensure_ascii=False) if args.json else
-              f"[{row['modality']}] s={row['score_recentred']:.3f} tau={row['tau']:.3f} gate={'open' if row['gate_open'] else 'closed'}\n"
-              f"  unsteered{' (refused)' if row['unsteered']['refused'] else ''}: {row['unsteered']['text']}\n"
-              f"  steered{' (refused)' if row['steered']['refused'] else ''}:   {row['steered']['text']}", flush=True)
+        print(json.dumps(row, ensure_ascii=False) if args.json else _human(row), flush=True)
     return 0
 
 

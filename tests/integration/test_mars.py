@@ -115,7 +115,6 @@ def test_recentring_changes_only_media_scores(tiny_backbones, fitted, video_file
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 def test_state_round_trip_and_contents(arch, tiny_backbones, fitted, tmp_path):
     state = fitted(arch)
-    bb = tiny_backbones(arch)
     state.save(tmp_path)
     again = MarsState.load(tmp_path)
     assert torch.equal(again.mu_plus, state.mu_plus) and torch.equal(again.offsets["image"], state.offsets["image"])
