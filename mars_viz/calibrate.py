@@ -101,7 +101,7 @@ def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: st
     open_ids = torch.tensor(tok(opening, add_special_tokens=False)["input_ids"])
     if open_ids.numel() == 0:
         raise ValueError("the refusal opening is empty")
-    k, num_layers = open_ids.numel(), backbone.num_layers
+    num_layers = backbone.num_layers
     total = torch.zeros(num_layers, dtype=torch.float64)
     n_done = 0
     steps = num_layers * ((len(prompts) + batch_size - 1) // batch_size)
