@@ -38,7 +38,8 @@ from .media import neutral_images, neutral_video
 from .state import MarsConfig, MarsState
 from .steering import push_to_level_edit
 
-__all__ = ["CalibrationProgress", "calibrate", "calibrate_cached", "refusal_logprob_gain", "state_cache_key"]
+__all__ = ["CalibrationProgress", "calibrate", "calibrate_cached", "refusal_logprob_gain", "split_sets",
+           "state_cache_key"]
 
 CalibrationProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FALLBACK_OPENING = "I'm sorry, but I can't"
@@ -50,6 +51,22 @@ def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
         return list(prompts)
     idx = sorted(random.Random(seed).sample(range(len(prompts)), limit))
     return [prompts[i] for i in idx]
+
+
+def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None
+               ) -> dict[str, list[str]]:
+    """The exact fit / held-out prompt lists a calibration with `cfg` uses: keys u_fit, u_held, s_fit, s_held.
+
+    Evaluations call this to measure on prompts the state was not fitted on.
+    """
+    harmful = _subsample(list(harmful or builtin_prompts("harmful")), cfg.max_prompts, cfg.seed)
+    harmless = _subsample(list(harmless or builtin_prompts("harmless")), cfg.max_prompts, cfg.seed + 1)
+    if len(harmful) < 4 or len(harmless) < 4:
+        raise ValueError(f"need at least 4 harmful and 4 harmless prompts, got {len(harmful)} and {len(harmless)}")
+    u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
+    s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + 1)
+    return {"u_fit": u_fit, "u_held": u_held, "s_fit": s_fit, "s_held": s_held, "harmful": harmful,
+            "harmless": harmless}
 
 
 def _stage(progress: CalibrationProgress | None, name: str):
@@ -149,12 +166,9 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     """Fit MARS on `backbone` from text prompt sets (default: our built-in sets) and neutral media."""
     cfg = config or MarsConfig()
     judge = judge or default_judge()
-    harmful = _subsample(list(harmful or builtin_prompts("harmful")), cfg.max_prompts, cfg.seed)
-    harmless = _subsample(list(harmless or builtin_prompts("harmless")), cfg.max_prompts, cfg.seed + 1)
-    if len(harmful) < 4 or len(harmless) < 4:
-        raise ValueError(f"need at least 4 harmful and 4 harmless prompts, got {len(harmful)} and {len(harmless)}")
-    u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
-    s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + 1)
+    sets = split_sets(cfg, harmful, harmless)
+    harmful, harmless = sets["harmful"], sets["harmless"]
+    u_fit, u_held, s_fit, s_held = sets["u_fit"], sets["u_held"], sets["s_fit"], sets["s_held"]
     bs = cfg.batch_size
 
     # 1. text activations --------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mars_viz.calibrate import calibrate, calibrate_cached
-from mars_viz.datasets import builtin_prompts, split
 from mars_viz.generate import run_pairs
 from mars_viz.hooks import capture_residuals, count_hooks
 from mars_viz.inputs import Query, build_batch
@@ -145,7 +144,7 @@ def test_corrupt_state_files(tmp_path, fitted):
 def test_behaviour_filter_uses_refused_prompts_only(tiny_backbones):
     """A judge that calls every other answer a refusal: the unsafe centroid must be the mean of exactly those."""
     from mars_viz.activations import collect_activations
-    from mars_viz.calibrate import _subsample
+    from mars_viz.calibrate import split_sets
 
     bb = tiny_backbones("llava")
     calls = []
@@ -156,8 +155,7 @@ def test_behaviour_filter_uses_refused_prompts_only(tiny_backbones):
 
     cfg = MarsConfig(**{**SMALL.to_dict(), "levels": SMALL.levels, "min_refused": 2})
     state = calibrate(bb, cfg, judge=judge)
-    harmful = _subsample(builtin_prompts("harmful"), cfg.max_prompts, cfg.seed)
-    u_fit, _ = split(harmful, cfg.heldout_frac, cfg.seed)
+    u_fit = split_sets(cfg)["u_fit"]
     acts = collect_activations(bb, [Query(p) for p in u_fit[::2]])
     torch.testing.assert_close(state.mu_plus, acts.double().mean(0), atol=1e-5, rtol=0)
     assert state.behaviour["unsafe_used"] == len(u_fit[::2]) and not state.behaviour["fallback"]

@@ -1,0 +1,98 @@
+"""MARS on the real refusing backbone: the issue-3 acceptance figures.
+
+usage: python bench/real_mars.py --model /tmp/mars-real/qwen2-vl-qwen2.5-0.5b --state DIR [--out figures.json]
+       (fit the state first: python -m mars_viz fit --model ... --out DIR)
+
+Measures, on the held-out split the state was NOT fitted on:
+  - separability (AUROC) and steerability at the chosen layer;
+  - held-out harmless text with the gate forced open at lambda = 1 vs the calibration curve at t*;
+  - held-out harmful text: refusal unsteered vs MARS;
+  - held-out harmless text + a neutral image, re-centring on: gate closed and answer identical;
+  - the same with re-centring off: the spurious score shift and how often the gate opens wrongly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mars_viz.backbone import load_backbone  # noqa: E402
+from mars_viz.calibrate import split_sets  # noqa: E402
+from mars_viz.generate import run_pairs  # noqa: E402
+from mars_viz.inputs import Query  # noqa: E402
+from mars_viz.media import neutral_images  # noqa: E402
+from mars_viz.state import MarsState  # noqa: E402
+from mars_viz.steering import SteerOptions  # noqa: E402
+
+
+def rate(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--limit", type=int, default=0, help="cap prompts per held-out set (0 = all)")
+    args = ap.parse_args()
+    t0 = time.time()
+    state = MarsState.load(args.state)
+    bb = load_backbone(args.model)
+    state.check_compatible(bb)
+    cfg = state.config
+    sets = split_sets(cfg)
+    u_held, s_held = sets["u_held"], sets["s_held"]
+    if args.limit:
+        u_held, s_held = u_held[: args.limit], s_held[: args.limit]
+    layer, ls = state.layer, state.layer_scores
+    out: dict = {"model": args.model, "layer": layer, "tau": state.tau, "target_level": state.target_level,
+                 "target_curve": {f"{k:g}": v for k, v in state.target_curve.items()},
+                 "separability_at_layer": float(ls.separability[layer]),
+                 "steerability_at_layer": float(ls.steerability[layer]),
+                 "behaviour": state.behaviour, "n_harmful_heldout": len(u_held), "n_harmless_heldout": len(s_held)}
+    tok = args.max_new_tokens
+
+    forced = run_pairs(bb, state, [Query(p) for p in s_held], SteerOptions(tau=-100.0),
+                       max_new_tokens=cfg.filter_tokens, batch_size=8)
+    out["harmless_forced_open_refusal"] = rate(r.steered.refused for r in forced)
+    out["curve_at_t_star"] = state.target_curve[state.target_level]
+
+    harm = run_pairs(bb, state, [Query(p) for p in u_held], SteerOptions(), max_new_tokens=tok, batch_size=8)
+    out["harmful_text_refusal_unsteered"] = rate(r.unsteered.refused for r in harm)
+    out["harmful_text_refusal_mars"] = rate(r.steered.refused for r in harm)
+    out["harmful_text_gate_open_rate"] = rate(r.gate_open for r in harm)
+
+    images = neutral_images(cfg.k_neutral, seed=cfg.seed + 99, size=cfg.neutral_size)
+    img_queries = [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(s_held)]
+    on = run_pairs(bb, state, img_queries, SteerOptions(), max_new_tokens=tok, batch_size=8)
+    off = run_pairs(bb, state, img_queries, SteerOptions(recenter=False), max_new_tokens=tok, batch_size=8)
+    out["harmless_image_gate_closed_rate"] = rate(not r.gate_open for r in on)
+    out["harmless_image_unchanged_rate"] = rate(r.steered.text == r.unsteered.text for r in on)
+    out["harmless_image_refusal_unsteered"] = rate(r.unsteered.refused for r in on)
+    out["harmless_image_refusal_mars"] = rate(r.steered.refused for r in on)
+    out["no_recenter_gate_open_rate"] = rate(r.gate_open for r in off)
+    out["no_recenter_unchanged_rate"] = rate(r.steered.text == r.unsteered.text for r in off)
+    out["no_recenter_refusal"] = rate(r.steered.refused for r in off)
+    out["spurious_score_shift_mean"] = rate(r.score_raw - r.score_recentred for r in on)
+    out["image_score_raw_mean"] = rate(r.score_raw for r in on)
+    out["image_score_recentred_mean"] = rate(r.score_recentred for r in on)
+    out["examples"] = [{"prompt": r.prompt, "unsteered": r.unsteered.text, "steered": r.steered.text,
+                        "s": r.score_recentred} for r in harm if r.steered.refused != r.unsteered.refused][:5]
+    out["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
