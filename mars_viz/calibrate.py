@@ -270,21 +270,26 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
                           cfg.filter_tokens, bs, _stage(progress, "target level"))
     t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)
 
-    # points for the centroid plot, at the chosen layer
-    pts = [acts_u_fit[:, layer], acts_u_held[:, layer], acts_s_fit[:, layer], acts_s_held[:, layer],
-           acts_img[:, layer]]
+    # points for the centroid and plane plots: raw at the chosen layer (for UMAP), 2-D PCA at every layer
+    every = [acts, acts_img] + ([acts_vid] if acts_vid is not None else [])
+    all_acts = torch.cat(every)  # [N, L, d]
     labels = ["unsafe"] * b + ["safe"] * (len(texts) - b) + ["image"] * len(acts_img)
     if acts_vid is not None:
-        pts.append(acts_vid[:, layer])
         labels += ["video"] * len(acts_vid)
-    return MarsState(
+    proj_mean, proj_basis = G.pca_basis(all_acts)
+    proj_points = torch.einsum("nld,lkd->nlk", all_acts - proj_mean, proj_basis)  # [N, L, 2]
+    plane_pc = G.plane_basis(all_acts, mu_minus, r)  # [L, d]
+    state = MarsState(
         model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
         hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus,
         spread_unsafe=s_u_fit.std(dim=0, unbiased=False), spread_safe=s_s_fit.std(dim=0, unbiased=False),
         offsets=offsets, taus=taus, layer=layer, target_level=float(t_star), target_curve=curve,
         layer_scores=scores, config=cfg, refusal_opening=opening, behaviour=behaviour,
         prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
-        calib_points=torch.cat(pts).float(), calib_labels=labels, extra=extra)
+        calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
+        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, extra=extra)
+    state.plane_points = torch.stack([state.plane_coords(all_acts[:, i], i) for i in range(backbone.num_layers)], 1)
+    return state
 
 
 def state_cache_key(backbone: Backbone, config: MarsConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:
@@ -297,9 +302,11 @@ def state_cache_key(backbone: Backbone, config: MarsConfig, harmful: Sequence[st
 
 def calibrate_cached(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
                      harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
-                     progress: CalibrationProgress | None = None, cache_root: Path | None = None
-                     ) -> tuple[MarsState, Path, bool]:
-    """`calibrate`, cached per model + config + prompt sets. Returns (state, folder, loaded_from_cache)."""
+                     progress: CalibrationProgress | None = None, cache_root: Path | None = None,
+                     only_cached: bool = False) -> tuple[MarsState, Path, bool]:
+    """`calibrate`, cached per model + config + prompt sets. Returns (state, folder, loaded_from_cache).
+
+    With `only_cached`, raises LookupError instead of fitting when there is no usable cache entry."""
     from .session import cache_dir
 
     cfg = config or MarsConfig()
@@ -314,6 +321,8 @@ def calibrate_cached(backbone: Backbone, config: MarsConfig | None = None, harmf
             return state, folder, True
         except ValueError:
             pass  # corrupt or stale cache entry: refit below
+    if only_cached:
+        raise LookupError(f"no cached MARS state for {backbone.model_id} in {folder}")
     state = calibrate(backbone, cfg, harmful, harmless, judge, progress)
     state.save(folder)
     return state, folder, False

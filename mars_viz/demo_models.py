@@ -192,7 +192,7 @@ def _qwen_ids(tok) -> dict:
 
 def _qwen_processors(image_cls, video_cls):
     common = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=56 * 56)
-    return image_cls(**common), video_cls(do_sample_frames=False, **common)
+    return image_cls(**common), video_cls(do_sample_frames=False, cap_pixels_per_frame=True, **common)
 
 
 def _qwen_rope() -> dict:

@@ -11,18 +11,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
+from .hooks import capture_residuals
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
 from .steering import SteerOptions, mars_steering
 
-__all__ = ["Answer", "PairResult", "generate_batch", "greedy_texts", "run_pairs"]
+__all__ = ["Answer", "PairResult", "PairUpdate", "generate_batch", "greedy_texts", "run_pairs", "stream_pair"]
 
 
 @dataclass
@@ -78,23 +82,29 @@ def _eos_ids(backbone: Backbone) -> set[int]:
     return ids
 
 
+def _cut(backbone: Backbone, seq: list[int]) -> list[int]:
+    eos, pad = _eos_ids(backbone), backbone.tokenizer.pad_token_id
+    cut = []
+    for t in seq:
+        if t in eos:
+            break
+        cut.append(t)
+    while cut and cut[-1] == pad:
+        cut.pop()
+    return cut
+
+
 @torch.inference_mode()
-def generate_batch(backbone: Backbone, batch, max_new_tokens: int) -> list[tuple[list[int], str]]:
+def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None
+                   ) -> list[tuple[list[int], str]]:
     """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens))
+    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens), streamer=streamer)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
-    eos, pad = _eos_ids(backbone), backbone.tokenizer.pad_token_id
     rows = []
     for seq in new.tolist():
-        cut = []
-        for t in seq:
-            if t in eos:
-                break
-            cut.append(t)
-        while cut and cut[-1] == pad:
-            cut.pop()
+        cut = _cut(backbone, seq)
         rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
     return rows
 
@@ -110,6 +120,37 @@ def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: i
     return out
 
 
+def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
+               max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False
+               ) -> tuple[list[PairResult], torch.Tensor | None]:
+    n = len(chunk)
+    doubled = chunk + chunk if options.steer else chunk
+    rows = torch.tensor([False] * n + [True] * n) if options.steer else None
+    batch = build_batch(backbone, doubled)
+    acts = None
+    with mars_steering(backbone, state, options, [q.modality for q in chunk], rows=rows) as rec:
+        if capture:  # registered after the steering hook: row i (unsteered) sees the raw residual stream
+            with capture_residuals(backbone.layers) as cap:
+                gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+            acts = cap.last()[:n]  # [n, L, d]
+        else:
+            gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+    info = rec.info
+    plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
+    verdict = judge([t for _, t in plain] + [t for _, t in steered])
+    results = []
+    for i, q in enumerate(chunk):
+        results.append(PairResult(
+            prompt=q.prompt, modality=q.modality, layer=int(info["layer"]), score_raw=float(info["s_raw"][i]),
+            score_recentred=float(info["s_recentred"][i]), tau=float(info["tau"]), t_star=float(info["t_star"]),
+            gate_open=bool(info["gate_open"][i]), gate_weight=float(info["gate_weight"][i]),
+            strength=options.strength, recenter=options.recenter, steer=options.steer,
+            displacement_norm=float(info["displacement_norm"][i]),
+            unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
+            steered=Answer(steered[i][1], verdict[n + i], steered[i][0])))
+    return results, acts
+
+
 def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], options: SteerOptions,
               judge: RefusalJudge | None = None, max_new_tokens: int = 48, batch_size: int = 4,
               progress: Callable[[int, int], None] | None = None) -> list[PairResult]:
@@ -120,24 +161,76 @@ def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], op
     results: list[PairResult] = []
     for start in range(0, len(queries), batch_size):
         chunk = list(queries[start:start + batch_size])
-        n = len(chunk)
-        doubled = chunk + chunk if options.steer else chunk
-        rows = torch.tensor([False] * n + [True] * n) if options.steer else None
-        batch = build_batch(backbone, doubled)
-        with mars_steering(backbone, state, options, [q.modality for q in chunk], rows=rows) as rec:
-            gen = generate_batch(backbone, batch, max_new_tokens)
-        info = rec.info
-        plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
-        verdict = judge([t for _, t in plain] + [t for _, t in steered])
-        for i, q in enumerate(chunk):
-            results.append(PairResult(
-                prompt=q.prompt, modality=q.modality, layer=int(info["layer"]), score_raw=float(info["s_raw"][i]),
-                score_recentred=float(info["s_recentred"][i]), tau=float(info["tau"]), t_star=float(info["t_star"]),
-                gate_open=bool(info["gate_open"][i]), gate_weight=float(info["gate_weight"][i]),
-                strength=options.strength, recenter=options.recenter, steer=options.steer,
-                displacement_norm=float(info["displacement_norm"][i]),
-                unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
-                steered=Answer(steered[i][1], verdict[n + i], steered[i][0])))
+        results += _run_chunk(backbone, state, chunk, options, judge, max_new_tokens)[0]
         if progress:
             progress(min(start + batch_size, len(queries)), len(queries))
     return results
+
+
+class _RowStreamer(BaseStreamer):
+    """Collects generated token ids per batch row and hands snapshots to a queue (skips the prompt push)."""
+
+    def __init__(self, q: queue.Queue):
+        self.q, self.rows, self.started = q, None, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the first push is the prompt
+            self.started = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.rows = [[t] for t in ids] if self.rows is None else [r + [t] for r, t in zip(self.rows, ids, strict=True)]
+        self.q.put(("tokens", [list(r) for r in self.rows]))
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class PairUpdate:
+    """A streaming snapshot: partial texts, then (done=True) the full result and the input's residuals."""
+
+    unsteered: str
+    steered: str
+    done: bool = False
+    result: PairResult | None = None
+    acts: torch.Tensor | None = None  # [L, d] raw residuals of the input at the last prompt position
+
+
+def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
+                judge: RefusalJudge | None = None, max_new_tokens: int = 64) -> Iterator[PairUpdate]:
+    """Stream both answers for one query as they are generated (one batched generation), then the final result.
+
+    The residuals of every layer are captured from the same prefill, so the dashboard needs no extra forward.
+    Errors inside generation are re-raised in the caller's thread.
+    """
+    judge = judge or default_judge()
+    state.check_compatible(backbone)
+    q: queue.Queue = queue.Queue()
+    streamer = _RowStreamer(q)
+
+    def work() -> None:
+        try:
+            res, acts = _run_chunk(backbone, state, [query], options, judge, max_new_tokens, streamer, capture=True)
+            q.put(("done", (res[0], acts[0])))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            q.put(("error", e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    tok = backbone.tokenizer
+    try:
+        while True:
+            kind, payload = q.get()
+            if kind == "tokens":
+                texts = [tok.decode(_cut(backbone, r), skip_special_tokens=True).strip() for r in payload]
+                yield PairUpdate(unsteered=texts[0], steered=texts[1] if options.steer else texts[0])
+            elif kind == "error":
+                raise payload
+            else:
+                res, acts = payload
+                yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts)
+                return
+    finally:
+        # Even when the consumer stops early (a closed browser tab), the generation and its hooks must finish
+        # before the caller releases the model lock.
+        thread.join()

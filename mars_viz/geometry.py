@@ -30,6 +30,9 @@ from torch import Tensor
 
 __all__ = [
     "LayerScores",
+    "pca_basis",
+    "plane_basis",
+    "project_onto",
     "allowed_layer_range",
     "auroc",
     "balanced_accuracy_threshold",
@@ -668,3 +671,48 @@ class LayerScores:
         if missing:
             raise ValueError(f"LayerScores dict is missing field(s) {missing}; expected {names}")
         return cls(**{n: _f64(list(data[n])) for n in names})
+
+
+# ---------------------------------------------------------------------------
+# 2-D views per layer (stored in the state so any layer can be plotted later)
+# ---------------------------------------------------------------------------
+
+
+def pca_basis(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-layer 2-D PCA of a point cloud: ``acts [N, L, d]`` -> ``(mean [L, d], basis [L, 2, d])`` (float32).
+
+    >>> x = torch.zeros(4, 1, 3); x[:, 0, 0] = torch.tensor([-2., -1., 1., 2.])
+    >>> _, b = pca_basis(x); float(b[0, 0, 0].abs())
+    1.0
+    """
+    a = torch.as_tensor(acts).double()
+    if a.dim() != 3 or a.shape[0] < 2:
+        raise ValueError(f"pca_basis needs [N>=2, L, d] activations, got {tuple(a.shape)}")
+    mean = a.mean(0)  # [L, d]
+    x = (a - mean).transpose(0, 1)  # [L, N, d]
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [L, min(N,d), d]
+    basis = vh[:, :2, :]
+    if basis.shape[1] < 2:  # d == 1: pad with zeros
+        basis = torch.cat([basis, torch.zeros_like(basis)], dim=1)
+    return mean.float(), basis.float()
+
+
+def plane_basis(acts: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
+    """Per layer, the top principal direction of ``h - mu_minus`` after removing its ``r_hat`` component.
+
+    Together with ``r_hat`` it spans the "trust-region plane" the dashboard draws. ``acts [N, L, d]``,
+    ``mu_minus, r [L, d]`` -> unit vectors ``[L, d]`` orthogonal to ``r`` (float32).
+    """
+    a = torch.as_tensor(acts).double()
+    r64 = _f64(r)
+    r_hat = r64 / _norm_nonzero(r64)[..., None]  # [L, d]
+    x = a - _f64(mu_minus)  # [N, L, d]
+    x = x - (x * r_hat).sum(-1, keepdim=True) * r_hat
+    x = (x - x.mean(0)).transpose(0, 1)  # [L, N, d]
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[:, 0, :].float()
+
+
+def project_onto(h: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+    """Coordinates of ``h [..., d]`` in a 2-D basis ``[2, d]`` around ``mean [d]`` -> ``[..., 2]``."""
+    return (torch.as_tensor(h).float() - mean.float()) @ basis.float().T

@@ -1,20 +1,215 @@
 """Plotly figure builders. Pure: data in, `go.Figure` out; no model, no gradio. Tested on fixed data.
 
+Every builder shares one look: the ``plotly_white`` template, ``HEIGHT`` pixels,
+the colour map ``COLORS`` (safe / unsafe / neutral image / neutral video /
+current input raw, re-centred, steered) and named traces, so the dashboard,
+the tests and the CSV export can find each series by name. Reference lines
+and shaded regions are layout shapes with a ``name`` too (``fig.layout.shapes``).
+
+Inputs are plain Python / numpy data (lists of floats, ``[N, 2]`` coordinates
+from ``mars_viz.projection``), never tensors or a ``MarsState``, so a figure
+can be rebuilt from a saved JSON sidecar.
+
 Example:
     >>> fig = residual_norm_figure([1.0, 2.5, 3.0])
     >>> fig.data[0].name
     'residual norm'
+    >>> fig = target_curve_figure({1.0: 0.2, 2.0: 0.7, 3.0: 0.6}, t_star=2.0)
+    >>> [t.name for t in fig.data]
+    ['refusal rate (held-out harmless, text)', 't*']
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-__all__ = ["residual_norm_figure"]
+__all__ = [
+    "COLORS",
+    "CURRENT_NAMES",
+    "GROUP_NAMES",
+    "HEIGHT",
+    "PLOT_CONFIG",
+    "TEMPLATE",
+    "centroid_figure",
+    "figure_csv",
+    "figure_html",
+    "frame_scores_figure",
+    "layer_scores_figure",
+    "modality_offset_figure",
+    "plane_figure",
+    "residual_norm_figure",
+    "target_curve_figure",
+    "trust_region_figure",
+]
 
 TEMPLATE = "plotly_white"
+HEIGHT = 360
+
+COLORS: dict[str, str] = {
+    "safe": "#2a9d8f",
+    "unsafe": "#e76f51",
+    "image": "#8d99ae",
+    "video": "#6d597a",
+    "raw": "#264653",
+    "recentred": "#f4a261",
+    "steered": "#e63946",
+}
+# label of a calibration point (MarsState.calib_labels) -> trace name
+GROUP_NAMES: dict[str, str] = {
+    "safe": "safe prompts",
+    "unsafe": "unsafe prompts",
+    "image": "neutral image + safe",
+    "video": "neutral video + safe",
+}
+# stage of the current input -> trace name; the path is drawn in this order
+CURRENT_NAMES: dict[str, str] = {
+    "raw": "input (raw)",
+    "recentred": "input (re-centred)",
+    "steered": "input (steered)",
+}
+_CURRENT_SYMBOLS = {"raw": "circle", "recentred": "diamond", "steered": "square"}
+_SCORE_NAMES = {"raw": "score (raw)", "recentred": "score (re-centred)", "steered": "score (steered)"}
+_LINE_GREY = "#6c757d"
+
+# Browser modebar config: the camera button exports a 2x PNG client-side (no server dependency).
+# Server-side PNG (fig.write_image) would need kaleido plus a Chrome/Chromium install, which the
+# offline app does not assume; pass this as `config=` to `fig.show`/`to_html` (figure_html does).
+PLOT_CONFIG: dict[str, Any] = {
+    "displaylogo": False,
+    "responsive": True,
+    "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "mars_viz"},
+}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, **kwargs: Any) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE, title=title, height=HEIGHT, margin=dict(l=55, r=20, t=50, b=45),
+        legend=dict(font=dict(size=10)), **kwargs,
+    )
+    fig.layout.xaxis.title.text = xaxis_title
+    fig.layout.yaxis.title.text = yaxis_title  # the primary y axis, also in secondary-y figures
+    return fig
+
+
+def _vline(fig: go.Figure, x: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
+           dash: str = "dash", xref: str = "x", yref: str = "y domain") -> None:
+    """A named vertical line across the plot height (plus a label at the top when ``text`` is given)."""
+    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref=xref, yref=yref, name=name,
+                  line=dict(color=color, dash=dash, width=1.5))
+    if text:
+        fig.add_annotation(x=x, y=1, xref=xref, yref=yref, text=text, name=name, showarrow=False,
+                           xanchor="left", yanchor="top", xshift=3, font=dict(size=11, color=color))
+
+
+def _hline(fig: go.Figure, y: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
+           dash: str = "dash", xref: str = "x domain", yref: str = "y") -> None:
+    """A named horizontal line across the plot width (plus a label at the right when ``text`` is given)."""
+    fig.add_shape(type="line", x0=0, x1=1, y0=y, y1=y, xref=xref, yref=yref, name=name,
+                  line=dict(color=color, dash=dash, width=1.5))
+    if text:
+        fig.add_annotation(x=1, y=y, xref=xref, yref=yref, text=text, name=name, showarrow=False,
+                           xanchor="right", yanchor="bottom", font=dict(size=11, color=color))
+
+
+def _vrect(fig: go.Figure, x0: float, x1: float, name: str, color: str, opacity: float, *,
+           label: str | None = None, label_pos: str = "top center", xref: str = "x", yref: str = "y domain") -> None:
+    """A named shaded band ``x0..x1`` across the plot height, drawn below the data."""
+    shape: dict[str, Any] = dict(type="rect", x0=x0, x1=x1, y0=0, y1=1, xref=xref, yref=yref, name=name,
+                                 fillcolor=color, opacity=opacity, line_width=0, layer="below")
+    if label:
+        shape["label"] = dict(text=label, textposition=label_pos, font=dict(size=10, color="#495057"))
+    fig.add_shape(**shape)
+
+
+def _floats(values: Sequence[float] | np.ndarray, name: str) -> list[float]:
+    try:
+        out = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers ({e})") from None
+    return out
+
+
+def _check_coords(coords: Any, labels: Sequence[str]) -> np.ndarray:
+    arr = np.asarray(coords, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"coords must be [N, 2] (e.g. Projection.coords), got shape {arr.shape}")
+    if len(labels) != arr.shape[0]:
+        raise ValueError(f"got {arr.shape[0]} points but {len(labels)} labels: pass one label per point")
+    unknown = sorted(set(labels) - set(GROUP_NAMES))
+    if unknown:
+        raise ValueError(f"unknown point label(s) {unknown}: use {list(GROUP_NAMES)} (as in MarsState.calib_labels)")
+    return arr
+
+
+def _add_groups(fig: go.Figure, coords: np.ndarray, labels: Sequence[str]) -> None:
+    """One marker trace per label group, in the fixed order of ``GROUP_NAMES``."""
+    lab = np.asarray(labels, dtype=object)
+    for key, name in GROUP_NAMES.items():
+        idx = np.flatnonzero(lab == key)
+        if idx.size == 0:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[float(v) for v in coords[idx, 0]], y=[float(v) for v in coords[idx, 1]], mode="markers", name=name,
+            marker=dict(color=COLORS[key], size=7, opacity=0.7, line=dict(width=0.5, color="white")),
+            customdata=[int(i) for i in idx],
+            hovertemplate=f"{name} #%{{customdata}}<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+def _add_centroids(fig: go.Figure, centroids: Mapping[str, Sequence[float]]) -> None:
+    for key in ("safe", "unsafe"):
+        if key not in centroids:
+            continue
+        cx, cy = (float(v) for v in centroids[key])
+        fig.add_trace(go.Scatter(
+            x=[cx], y=[cy], mode="markers", name=f"{key} centroid",
+            marker=dict(symbol="star", size=20, color=COLORS[key], line=dict(width=1.5, color="black")),
+            hovertemplate=f"{key} centroid<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+def _add_current(fig: go.Figure, current: Mapping[str, Sequence[float]] | None) -> None:
+    """The current input's stages as distinct markers, joined raw -> re-centred -> steered by arrows."""
+    if not current:
+        return
+    unknown = sorted(set(current) - set(CURRENT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown current-input key(s) {unknown}: use {list(CURRENT_NAMES)}")
+    keys = [k for k in CURRENT_NAMES if k in current]
+    pts = [tuple(float(v) for v in current[k]) for k in keys]
+    if len(pts) >= 2:
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name="input path",
+            line=dict(color=COLORS["raw"], width=2, dash="dot"),
+            # arrowheads pointing along the path; none on the first point
+            marker=dict(symbol="arrow", angleref="previous", size=[0] + [14] * (len(pts) - 1), color=COLORS["raw"]),
+            hoverinfo="skip",
+        ))
+    for key, (x, y) in zip(keys, pts, strict=True):
+        name = CURRENT_NAMES[key]
+        fig.add_trace(go.Scatter(
+            x=[x], y=[y], mode="markers", name=name,
+            marker=dict(symbol=_CURRENT_SYMBOLS[key], size=14, color=COLORS[key], line=dict(width=1.5, color="black")),
+            hovertemplate=f"{name}<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+# ---------------------------------------------------------------------------
+# builders
+# ---------------------------------------------------------------------------
 
 
 def residual_norm_figure(norms: Sequence[float], title: str = "Residual-stream norm at the first generated token",
@@ -27,3 +222,418 @@ def residual_norm_figure(norms: Sequence[float], title: str = "Residual-stream n
     fig.update_layout(template=TEMPLATE, title=title, xaxis_title="decoder layer", yaxis_title="||h_l||",
                       margin=dict(l=50, r=20, t=50, b=40), height=320)
     return fig
+
+
+def centroid_figure(
+    coords: np.ndarray,
+    labels: Sequence[str],
+    centroids: Mapping[str, Sequence[float]],
+    current: Mapping[str, Sequence[float]] | None = None,
+    method: str = "PCA",
+) -> go.Figure:
+    """Calibration activations in a 2-D projection, with both centroids and the current input's path.
+
+    Shows why MARS works and why it needs re-centring: safe and unsafe text
+    prompts form two clusters (stars: their centroids; the dashed "centroid
+    axis" joins them), while neutral image / video + safe prompts sit apart,
+    shifted by the modality offset. The current input is drawn raw,
+    re-centred (offset removed) and steered, joined by an arrowed path.
+
+    ``coords [N, 2]`` and ``centroids`` come from one ``Projection`` (fit on
+    the calibration points, ``transform`` for the centroids and the input);
+    ``labels`` are ``MarsState.calib_labels`` ("safe", "unsafe", "image",
+    "video"); ``current`` keys are among "raw", "recentred", "steered".
+
+    >>> import numpy as np
+    >>> fig = centroid_figure(np.zeros((2, 2)), ["safe", "unsafe"], {"safe": (0, 0), "unsafe": (1, 0)})
+    >>> [t.name for t in fig.data]
+    ['safe prompts', 'unsafe prompts', 'centroid axis', 'safe centroid', 'unsafe centroid']
+    """
+    arr = _check_coords(coords, labels)
+    unknown = sorted(set(centroids) - {"safe", "unsafe"})
+    if unknown:
+        raise ValueError(f"unknown centroid key(s) {unknown}: use 'safe' and 'unsafe'")
+    fig = go.Figure()
+    _add_groups(fig, arr, labels)
+    if "safe" in centroids and "unsafe" in centroids:
+        (sx, sy), (ux, uy) = ((float(v) for v in centroids[k]) for k in ("safe", "unsafe"))
+        fig.add_trace(go.Scatter(x=[sx, ux], y=[sy, uy], mode="lines", name="centroid axis",
+                                 line=dict(color=_LINE_GREY, dash="dash", width=1.5), hoverinfo="skip"))
+    _add_centroids(fig, centroids)
+    _add_current(fig, current)
+    return _layout(fig, f"Calibration activations ({method})", f"{method} 1", f"{method} 2")
+
+
+def modality_offset_figure(
+    offset_ratio: Mapping[str, Sequence[float]],
+    shift_before: Mapping[str, Sequence[float]],
+    shift_after: Mapping[str, Sequence[float]],
+    chosen_layer: int | None = None,
+) -> go.Figure:
+    """Per-layer size of the modality offset and the spurious score shift it causes, before/after re-centring.
+
+    Left: ``||delta_m,l|| / ||r_l||``, the offset of each modality in units of
+    the refusal direction's length (above ~1 it is larger than the whole
+    safe-to-unsafe distance). Right: the unsafety score that neutral media
+    (solid colours) add to safe prompts (misalignment), before re-centring
+    (dashed, often > 0: benign images look unsafe) and after (solid, ~0 by
+    construction). A dashed vertical line marks the chosen layer.
+
+    Each dict maps a modality ("image", "video") to one value per layer.
+
+    >>> fig = modality_offset_figure({"image": [0.5, 1.2]}, {"image": [0.3, 0.6]}, {"image": [0.0, 0.01]}, 1)
+    >>> [t.name for t in fig.data]
+    ['image offset', 'image before re-centring', 'image after re-centring']
+    """
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("offset norm / ||r_l||", "spurious score shift"))
+    for m, values in offset_ratio.items():
+        ys = _floats(values, f"offset_ratio[{m!r}]")
+        fig.add_trace(go.Scatter(
+            x=list(range(len(ys))), y=ys, mode="lines+markers", name=f"{m} offset",
+            line=dict(color=COLORS.get(m, _LINE_GREY)), hovertemplate="layer %{x}: %{y:.3f}",
+        ), row=1, col=1)
+    for stage, data, dash in (("before", shift_before, "dash"), ("after", shift_after, "solid")):
+        for m, values in data.items():
+            ys = _floats(values, f"shift_{stage}[{m!r}]")
+            fig.add_trace(go.Scatter(
+                x=list(range(len(ys))), y=ys, mode="lines+markers", name=f"{m} {stage} re-centring",
+                line=dict(color=COLORS.get(m, _LINE_GREY), dash=dash), hovertemplate="layer %{x}: %{y:.3f}",
+            ), row=1, col=2)
+    _hline(fig, 0.0, "zero", xref="x2 domain", yref="y2", dash="solid", color="#adb5bd")
+    if chosen_layer is not None:
+        for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+            _vline(fig, chosen_layer, "chosen layer", text=f"layer {chosen_layer}", xref=xref, yref=yref)
+    fig.update_layout(template=TEMPLATE, title="Modality offset per layer", height=HEIGHT,
+                      margin=dict(l=55, r=20, t=60, b=45), legend=dict(font=dict(size=10)))
+    fig.update_xaxes(title_text="decoder layer")
+    fig.update_yaxes(title_text="||δ_m|| / ||r||", row=1, col=1)
+    fig.update_yaxes(title_text="Δ unsafety score s", row=1, col=2)
+    return fig
+
+
+def trust_region_figure(
+    tau: float,
+    margin: float,
+    t_star: float,
+    scores: Mapping[str, float] | None = None,
+    spreads: tuple[float, float] | None = None,
+    strength: float = 1.0,
+) -> go.Figure:
+    """The unsafety axis s with the gate, the trust region and where the current input lands.
+
+    Shaded: the safe side ``s <= tau`` (gate closed: no change at all), the
+    ramp ``tau..tau+margin``, the trust region ``tau..t*`` and "beyond t*".
+    Stars mark the centroids at s = 0 and 1 (with +-1 std error bars when
+    ``spreads = (std of safe fit scores, std of unsafe fit scores)``). On a
+    secondary y axis: the gate weight ``w(s) = clip((s - tau) / margin, 0, 1)``
+    and the push ``strength * w(s) * ReLU(t* - s)`` (how far along r an input
+    at s is moved), so the one-sided ReLU shape is visible: zero on the safe
+    side, largest just past the ramp, zero again at t*. ``scores`` keys are
+    among "raw", "recentred", "steered"; an arrow shows re-centred -> steered.
+
+    >>> fig = trust_region_figure(0.5, 0.1, 3.0, {"recentred": 1.0, "steered": 3.0})
+    >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
+    ['t*', 'tau']
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0 (the width of the gate ramp), got {margin}")
+    for name, v in (("tau", tau), ("t_star", t_star), ("strength", strength)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
+    scores = {k: float(v) for k, v in (scores or {}).items() if v is not None}
+    unknown = sorted(set(scores) - set(_SCORE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown score key(s) {unknown}: use {list(_SCORE_NAMES)}")
+    vals = [v for v in scores.values() if math.isfinite(v)]
+    sd_safe, sd_unsafe = (float(spreads[0]), float(spreads[1])) if spreads is not None else (0.0, 0.0)
+    lo = min([-0.5, tau - 0.25, -2 * sd_safe] + [v - 0.25 for v in vals])
+    hi = max([t_star + 1.0, tau + margin + 0.25, 1 + 2 * sd_unsafe] + [v + 0.25 for v in vals])
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12, label="gate closed", label_pos="top left")
+    if t_star > tau:
+        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15, label="trust region")
+    _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45, label="ramp", label_pos="bottom center")
+    if t_star < hi:
+        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2, label="beyond t*", label_pos="top right")
+    _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=COLORS["safe"])
+    _vline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+
+    # gate weight and push on the secondary axis; the kinks (tau, tau + m, t*) are exact grid points
+    s = np.unique(np.concatenate([np.linspace(lo, hi, 401), [tau, tau + margin, t_star]]))
+    w = np.clip((s - tau) / margin, 0.0, 1.0)
+    push = strength * w * np.maximum(t_star - s, 0.0)
+    fig.add_trace(go.Scatter(x=s.tolist(), y=w.tolist(), mode="lines", name="gate weight w(s)",
+                             line=dict(color=_LINE_GREY, width=2), hovertemplate="s=%{x:.3f}: w=%{y:.3f}"),
+                  secondary_y=True)
+    fig.add_trace(go.Scatter(x=s.tolist(), y=push.tolist(), mode="lines", name="push w(s)·ReLU(t*−s)",
+                             line=dict(color=COLORS["steered"], width=2, dash="dot"),
+                             hovertemplate=f"s=%{{x:.3f}}: push={strength:g}·w·ReLU(t*−s)=%{{y:.3f}}"),
+                  secondary_y=True)
+
+    for key, x0 in (("safe", 0.0), ("unsafe", 1.0)):
+        sd = sd_safe if key == "safe" else sd_unsafe
+        fig.add_trace(go.Scatter(
+            x=[x0], y=[0.0], mode="markers", name=f"{key} centroid",
+            marker=dict(symbol="star", size=18, color=COLORS[key], line=dict(width=1.5, color="black")),
+            error_x=dict(type="data", array=[sd], visible=spreads is not None, color=COLORS[key]),
+            hovertemplate=f"{key} centroid: s = %{{x}}" + (f" (std {sd:.3f})" if spreads is not None else "")
+            + "<extra></extra>",
+        ), secondary_y=False)
+    for key in CURRENT_NAMES:
+        if key in scores:
+            fig.add_trace(go.Scatter(
+                x=[scores[key]], y=[0.5], mode="markers", name=_SCORE_NAMES[key],
+                marker=dict(symbol=_CURRENT_SYMBOLS[key], size=14, color=COLORS[key],
+                            line=dict(width=1.5, color="black")),
+                hovertemplate=f"{_SCORE_NAMES[key]}: s = %{{x:.3f}}<extra></extra>",
+            ), secondary_y=False)
+    if "recentred" in scores and "steered" in scores and scores["steered"] != scores["recentred"]:
+        fig.add_annotation(x=scores["steered"], y=0.5, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
+                           axref="x", ayref="y", showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2,
+                           arrowcolor=COLORS["steered"], text="", name="steering push")
+    _layout(fig, "Gate and trust region on the unsafety axis", "unsafety score s (0 = safe centroid, 1 = unsafe)", "")
+    fig.update_xaxes(range=[lo, hi])
+    fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
+    fig.update_yaxes(title_text="w(s) / push (units of ||r||)", rangemode="tozero", secondary_y=True,
+                     tickmode="auto", nticks=6, showgrid=False)
+    fig.update_layout(legend=dict(x=1.1))  # clear of the secondary axis title
+    return fig
+
+
+def target_curve_figure(curve: Mapping[float, float], t_star: float) -> go.Figure:
+    """Refusal rate of held-out harmless text prompts steered to each target level t, with t* marked.
+
+    This is how ``t*`` was chosen: refusal rises with t, then falls again once
+    the push leaves the model's manifold (answers degrade); ``t*`` is the
+    smallest level within tolerance of the best rate, the outer wall of the
+    trust region. If ``t_star`` is not one of the measured levels, its marker
+    is placed on the interpolated curve.
+
+    >>> fig = target_curve_figure({1: 0.2, 3: 0.5, 6: 0.0}, 3)
+    >>> fig.data[1].x, fig.data[1].y
+    ((3.0,), (0.5,))
+    """
+    if not curve:
+        raise ValueError("the target curve is empty: calibrate t* first (python -m mars_viz fit ...)")
+    levels = sorted(float(k) for k in curve)
+    rates = [float(curve[k]) for k in sorted(curve, key=float)]
+    t = float(t_star)
+    near = [i for i, lv in enumerate(levels) if math.isclose(lv, t, rel_tol=1e-9, abs_tol=1e-9)]
+    y_star = rates[near[0]] if near else float(np.interp(t, levels, rates))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=levels, y=rates, mode="lines+markers", name="refusal rate (held-out harmless, text)",
+                             line=dict(color=COLORS["unsafe"], width=2),
+                             hovertemplate="t = %{x:g}: refusal %{y:.2f}<extra></extra>", cliponaxis=False))
+    fig.add_trace(go.Scatter(x=[t], y=[y_star], mode="markers+text", name="t*", text=[f"t* = {t:g}"],
+                             textposition="top right", cliponaxis=False,
+                             marker=dict(symbol="star", size=20, color=COLORS["steered"],
+                                         line=dict(width=1.5, color="black")),
+                             hovertemplate="t* = %{x:g}: refusal %{y:.2f}<extra></extra>"))
+    _layout(fig, "Target level t*: refusal rate vs push level", "target level t (multiples of ||r||)",
+            "refusal rate")
+    fig.update_yaxes(range=[0, 1])
+    return fig
+
+
+def plane_figure(
+    coords: np.ndarray,
+    labels: Sequence[str],
+    current: Mapping[str, Sequence[float]] | None,
+    tau: float,
+    t_star: float,
+) -> go.Figure:
+    """Calibration activations in the refusal plane (x: unsafety score along r_hat, y: top residual PC).
+
+    Unlike PCA/UMAP this view is in MARS's own units: the safe centroid is at
+    (0, 0), the unsafe one at (1, 0), and the gate threshold tau and target
+    level t* are vertical lines, so one sees which points the gate would
+    steer (right of tau), how far the modality offset moves neutral media
+    along s, and that steering only moves the input horizontally (along r)
+    up to t*. ``coords`` come from ``projection.axis_plane``; ``current``
+    from ``projection.plane_transform`` (keys "raw", "recentred", "steered").
+
+    >>> import numpy as np
+    >>> fig = plane_figure(np.array([[0.1, 0.0], [0.9, 0.2]]), ["safe", "unsafe"], None, 0.5, 3.0)
+    >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
+    ['s = 0', 's = 1', 't*', 'tau']
+    """
+    arr = _check_coords(coords, labels)
+    fig = go.Figure()
+    if t_star > tau:
+        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.10, label="trust region")
+    _vline(fig, 0.0, "s = 0", text="safe", color=COLORS["safe"], dash="dot")
+    _vline(fig, 1.0, "s = 1", text="unsafe", color=COLORS["unsafe"], dash="dot")
+    _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
+    _vline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+    _add_groups(fig, arr, labels)
+    _add_centroids(fig, {"safe": (0.0, 0.0), "unsafe": (1.0, 0.0)})
+    _add_current(fig, current)
+    return _layout(fig, "Refusal plane: r̂ × top residual PC", "unsafety score s (along r̂)",
+                   "top PC of residual (units of ||r||)")
+
+
+_MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
+    "separability": ("separability", "#457b9d", 1.5),
+    "consistency": ("consistency", "#2a9d8f", 1.5),
+    "steerability": ("steerability", "#e9c46a", 1.5),
+    "combined": ("combined", "#1d3557", 3.0),
+}
+_MISALIGNMENT = {
+    "misalignment_before": ("misalignment before re-centring", "dash"),
+    "misalignment_after": ("misalignment after re-centring", "solid"),
+}
+
+
+def layer_scores_figure(
+    scores: Mapping[str, Sequence[float]],
+    chosen_layer: int,
+    allowed: tuple[int, int] | range | None = None,
+) -> go.Figure:
+    """Per-layer diagnostics that choose the intervention layer (DESIGN.md "Layer scores").
+
+    Lines: separability (held-out AUROC of s), consistency (mean cosine of
+    unsafe prompts with r_hat), steerability (normalised refusal log-prob gain)
+    and their product ``combined``, whose argmax within the allowed layers is
+    the chosen layer (dashed line). Layers outside ``allowed = (start, stop)``
+    (range semantics: start..stop-1, as ``geometry.allowed_layer_range``) are
+    shaded "excluded layers". If present, misalignment (mean s of neutral
+    media + safe text) before/after re-centring is drawn on a secondary axis.
+    Accepts ``LayerScores.to_dict()`` directly; other keys (fisher, split_half)
+    are ignored.
+
+    >>> fig = layer_scores_figure({"combined": [0.1, 0.5, 0.2]}, chosen_layer=1, allowed=(1, 3))
+    >>> [(s.name, s.x0, s.x1) for s in fig.layout.shapes]
+    [('excluded layers', -0.5, 0.5), ('chosen layer', 1, 1)]
+    """
+    main = {k: _floats(scores[k], k) for k in _MAIN_SCORES if k in scores}
+    mis = {k: _floats(scores[k], k) for k in _MISALIGNMENT if k in scores}
+    if not main and not mis:
+        raise ValueError(f"no layer scores to plot: pass at least one of {list(_MAIN_SCORES) + list(_MISALIGNMENT)} "
+                         "(e.g. state.layer_scores.to_dict())")
+    num_layers = max(len(v) for v in (*main.values(), *mis.values()))
+    if not 0 <= chosen_layer < num_layers:
+        raise ValueError(f"chosen_layer {chosen_layer} is outside the {num_layers} plotted layers "
+                         f"(0..{num_layers - 1})")
+    fig = make_subplots(specs=[[{"secondary_y": True}]]) if mis else go.Figure()
+    if allowed is not None:
+        start, stop = (allowed.start, allowed.stop) if isinstance(allowed, range) else (int(allowed[0]),
+                                                                                         int(allowed[1]))
+        for x0, x1 in ((-0.5, min(start, num_layers) - 0.5), (max(stop, 0) - 0.5, num_layers - 0.5)):
+            if x1 > x0:  # label only bands wide enough to hold it
+                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3, label="excluded" if x1 - x0 >= 4 else None)
+    for key, ys in main.items():
+        name, color, width = _MAIN_SCORES[key]
+        trace = go.Scatter(x=list(range(len(ys))), y=ys, mode="lines+markers", name=name,
+                           line=dict(color=color, width=width), marker=dict(size=5), hovertemplate="%{y:.3f}")
+        fig.add_trace(trace, **({"secondary_y": False} if mis else {}))
+    for key, ys in mis.items():
+        name, dash = _MISALIGNMENT[key]
+        fig.add_trace(go.Scatter(x=list(range(len(ys))), y=ys, mode="lines", name=name,
+                                 line=dict(color=COLORS["image"], dash=dash, width=1.5), hovertemplate="%{y:.3f}"),
+                      secondary_y=True)
+    _vline(fig, chosen_layer, "chosen layer", text=f"chosen layer {chosen_layer}", color=COLORS["steered"])
+    _layout(fig, "Layer scores", "decoder layer", "score", hovermode="x unified")
+    fig.update_xaxes(range=[-0.5, num_layers - 0.5])
+    if mis:
+        fig.update_yaxes(title_text="misalignment (mean s)", secondary_y=True, showgrid=False, tickmode="auto",
+                         nticks=6)
+        fig.update_layout(legend=dict(x=1.1))  # clear of the secondary axis title
+    return fig
+
+
+def frame_scores_figure(
+    scores: Sequence[float],
+    tau: float,
+    frame_indices: Sequence[int] | None = None,
+    t_star: float | None = None,
+) -> go.Figure:
+    """Re-centred unsafety score of each sampled video frame, with the gate threshold (and t*).
+
+    Bars above ``tau`` (gate would open) are drawn in the unsafe colour, the
+    rest in the safe colour, so a single harmful frame in an otherwise benign
+    video stands out. ``frame_indices`` are the frames' indices in the file
+    (default 0..n-1); the x axis is categorical so gaps between sampled
+    frames do not distort the bars.
+
+    >>> fig = frame_scores_figure([0.1, 0.9], tau=0.5, frame_indices=[0, 30])
+    >>> list(fig.data[0].marker.color)
+    ['#2a9d8f', '#e76f51']
+    """
+    ys = _floats(scores, "scores")
+    xs = list(range(len(ys))) if frame_indices is None else [int(i) for i in frame_indices]
+    if len(xs) != len(ys):
+        raise ValueError(f"got {len(ys)} scores but {len(xs)} frame indices: pass one index per sampled frame")
+    colors = [COLORS["unsafe"] if y > tau else COLORS["safe"] for y in ys]
+    state = ["gate open" if y > tau else "gate closed" for y in ys]
+    fig = go.Figure(go.Bar(x=xs, y=ys, name="frame score (re-centred)", marker=dict(color=colors),
+                           customdata=state, hovertemplate="frame %{x}: s = %{y:.3f} (%{customdata})<extra></extra>"))
+    _hline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
+    if t_star is not None:
+        _hline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+    _layout(fig, "Unsafety score per sampled frame", "sampled frame (index in file)", "unsafety score s (re-centred)")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------
+
+
+def figure_html(fig: go.Figure) -> str:
+    """A standalone HTML page of ``fig`` with plotly.js inlined (~4.5 MB), so it opens offline."""
+    return fig.to_html(full_html=True, include_plotlyjs=True, config=PLOT_CONFIG)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return str(v)
+
+
+def figure_csv(fig: go.Figure) -> str:
+    """Every trace's data as long-format CSV: columns ``trace,x,y`` (plus ``text`` if any trace has text).
+
+    One row per point, so a spreadsheet or pandas can pivot it back
+    (``pd.read_csv(io.StringIO(s)).pivot(...)``). Layout shapes (threshold
+    lines, shaded regions) are not data and are not exported.
+
+    >>> import plotly.graph_objects as go
+    >>> print(figure_csv(go.Figure(go.Scatter(x=[0, 1], y=[0.5, 2.0], name="a"))).strip())
+    trace,x,y
+    a,0,0.5
+    a,1,2.0
+    """
+    rows: list[list[str]] = []
+    any_text = False
+    for i, trace in enumerate(fig.data):
+        name = trace.name if trace.name is not None else f"trace {i}"
+        xs = list(trace.x) if getattr(trace, "x", None) is not None else None
+        ys = list(trace.y) if getattr(trace, "y", None) is not None else None
+        n = max(len(xs) if xs is not None else 0, len(ys) if ys is not None else 0)
+        if xs is None:
+            xs = list(range(n))
+        if ys is None:
+            ys = [None] * n
+        text = getattr(trace, "text", None)
+        if text is not None and not isinstance(text, str):
+            text = list(text)
+        any_text = any_text or text is not None
+        for j in range(n):
+            t = text if isinstance(text, str) else (text[j] if text is not None and j < len(text) else None)
+            rows.append([name, _cell(xs[j] if j < len(xs) else None), _cell(ys[j] if j < len(ys) else None),
+                         _cell(t)])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["trace", "x", "y", "text"] if any_text else ["trace", "x", "y"])
+    for row in rows:
+        writer.writerow(row if any_text else row[:3])
+    return out.getvalue()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backbone import Backbone, load_backbone
+from .state import MarsConfig, MarsState
 
 __all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "Session", "cache_dir", "open_session"]
 
@@ -33,9 +34,46 @@ def cache_dir() -> Path:
 
 @dataclass
 class Session:
+    """The model, its MARS state, and the lock every model call takes. Shared by all users of one app."""
+
     backbone: Backbone
     notice: str = ""  # shown in the UI header, e.g. "fell back to the tiny demo model"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    state: MarsState | None = None
+    state_source: str = ""  # where the state came from (file, cache, fitted now)
+    config: MarsConfig = field(default_factory=MarsConfig)
+
+    def ensure_state(self, progress=None) -> MarsState:
+        """The fitted state; fits (or loads from the per-model cache) on first use. Call with `lock` held."""
+        if self.state is None:
+            from .calibrate import calibrate_cached
+
+            state, folder, hit = calibrate_cached(self.backbone, self.config, progress=progress)
+            self.state, self.state_source = state, f"{'loaded from cache' if hit else 'fitted now'}: {folder}"
+        return self.state
+
+    def cached_state(self) -> MarsState | None:
+        """The cached state for this model and config if one exists (no fitting)."""
+        from .calibrate import calibrate_cached
+
+        if self.state is None:
+            try:
+                state, folder, hit = calibrate_cached(self.backbone, self.config, only_cached=True)
+            except LookupError:
+                return None
+            self.state, self.state_source = state, f"loaded from cache: {folder}"
+        return self.state
+
+    def load_state(self, path: str | os.PathLike) -> MarsState:
+        state = MarsState.load(path)
+        state.check_compatible(self.backbone)
+        self.state, self.state_source = state, f"loaded from {path}"
+        return state
+
+    def switch_model(self, model: str, **load_kwargs) -> None:
+        """Load another model (call with `lock` held); its state must be fitted or loaded again."""
+        self.backbone = load_backbone(model, **load_kwargs)
+        self.state, self.state_source, self.notice = None, "", ""
 
 
 def _fallback_model() -> Path:

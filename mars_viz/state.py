@@ -89,6 +89,11 @@ class MarsState:
     prompt_hashes: dict[str, str] = field(default_factory=dict)
     calib_points: torch.Tensor | None = None  # [N, d] float32 activations at `layer`, for plots
     calib_labels: list[str] = field(default_factory=list)  # per calib point: unsafe / safe / image / video
+    proj_mean: torch.Tensor | None = None  # [L, d] per-layer PCA centre of the calibration points
+    proj_basis: torch.Tensor | None = None  # [L, 2, d] per-layer top-2 PCA directions
+    proj_points: torch.Tensor | None = None  # [N, L, 2] calibration points in that PCA plane
+    plane_pc: torch.Tensor | None = None  # [L, d] top PC of residuals orthogonal to r (trust-region plane)
+    plane_points: torch.Tensor | None = None  # [N, L, 2] calibration points in (score along r_hat, plane PC) coords
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived --------------------------------------------------------------------------------------------------
@@ -115,6 +120,15 @@ class MarsState:
                              "refit with neutral inputs of that modality")
         return self.offsets[modality][self.layer if layer is None else layer]
 
+    def plane_coords(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """`h [..., d]` -> `[..., 2]`: (unsafety score along r_hat, coordinate along the plane PC in units of ||r||)."""
+        if self.plane_pc is None:
+            raise ValueError("this state has no trust-region plane (fitted by an older version): refit it")
+        mu, r = self.mu_minus[layer].double(), self.r[layer].double()
+        x = torch.as_tensor(h).double() - mu
+        r2 = float((r * r).sum())
+        return torch.stack([(x @ r) / r2, (x @ self.plane_pc[layer].double()) / r2 ** 0.5], dim=-1).float()
+
     def check_compatible(self, backbone) -> None:
         """Raise ValueError unless this state was fitted on a model of the same type and shape as `backbone`."""
         ours = (self.model_type, self.num_layers, self.hidden_size)
@@ -133,8 +147,9 @@ class MarsState:
         tensors = {"mu_plus": self.mu_plus, "mu_minus": self.mu_minus, "spread_unsafe": self.spread_unsafe,
                    "spread_safe": self.spread_safe, "taus": self.taus}
         tensors.update({f"offset.{m}": t for m, t in self.offsets.items()})
-        if self.calib_points is not None:
-            tensors["calib_points"] = self.calib_points
+        for name in ("calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc", "plane_points"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / STATE_TENSORS))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -181,6 +196,9 @@ class MarsState:
                 config=MarsConfig.from_dict(meta.get("config", {})),
                 refusal_opening=meta.get("refusal_opening", ""), behaviour=meta.get("behaviour", {}),
                 prompt_hashes=meta.get("prompt_hashes", {}), calib_points=tensors.get("calib_points"),
+                proj_mean=tensors.get("proj_mean"), proj_basis=tensors.get("proj_basis"),
+                proj_points=tensors.get("proj_points"), plane_pc=tensors.get("plane_pc"),
+                plane_points=tensors.get("plane_points"),
                 calib_labels=list(meta.get("calib_labels", [])), extra=meta.get("extra", {}))
         except KeyError as e:
             raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None

@@ -62,3 +62,34 @@ def video_file(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     return Path(write_video(path, neutral_video(12, seed=3, size=64), fps=4))
+
+
+SMALL_CONFIG = dict(max_prompts=12, k_neutral=3, neutral_prompts=3, curve_prompts=3, steer_prompts=3,
+                    filter_tokens=3, levels=(1.0, 2.0, 4.0), batch_size=8)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_dirs, tmp_path_factory):
+    """A real Gradio server on the tiny qwen2_vl model (small calibration), shared by the UI tests."""
+    from mars_viz.session import open_session
+    from mars_viz.state import MarsConfig
+    from mars_viz.ui import create_app
+    from mars_viz.ui.app import launch_kwargs
+
+    os.environ["MARS_VIZ_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    session = open_session(str(tiny_dirs("qwen2_vl")), device="cpu")
+    session.config = MarsConfig(**SMALL_CONFIG)
+    demo = create_app(session)
+    demo.queue(default_concurrency_limit=4)
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, **launch_kwargs(port=port))
+    yield {"url": f"http://127.0.0.1:{port}/", "session": session}
+    demo.close()

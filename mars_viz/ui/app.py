@@ -5,9 +5,11 @@ from __future__ import annotations
 import gradio as gr
 
 from ..session import Session
-from . import explore
+from . import api, calibrate_tab, explore, learn
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "launch_kwargs"]
+
+CSS = "#verdict {min-height: 3em} #active textarea {font-weight: 600}"
 
 
 def create_app(session: Session) -> gr.Blocks:
@@ -15,9 +17,22 @@ def create_app(session: Session) -> gr.Blocks:
     with gr.Blocks(title="mars_viz") as demo:
         gr.Markdown(f"# mars_viz — Modality-Agnostic Refusal Steering\n"
                     f"Model **{bb.model_id}** (`{bb.model_type}`, {bb.num_layers} layers, d={bb.hidden_size}, "
-                    f"inputs: {', '.join(bb.modalities)})")
+                    f"inputs: {', '.join(bb.modalities)}). A refusal direction from text, re-centred for images and "
+                    "video, applied only past a threshold and only inside a trust region.")
         if session.notice:
             gr.Markdown(f"> ⚠️ {session.notice}", elem_id="notice")
-        with gr.Tab("Explore"):
-            explore.build(session)
+        with gr.Tab("Explore", id="explore"):
+            tab = explore.build(session)
+        with gr.Tab("Calibrate", id="calibrate"):
+            calibrate_tab.build(session)
+        with gr.Tab("Learn", id="learn"):
+            learn.build(tab)
+        api.build(session)
+        demo.load(tab.on_load, None, tab.plots, api_name=False)
     return demo
+
+
+def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 200.0) -> dict:
+    """Safe defaults for `Blocks.launch`: local bind, no share link, an upload cap."""
+    return dict(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
+                show_error=True, css=CSS)

@@ -19,18 +19,21 @@ def add_app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-path", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--max-upload-mb", type=float, default=200.0, help="upload size limit (default 200 MB)")
+    p.add_argument("--state", default=None, help="a MARS state folder (from `fit`); default: the per-model cache, "
+                                                 "else fitted on the first run")
 
 
 def launch(args: argparse.Namespace) -> int:
     from ..session import open_session
-    from .app import create_app
+    from .app import create_app, launch_kwargs
 
     session = open_session(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                            trust_remote_code=args.trust_remote_code, layers_path=args.layers_path)
     if session.notice:
         print(f"[mars_viz] {session.notice}", file=sys.stderr)
+    if args.state:
+        session.load_state(args.state)
     demo = create_app(session)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=False,
-                max_file_size=f"{int(args.max_upload_mb)}mb", show_error=True)
+    demo.launch(**launch_kwargs(args.host, args.port, args.max_upload_mb))
     return 0

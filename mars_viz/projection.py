@@ -1,0 +1,274 @@
+"""2-D views of residual-stream activations: PCA / UMAP, and the refusal-axis plane.
+
+This module is the single boundary to numpy / scikit-learn / umap-learn: it
+takes torch tensors or numpy arrays ``[N, d]`` and returns numpy ``[N, 2]``
+coordinates that the plot builders (``mars_viz.plots``) draw. No model, no
+gradio.
+
+Two kinds of view:
+
+- ``project`` fits an unsupervised embedding (PCA, or UMAP) of the calibration
+  points; the returned ``Projection`` keeps the fitted model so the current
+  input (raw / re-centred / steered) lands in the same picture via
+  ``Projection.transform``.
+- ``axis_plane`` is the supervised view MARS reasons in: x is the unsafety
+  score ``s`` (0 at the safe centroid, 1 at the unsafe one), y is the main
+  direction of variation orthogonal to the refusal axis. Gate threshold and
+  trust region are vertical lines in it.
+
+Example:
+    >>> import numpy as np
+    >>> pts = np.random.default_rng(0).normal(size=(20, 8))
+    >>> proj = project(pts, "pca")
+    >>> proj.coords.shape, proj.transform(pts[:3]).shape
+    ((20, 2), (3, 2))
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["Projection", "axis_plane", "plane_transform", "project"]
+
+METHODS = ("pca", "umap")
+
+
+def _as_f64(x: Any, name: str) -> np.ndarray:
+    """``x`` (torch tensor of any dtype incl. bf16, numpy array, nested lists) as a float64 numpy array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a numeric array or tensor, got {type(x).__name__} ({e})") from None
+
+
+def _as_points(x: Any, name: str, allow_vector: bool = False) -> np.ndarray:
+    """Validate and return ``[N, d]`` float64 points (a single ``[d]`` vector becomes ``[1, d]`` if allowed)."""
+    arr = _as_f64(x, name)
+    if allow_vector and arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        shape = "[N, d] (or [d] for one point)" if allow_vector else "[N, d]"
+        raise ValueError(
+            f"{name} must have shape {shape}, got {tuple(arr.shape)}; for activations [N, L, d] "
+            "select one layer first, e.g. acts[:, layer]"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"{name} contains NaN or inf values; check the activations that produced it "
+            "(e.g. a model run in fp16 that overflowed: use bf16 or fp32)"
+        )
+    return arr
+
+
+@dataclass
+class Projection:
+    """A fitted 2-D embedding of ``N`` points, able to place new points in the same picture.
+
+    ``coords`` are the embedded training points ``[N, 2]``; ``explained`` is
+    PCA's explained-variance ratio per component (``None`` for UMAP). PCA's
+    ``transform`` of the training points reproduces ``coords``; UMAP's places
+    new points by their neighbours (approximate, not exact).
+
+    >>> import numpy as np
+    >>> proj = project(np.eye(4), "pca")
+    >>> proj.method, proj.coords.shape, len(proj.explained)
+    ('pca', (4, 2), 2)
+    """
+
+    method: str
+    coords: np.ndarray  # [N, 2] float64
+    explained: list[float] | None
+    _model: Any = field(default=None, repr=False)  # fitted sklearn PCA / umap.UMAP
+    _dim: int = field(default=0, repr=False)  # d of the fitted points
+
+    def transform(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed new points ``[M, d]`` (or one ``[d]``) into the fitted 2-D space -> ``[M, 2]`` float64."""
+        if self._model is None:
+            raise ValueError("this Projection has no fitted model: build it with mars_viz.projection.project(...)")
+        pts = _as_points(x, "x", allow_vector=True)  # [M, d]
+        if pts.shape[1] != self._dim:
+            raise ValueError(
+                f"x has {pts.shape[1]} features but the projection was fitted on {self._dim}: "
+                "pass activations of the same model and layer as the fitted points"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self._model.transform(pts)
+        return np.asarray(out, dtype=np.float64)  # [M, 2]
+
+
+def project(
+    points: np.ndarray | torch.Tensor,
+    method: Literal["pca", "umap"] = "pca",
+    seed: int = 0,
+    n_neighbors: int = 15,
+) -> Projection:
+    """Fit a 2-D PCA or UMAP embedding of ``points`` ``[N, d]`` (N >= 3).
+
+    PCA is linear, so centroids and the refusal axis project faithfully (the
+    projected centroid is the centroid of the projected points) and it is
+    instant; UMAP shows cluster structure PCA can hide but distorts distances
+    and takes ~20 s on its first call (numba JIT). ``n_neighbors`` (UMAP only)
+    is capped at ``N - 1``; ``seed`` makes both deterministic.
+
+    >>> import numpy as np
+    >>> project(np.random.default_rng(0).normal(size=(10, 5))).coords.shape
+    (10, 2)
+    """
+    pts = _as_points(points, "points")  # [N, d]
+    n, d = pts.shape
+    key = str(method).lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown projection method {method!r}: use one of {list(METHODS)}")
+    if n < 3:
+        raise ValueError(
+            f"a 2-D projection needs at least 3 points, got {n}: calibrate with more prompts "
+            "(or keep more calibration points in the state)"
+        )
+    if d < 2:
+        raise ValueError(f"points have {d} feature(s): a 2-D projection needs d >= 2")
+    if key == "pca":
+        from sklearn.decomposition import PCA
+
+        model = PCA(n_components=2, random_state=seed)
+        coords = model.fit_transform(pts)
+        explained = [float(v) for v in model.explained_variance_ratio_]
+    else:
+        import umap
+
+        if n_neighbors < 2:
+            raise ValueError(f"n_neighbors must be >= 2 for UMAP, got {n_neighbors}")
+        model = umap.UMAP(n_components=2, n_neighbors=min(int(n_neighbors), n - 1), random_state=seed)
+        with warnings.catch_warnings():
+            # "n_jobs overridden to 1 by setting random_state", spectral-init fallbacks on tiny sets
+            warnings.simplefilter("ignore")
+            coords = model.fit_transform(pts)
+        explained = None
+    return Projection(method=key, coords=np.asarray(coords, dtype=np.float64), explained=explained,
+                      _model=model, _dim=d)
+
+
+# ---------------------------------------------------------------------------
+# the refusal-axis plane
+# ---------------------------------------------------------------------------
+
+
+def _axis(mu_minus: Any, r: Any, d: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Validated ``mu_minus [d]``, ``r [d]`` (float64) and ``||r||``."""
+    mu = _as_f64(mu_minus, "mu_minus").reshape(-1)
+    rv = _as_f64(r, "r").reshape(-1)
+    if mu.shape != rv.shape:
+        raise ValueError(
+            f"mu_minus {mu.shape} and r {rv.shape} must both be [d] vectors of one layer, "
+            "e.g. state.mu_minus[state.layer] and state.r[state.layer]"
+        )
+    if d is not None and mu.shape[0] != d:
+        raise ValueError(f"points have {d} features but mu_minus / r have {mu.shape[0]}: use the same layer")
+    norm = float(np.linalg.norm(rv))
+    if not norm > 0 or not np.isfinite(norm):
+        raise ValueError(
+            "the refusal direction r is zero or not finite: the centroids coincide; "
+            "use more / more distinct calibration prompts or another layer"
+        )
+    return mu, rv, norm
+
+
+def _fallback_orthogonal(r_hat: np.ndarray) -> np.ndarray:
+    """A deterministic unit vector orthogonal to ``r_hat`` (for point sets with no spread off the axis)."""
+    e = np.zeros_like(r_hat)
+    e[int(np.argmin(np.abs(r_hat)))] = 1.0
+    v = e - (e @ r_hat) * r_hat
+    return v / np.linalg.norm(v)
+
+
+def axis_plane(
+    points: np.ndarray | torch.Tensor,
+    mu_minus: np.ndarray | torch.Tensor,
+    r: np.ndarray | torch.Tensor,
+    extra: np.ndarray | torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates of ``points`` ``[N, d]`` in the plane spanned by ``r_hat`` and the top residual PC.
+
+    - x = unsafety score ``s = <h - mu_minus, r> / ||r||^2``: 0 at the safe
+      centroid, 1 at the unsafe centroid (``mu_minus + r``), so the gate
+      threshold ``tau`` and the target level ``t*`` are vertical lines;
+    - y = ``<h - mu_minus, u> / ||r||``, where ``u`` is the top principal
+      component of the points after removing their ``r_hat`` component, i.e.
+      the largest variation the score cannot see, in units of ``||r||`` so
+      both axes share a scale. Its sign is fixed (largest-magnitude entry of
+      ``u`` positive), so the picture is deterministic.
+
+    Returns ``(coords, basis)``: ``coords [N, 2]`` (``[N + M, 2]`` when
+    ``extra [M, d]`` is given: those points, e.g. the current input, are
+    mapped with the same basis and appended, without influencing it), and
+    ``basis [2, d]`` = rows ``r_hat`` and ``u`` (orthonormal). Map further
+    points with ``plane_transform(x, mu_minus, r, basis)``.
+
+    >>> import numpy as np
+    >>> pts = np.array([[0.0, 0.0, 1.0], [2.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
+    >>> coords, basis = axis_plane(pts, mu_minus=np.zeros(3), r=np.array([2.0, 0.0, 0.0]))
+    >>> coords[:, 0].tolist()  # unsafety scores: 0 at mu_minus, 1 at mu_minus + r
+    [0.0, 1.0, 0.5]
+    >>> coords[:, 1].tolist()  # along the top residual PC (here +/- the 3rd axis), in units of ||r|| = 2
+    [0.5, -0.5, 0.0]
+    """
+    pts = _as_points(points, "points")  # [N, d]
+    n, d = pts.shape
+    if d < 2:
+        raise ValueError(f"points have {d} feature(s): the plane needs d >= 2")
+    mu, rv, norm = _axis(mu_minus, r, d)
+    r_hat = rv / norm  # [d]
+    diff = pts - mu  # [N, d]
+    resid = diff - np.outer(diff @ r_hat, r_hat)  # [N, d], orthogonal to r_hat
+    resid = resid - resid.mean(axis=0)
+    u = None
+    if n >= 2:
+        _, sv, vt = np.linalg.svd(resid, full_matrices=False)
+        if sv.size and sv[0] > 1e-12 * max(1.0, float(np.abs(pts).max())):
+            u = vt[0] - (vt[0] @ r_hat) * r_hat  # re-orthogonalise against rounding
+            u = u / np.linalg.norm(u)
+    if u is None:
+        u = _fallback_orthogonal(r_hat)
+    if u[int(np.argmax(np.abs(u)))] < 0:
+        u = -u
+    basis = np.stack([r_hat, u])  # [2, d]
+    coords = plane_transform(pts, mu, rv, basis)
+    if extra is not None:
+        coords = np.vstack([coords, plane_transform(extra, mu, rv, basis)])
+    return coords, basis
+
+
+def plane_transform(
+    x: np.ndarray | torch.Tensor,
+    mu_minus: np.ndarray | torch.Tensor,
+    r: np.ndarray | torch.Tensor,
+    basis: np.ndarray,
+) -> np.ndarray:
+    """Map points ``[M, d]`` (or one ``[d]``) into the plane of ``axis_plane`` -> ``[M, 2]`` float64.
+
+    x is computed as ``<h - mu_minus, r> / <r, r>`` so it equals the unsafety
+    score of ``geometry.unsafety_score`` (exactly 0 at ``mu_minus``, 1 at ``mu_minus + r``).
+
+    >>> import numpy as np
+    >>> _, basis = axis_plane(np.eye(3), np.zeros(3), np.array([1.0, 0.0, 0.0]))
+    >>> plane_transform(np.array([3.0, 0.0, 0.0]), np.zeros(3), np.array([1.0, 0.0, 0.0]), basis)[0, 0]
+    np.float64(3.0)
+    """
+    basis = _as_f64(basis, "basis")
+    if basis.ndim != 2 or basis.shape[0] != 2:
+        raise ValueError(f"basis must be the [2, d] array returned by axis_plane, got shape {basis.shape}")
+    pts = _as_points(x, "x", allow_vector=True)  # [M, d]
+    mu, rv, norm = _axis(mu_minus, r, pts.shape[1])
+    if basis.shape[1] != pts.shape[1]:
+        raise ValueError(f"basis has {basis.shape[1]} features but x has {pts.shape[1]}: use the same layer")
+    diff = pts - mu  # [M, d]
+    s = diff @ rv / (rv @ rv)  # [M] unsafety score
+    y = diff @ basis[1] / norm  # [M]
+    return np.stack([s, y], axis=1)  # [M, 2]

@@ -1,0 +1,145 @@
+"""Calibrate tab: choose a model, prompt sets, K neutral inputs and the formulation parameters; fit with a progress
+bar; save or load the state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from ..calibrate import calibrate
+from ..datasets import load_prompts
+from ..session import Session
+from ..state import STATE_JSON, STATE_TENSORS, MarsConfig
+from .common import gr_progress
+
+__all__ = ["PRESETS", "build", "state_summary"]
+
+PRESETS = ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "llava-hf/llava-1.5-7b-hf",
+           "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "google/gemma-3-4b-it"]
+
+
+def state_summary(session: Session) -> dict:
+    bb = session.backbone
+    out = {"model": bb.describe()}
+    s = session.state
+    if s is None:
+        out["state"] = "not fitted yet: press Fit (or run an input in Explore, which fits with the defaults)"
+        return out
+    out["state"] = {"source": session.state_source, "layer": s.layer, "tau": round(s.tau, 4),
+                    "target_level": s.target_level, "target_curve": {f"{k:g}": v for k, v in s.target_curve.items()},
+                    "separability_at_layer": round(float(s.layer_scores.separability[s.layer]), 4),
+                    "steerability_at_layer": round(float(s.layer_scores.steerability[s.layer]), 4),
+                    "refusal_opening": s.refusal_opening, "behaviour_filter": s.behaviour,
+                    "modalities": sorted(s.offsets), "config": s.config.to_dict()}
+    return out
+
+
+def _path(f):
+    return None if f is None else (f.get("path") if isinstance(f, dict) else getattr(f, "name", f))
+
+
+def build(session: Session) -> None:
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### Model")
+            model = gr.Dropdown(PRESETS, value=None, allow_custom_value=True, elem_id="model_id",
+                                label="Preset, any hub id, or a local folder")
+            load_model = gr.Button("Load model (replaces the current one for every user)", elem_id="load_model")
+            gr.Markdown("### Calibration")
+            harmful = gr.File(label="Harmful prompts (.txt/.jsonl/.json/.csv; default: built-in set)",
+                              elem_id="harmful_file")
+            harmless = gr.File(label="Harmless prompts (default: built-in set)", elem_id="harmless_file")
+            with gr.Row():
+                max_prompts = gr.Number(value=128, precision=0, label="Prompts per set (0 = all)")
+                k_neutral = gr.Number(value=16, precision=0, label="K neutral inputs")
+                neutral_prompts = gr.Number(value=32, precision=0, label="Safe prompts × neutral inputs")
+            with gr.Row():
+                margin = gr.Number(value=0.1, label="Gate ramp margin m")
+                levels = gr.Textbox(value="1,1.5,2,3,4,6,8", label="Target-level grid")
+                layer = gr.Textbox(value="", label="Force layer (empty = auto)")
+            behaviour = gr.Checkbox(value=True, label="Behaviour filter (refused harmful / answered harmless only)")
+            fit = gr.Button("Fit", variant="primary", elem_id="fit")
+            gr.Markdown("### Save or load a state")
+            save = gr.Button("Download the fitted state (zip: safetensors + JSON)", elem_id="save_state")
+            saved = gr.File(label="State", elem_id="state_file")
+            upload = gr.File(label="Load a state: mars_state.json + mars_state.safetensors (or the zip)",
+                             file_count="multiple", elem_id="load_state_files")
+        with gr.Column():
+            summary = gr.JSON(value=lambda: state_summary(session), label="Model and state", elem_id="state_summary")
+
+    def do_load_model(model_id):
+        if not model_id:
+            raise gr.Error("choose a preset, type a hub id, or give a local folder")
+        try:
+            with session.lock:
+                session.switch_model(str(model_id))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(f"loaded {model_id}; fit or load a MARS state for it")
+        return state_summary(session)
+
+    load_model.click(do_load_model, model, summary, api_name="load_model")
+
+    def do_fit(harmful_f, harmless_f, max_p, k, n_p, m, levels_t, layer_t, behaviour_v, progress=gr.Progress()):
+        try:
+            cfg = MarsConfig(max_prompts=None if int(max_p or 0) == 0 else int(max_p), k_neutral=int(k),
+                             neutral_prompts=int(n_p), margin=float(m),
+                             levels=tuple(float(x) for x in str(levels_t).split(",") if x.strip()),
+                             layer=int(layer_t) if str(layer_t).strip() else None,
+                             behaviour_filter=bool(behaviour_v))
+            hp = load_prompts(_path(harmful_f)) if harmful_f else None
+            sp = load_prompts(_path(harmless_f)) if harmless_f else None
+            with session.lock:
+                state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress))
+                session.state, session.state_source, session.config = state, "fitted in the Calibrate tab", cfg
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        for note in state.behaviour.get("notes", []):
+            gr.Warning(note)
+        return state_summary(session)
+
+    fit.click(do_fit, [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour],
+              summary, api_name="fit")
+
+    def do_save():
+        if session.state is None:
+            raise gr.Error("no state to save yet: fit one first")
+        tmp = Path(tempfile.mkdtemp(prefix="mars_state_"))
+        session.state.save(tmp / "state")
+        zpath = tmp / "mars_state.zip"
+        with zipfile.ZipFile(zpath, "w") as z:
+            for name in (STATE_JSON, STATE_TENSORS):
+                z.write(tmp / "state" / name, name)
+        return str(zpath)
+
+    save.click(do_save, None, saved, api_name="save_state")
+
+    def do_upload(files):
+        paths = [Path(_path(f)) for f in (files or [])]
+        if not paths:
+            raise gr.Error("upload mars_state.json and mars_state.safetensors, or the zip from 'Download'")
+        tmp = Path(tempfile.mkdtemp(prefix="mars_state_in_"))
+        try:
+            for p in paths:
+                if p.suffix == ".zip":
+                    with zipfile.ZipFile(p) as z:
+                        for name in (STATE_JSON, STATE_TENSORS):
+                            if name in z.namelist():
+                                (tmp / name).write_bytes(z.read(name))
+                elif p.suffix == ".json":
+                    shutil.copy(p, tmp / STATE_JSON)
+                elif p.suffix == ".safetensors":
+                    shutil.copy(p, tmp / STATE_TENSORS)
+            with session.lock:
+                session.load_state(tmp)
+        except (ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise gr.Error(str(e)) from None
+        gr.Info("state loaded")
+        return state_summary(session)
+
+    upload.upload(do_upload, upload, summary, api_name="load_state")

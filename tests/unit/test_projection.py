@@ -1,0 +1,184 @@
+"""Projection boundary: PCA / UMAP embeddings and the r_hat x top-PC plane, on planted geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mars_viz.geometry import unsafety_score
+from mars_viz.projection import Projection, axis_plane, plane_transform, project
+
+D = 32
+N_PER = 40
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """Two Gaussian clusters in d=32, separated by 10 along a known unit axis (noise std 0.5 per dim)."""
+    rng = np.random.default_rng(0)
+    axis = rng.normal(size=D)
+    axis /= np.linalg.norm(axis)
+    mu_minus = rng.normal(size=D)
+    mu_plus = mu_minus + 10.0 * axis
+    safe = mu_minus + 0.5 * rng.normal(size=(N_PER, D))
+    unsafe = mu_plus + 0.5 * rng.normal(size=(N_PER, D))
+    points = np.vstack([safe, unsafe])  # [80, 32]
+    labels = np.array([0] * N_PER + [1] * N_PER)
+    return points, labels, axis, mu_minus, mu_plus
+
+
+def test_pca_first_component_separates_clusters(clusters):
+    points, labels, axis, *_ = clusters
+    proj = project(points, "pca")
+    assert isinstance(proj, Projection)
+    assert proj.method == "pca"
+    assert proj.coords.shape == (2 * N_PER, 2)
+    assert proj.coords.dtype == np.float64
+    pc1 = proj.coords[:, 0]
+    a, b = pc1[labels == 0], pc1[labels == 1]
+    # perfectly separated along PC1, and by roughly the planted distance 10
+    assert max(a.max(), b.max()) > 0 and (a.max() < b.min() or b.max() < a.min())
+    assert abs(abs(a.mean() - b.mean()) - 10.0) < 0.5
+    # the fitted component is the planted axis
+    assert abs(float(proj._model.components_[0] @ axis)) > 0.99
+    # PC1 explains the between-cluster variance 5^2 of the total 5^2 + 32 * 0.5^2 (noise)
+    assert proj.explained is not None and len(proj.explained) == 2
+    assert abs(proj.explained[0] - 25 / 33) < 0.03 and proj.explained[1] < 0.05
+
+
+def test_pca_transform_reproduces_coords_and_accepts_torch(clusters):
+    points, *_ = clusters
+    proj = project(torch.tensor(points, dtype=torch.float32), "pca")
+    assert np.allclose(proj.transform(torch.tensor(points, dtype=torch.float32)), proj.coords, atol=1e-5)
+    proj64 = project(points, "PCA")
+    assert np.allclose(proj64.transform(points), proj64.coords, atol=1e-10)
+    # one [d] vector -> [1, 2]; bf16 tensors are accepted
+    one = proj64.transform(points[3])
+    assert one.shape == (1, 2) and np.allclose(one[0], proj64.coords[3], atol=1e-10)
+    assert proj64.transform(torch.tensor(points[:2]).to(torch.bfloat16)).shape == (2, 2)
+    # the projected centroid is the centroid of the projected points (PCA is affine)
+    assert np.allclose(proj64.transform(points.mean(axis=0))[0], proj64.coords.mean(axis=0), atol=1e-10)
+
+
+def test_pca_is_deterministic(clusters):
+    points, *_ = clusters
+    assert np.array_equal(project(points, seed=3).coords, project(points, seed=3).coords)
+
+
+def test_transform_rejects_wrong_width(clusters):
+    points, *_ = clusters
+    proj = project(points)
+    with pytest.raises(ValueError, match="32"):
+        proj.transform(np.zeros((2, D + 1)))
+
+
+@pytest.mark.parametrize(
+    ("points", "kwargs", "match"),
+    [
+        (np.zeros((2, 5)), {}, "at least 3 points"),
+        (np.ones((5, 4)), {"method": "tsne"}, "unknown projection method"),
+        (np.ones((5,)), {}, r"\[N, d\]"),
+        (np.ones((5, 3, 4)), {}, "select one layer"),
+        (np.full((5, 4), np.nan), {}, "NaN"),
+        (np.ones((5, 1)), {}, "d >= 2"),
+    ],
+)
+def test_project_value_errors(points, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        project(points, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def umap_proj(clusters):
+    """The single UMAP fit of the suite (its first call JIT-compiles for ~20 s)."""
+    points, *_ = clusters
+    return project(points, "umap", seed=0, n_neighbors=500)  # n_neighbors capped at N - 1
+
+
+def test_umap_coords_and_transform(umap_proj, clusters):
+    points, labels, *_ = clusters
+    assert umap_proj.method == "umap"
+    assert umap_proj.explained is None
+    assert umap_proj.coords.shape == (2 * N_PER, 2)
+    assert np.isfinite(umap_proj.coords).all()
+    assert umap_proj._model.n_neighbors == 2 * N_PER - 1
+    new = umap_proj.transform(points[:3] + 0.01)
+    assert new.shape == (3, 2) and np.isfinite(new).all()
+    # well-separated clusters stay separated: each cluster's centre is far from the other's
+    ca = umap_proj.coords[labels == 0].mean(axis=0)
+    cb = umap_proj.coords[labels == 1].mean(axis=0)
+    spread = umap_proj.coords[labels == 0].std(axis=0).max()
+    assert np.linalg.norm(ca - cb) > 2 * spread
+
+
+# ---------------------------------------------------------------------------
+# axis plane
+# ---------------------------------------------------------------------------
+
+
+def test_axis_plane_x_is_unsafety_score(clusters):
+    points, _, _, mu_minus, mu_plus = clusters
+    r = mu_plus - mu_minus
+    coords, basis = axis_plane(points, mu_minus, r)
+    assert coords.shape == (2 * N_PER, 2)
+    assert basis.shape == (2, D)
+    # x equals geometry.unsafety_score
+    s = unsafety_score(torch.tensor(points), torch.tensor(mu_minus), torch.tensor(r)).numpy()
+    assert np.allclose(coords[:, 0], s, atol=1e-12)
+    # centroids land at (0, 0) and (1, 0)
+    cen = plane_transform(np.stack([mu_minus, mu_plus]), mu_minus, r, basis)
+    assert cen[0, 0] == 0.0 and abs(cen[1, 0] - 1.0) < 1e-12
+    assert abs(cen[0, 1]) < 1e-12 and abs(cen[1, 1]) < 1e-12
+    # a point at level 3 along r
+    assert abs(plane_transform(mu_minus + 3 * r, mu_minus, r, basis)[0, 0] - 3.0) < 1e-12
+
+
+def test_axis_plane_y_is_orthogonal_top_pc():
+    rng = np.random.default_rng(1)
+    d = 16
+    r = np.zeros(d)
+    r[0] = 2.0
+    mu = np.zeros(d)
+    # planted spread: large along e1 (orthogonal to r), small elsewhere, plus large spread along r itself
+    pts = 0.01 * rng.normal(size=(50, d))
+    pts[:, 0] += rng.normal(scale=5.0, size=50)  # variance along r must not leak into y
+    pts[:, 1] += rng.normal(scale=1.0, size=50)
+    coords, basis = axis_plane(pts, mu, r)
+    assert np.allclose(basis[0], r / 2.0)
+    assert abs(float(basis[0] @ basis[1])) < 1e-12  # orthogonal
+    assert abs(np.linalg.norm(basis[1]) - 1.0) < 1e-12
+    assert abs(basis[1][1]) > 0.999  # the planted residual direction e1, sign fixed positive
+    assert basis[1][1] > 0
+    assert np.allclose(coords[:, 1], pts @ basis[1] / 2.0, atol=1e-12)  # units of ||r||
+    # moving a point along r changes only x
+    moved = plane_transform(pts[:5] + 1.5 * r, mu, r, basis)
+    assert np.allclose(moved[:, 0] - coords[:5, 0], 1.5, atol=1e-12)
+    assert np.allclose(moved[:, 1], coords[:5, 1], atol=1e-12)
+
+
+def test_axis_plane_extra_appended_and_not_fitted(clusters):
+    points, _, _, mu_minus, mu_plus = clusters
+    r = mu_plus - mu_minus
+    far = mu_minus + 100.0 * np.eye(D)[5]  # would dominate the PC if it were fitted
+    c0, b0 = axis_plane(points, mu_minus, r)
+    c1, b1 = axis_plane(points, mu_minus, r, extra=far[None])
+    assert c1.shape == (2 * N_PER + 1, 2)
+    assert np.array_equal(b0, b1)
+    assert np.array_equal(c1[:-1], c0)
+    assert np.allclose(c1[-1], plane_transform(far, mu_minus, r, b0)[0])
+
+
+def test_axis_plane_degenerate_spread_and_errors():
+    r = np.array([1.0, 0.0, 0.0])
+    line = np.outer(np.linspace(0, 2, 5), r)  # all points on the r axis: no residual spread
+    coords, basis = axis_plane(line, np.zeros(3), r)
+    assert np.allclose(coords[:, 0], np.linspace(0, 2, 5))
+    assert np.allclose(coords[:, 1], 0.0)
+    assert abs(float(basis[0] @ basis[1])) < 1e-12 and abs(np.linalg.norm(basis[1]) - 1) < 1e-12
+    with pytest.raises(ValueError, match="zero"):
+        axis_plane(line, np.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match="same layer"):
+        axis_plane(line, np.zeros(4), np.ones(4))
+    with pytest.raises(ValueError, match=r"\[2, d\]"):
+        plane_transform(line, np.zeros(3), r, basis[0])
