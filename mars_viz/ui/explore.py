@@ -36,7 +36,10 @@ class ExploreTab:
 def verdict_markdown(a: Analysis) -> str:
     r = a.result
     verdict = lambda refused: "**refused**" if refused else "answered"  # noqa: E731
-    if r.gate_open:
+    if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
+        gate = (f"Gate **open** (s = {r.score_recentred:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
+                f"beyond t* = {r.t_star:g}, the trust region's outer wall: no push.")
+    elif r.gate_open:
         gate = (f"Gate **open**: s = {r.score_recentred:.3f} > τ = {r.tau:.3f} → pushed toward t* = {r.t_star:g} "
                 f"with λ = {r.strength:g} (‖Δh‖ = {r.displacement_norm:.3g}).")
     else:

@@ -1,0 +1,72 @@
+"""A real headless browser (Debian chromium via Playwright) drives the dashboard on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from mars_viz.examples import EXAMPLES_DIR
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
+    page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=timeout)
+
+
+def test_upload_run_plots_toggle_screenshot(browser, app_server, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    page.goto(app_server["url"])
+    page.locator("#prompt textarea").fill("What colour is this image?")
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
+    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    page.locator("#run").click()
+    page.locator("#verdict").get_by_text("Gate").first.wait_for(timeout=120_000)
+    # every plot renders (tabs are clicked so their plots mount)
+    for tab, elem in [("Centroids", "plot_centroids"), ("Modality offset", "plot_modality_offset"),
+                      ("Trust region", "plot_trust_region"), ("Trust region", "plot_plane"),
+                      ("Trust region", "plot_target_curve"), ("Layer scores", "plot_layer_scores")]:
+        page.get_by_role("tab", name=tab).click()
+        _plot_rendered(page, elem)
+    steered = page.locator("#steered textarea").input_value()
+    unsteered = page.locator("#unsteered textarea").input_value()
+    assert page.locator("#active textarea").input_value() == steered
+    page.locator("#toggle").get_by_text("Unsteered").click()
+    page.wait_for_function("v => document.querySelector('#active textarea').value === v", arg=unsteered,
+                           timeout=10_000)
+    page.get_by_role("tab", name="Trust region").click()
+    _plot_rendered(page, "plot_trust_region")
+    shot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("MARS_VIZ_SCREENSHOT"):
+        shutil.copy(shot, os.environ["MARS_VIZ_SCREENSHOT"])
+    page.close()
+
+
+def test_bad_upload_shows_error_and_page_still_works(browser, app_server, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"definitely not an image")
+    page = browser.new_page()
+    page.goto(app_server["url"])
+    page.locator("#image input[type=file]").set_input_files(str(bad))
+    page.locator("#image").get_by_text("broken.png").first.wait_for(timeout=30_000)
+    page.locator("#run").click()
+    page.get_by_text("not an image").first.wait_for(timeout=60_000)
+    page.close()
