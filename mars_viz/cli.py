@@ -145,6 +145,75 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _dist():
+    """(rank, world, state) under `accelerate launch`; (0, 1, None) otherwise. CPU processes use gloo."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    st = PartialState(cpu=True, backend="gloo") if not _cuda() else PartialState()
+    return st.process_index, st.num_processes, st
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import SETS, build_items, evaluate, summarise, write_report
+    from .state import MarsState
+
+    sets = tuple(s.strip() for s in args.sets.split(",") if s.strip()) if args.sets is not None else SETS[:5]
+    strengths = tuple(float(x) for x in args.strengths.split(",")) if args.strengths else (0.0, 0.5, 1.0, 2.0)
+    if any(x < 0 for x in strengths):
+        raise ValueError("strengths must be >= 0")
+    rank, world, dist = _dist()
+    state = MarsState.load(args.state)
+    if args.tau is not None:
+        state = state.with_overrides(tau=args.tau)
+    bb = _load(args)
+    if world > 1 and bb.model.device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (torch.get_num_threads() or 2) // world))
+    state.check_compatible(bb)
+    if "video" in sets + ("video_text",) and "video" not in bb.modalities:
+        sets = tuple(s for s in sets if not s.startswith("video"))
+    items = build_items(state, sets, limit=args.limit, seed=args.seed) if sets else []
+    if args.bench:
+        from .datasets import load_standard
+        from .evaluate import items_from_benchmark
+
+        for name in (b.strip() for b in args.bench.split(",") if b.strip()):
+            items += items_from_benchmark(name, load_standard(name, args.data_dir), args.limit)
+    if not items:
+        raise ValueError("nothing to evaluate: choose --sets and/or --bench")
+    progress = None if args.quiet or rank else (lambda d, n: print(f"[eval] {d}/{n} batches", file=sys.stderr,
+                                                                     flush=True))
+    rows = evaluate(bb, state, items, strengths, args.max_new_tokens, args.batch_rows, progress=progress,
+                    rank=rank, world=world)
+    if dist is not None:
+        import torch.distributed as td
+
+        gathered: list = [None] * world
+        td.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    if rank == 0:
+        report = summarise(rows, strengths)
+        report["meta"] = {"model": bb.model_id, "state": str(args.state), "layer": state.layer, "tau": state.tau,
+                          "target_level": state.target_level, "sets": list(sets), "limit": args.limit,
+                          "strengths": list(strengths), "max_new_tokens": args.max_new_tokens}
+        paths = write_report(report, rows, args.out)
+        print(json.dumps({"out": [str(p) for p in paths], "conditions": report["conditions"]}))
+    if dist is not None:
+        dist.wait_for_everyone()
+    return 0
+
+
 def _cmd_app(args) -> int:
     from .ui.launch import launch
 
@@ -213,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("eval", help="refusal / over-refusal / unchanged rates per modality and condition")
+    _add_model_args(p)
+    p.add_argument("--state", required=True)
+    p.add_argument("--out", required=True, help="report.json (CSV, items JSONL and HTML charts are written beside)")
+    p.add_argument("--limit", type=int, default=16, help="prompts per condition (default 16)")
+    p.add_argument("--strengths", help="comma-separated lambdas for the sweep (default 0,0.5,1,2)")
+    p.add_argument("--sets", help="comma-separated: text,image,typographic,video,video_text,text_hard "
+                                  "(default: the first five)")
+    p.add_argument("--bench", help="standard sets too: advbench,harmbench,jailbreakbench,xstest,alpaca,figstep,"
+                                   "mm-safetybench,jailbreakv-28k,video-safetybench (local files, or the hub online)")
+    p.add_argument("--data-dir", help="where standard sets live (default ~/.cache/mars_viz/datasets/<name>/)")
+    p.add_argument("--tau", type=float, help="override the gate threshold")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-rows", type=int, default=16, help="generation rows per batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("app", help="launch the dashboard (same as python app.py)")
     from .ui.launch import add_app_args

@@ -17,9 +17,11 @@ import io
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ASSETS", "builtin_prompts", "load_prompts", "prompts_hash", "split"]
+__all__ = ["ASSETS", "STANDARD_SETS", "BenchRecord", "StandardSet", "builtin_prompts", "load_prompts",
+           "load_standard", "prompts_hash", "split"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _TEXT_KEYS = ("prompt", "instruction", "goal", "text", "question", "query", "behavior", "Behavior", "Goal")
@@ -99,3 +101,114 @@ def split(prompts: list[str], heldout_frac: float = 0.3, seed: int = 0) -> tuple
     held = sorted(order[:n_held])
     fit = sorted(order[n_held:])
     return [prompts[i] for i in fit], [prompts[i] for i in held]
+
+
+# ---- standard benchmarks ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StandardSet:
+    """Where a public benchmark lives and how to read it. Files are looked up under `data_dir/<name>/`."""
+
+    name: str
+    kind: str  # harmful / harmless / mixed
+    files: tuple[str, ...]  # accepted local file names (first found wins)
+    column: str  # prompt column / key
+    source: str  # where to download it (shown in errors)
+    hf: tuple[str, str] | None = None  # (dataset repo, file) for online download
+    label_column: str | None = None  # mixed sets: column whose value says safe / unsafe
+    image_column: str | None = None  # multimodal sets: relative image path
+
+
+STANDARD_SETS: dict[str, StandardSet] = {s.name: s for s in [
+    StandardSet("advbench", "harmful", ("harmful_behaviors.csv",), "goal",
+                "https://github.com/llm-attacks/llm-attacks/blob/main/data/advbench/harmful_behaviors.csv",
+                ("walledai/AdvBench", "data/train-00000-of-00001.parquet")),
+    StandardSet("harmbench", "harmful", ("harmbench_behaviors_text_all.csv", "harmbench_behaviors_text_test.csv"),
+                "Behavior", "https://github.com/centerforaisafety/HarmBench/tree/main/data/behavior_datasets"),
+    StandardSet("jailbreakbench", "harmful", ("harmful-behaviors.csv", "behaviors.csv"), "Goal",
+                "https://huggingface.co/datasets/JailbreakBench/JBB-Behaviors",
+                ("JailbreakBench/JBB-Behaviors", "data/harmful-behaviors.csv")),
+    StandardSet("xstest", "mixed", ("xstest_prompts.csv", "xstest_v2_prompts.csv"), "prompt",
+                "https://github.com/paul-rottger/xstest/blob/main/xstest_prompts.csv", label_column="label"),
+    StandardSet("alpaca", "harmless", ("alpaca_data.json",), "instruction",
+                "https://github.com/tatsu-lab/stanford_alpaca/blob/main/alpaca_data.json"),
+    StandardSet("figstep", "harmful", ("safebench.csv", "SafeBench.csv"), "instruction",
+                "https://github.com/ThuCCSLab/FigStep/tree/main/data/question (SafeBench: columns question, "
+                "instruction)"),
+    StandardSet("mm-safetybench", "harmful", ("mm_safetybench.jsonl",), "Question",
+                "https://github.com/isXinLiu/MM-SafetyBench (flatten data/processed_questions/*.json into JSONL with "
+                "Question and image fields)", image_column="image"),
+    StandardSet("jailbreakv-28k", "harmful", ("JailBreakV_28K.csv", "mini_JailBreakV_28K.csv"), "jailbreak_query",
+                "https://huggingface.co/datasets/JailbreakV-28K/JailBreakV-28k", image_column="image_path"),
+    StandardSet("video-safetybench", "harmful", ("video_safetybench.jsonl",), "question",
+                "https://huggingface.co/datasets/BAAI/Video-SafetyBench (JSONL with question and video fields)",
+                image_column="video"),
+]}
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    prompt: str
+    kind: str  # harmful / harmless
+    media: str | None = None  # absolute path of an image or video, for multimodal sets
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, list) else list(data.values())
+    if suffix == ".parquet":
+        import pandas as pd  # optional; only for sets downloaded from the hub as parquet
+
+        return pd.read_parquet(path).to_dict("records")
+    raise ValueError(f"unsupported file type {path.suffix!r}")
+
+
+def load_standard(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None,
+                  online: bool | None = None) -> list[BenchRecord]:
+    """Load a standard benchmark from `data_dir/<name>/` (default: `~/.cache/mars_viz/datasets`), or download it
+    from the Hugging Face hub when online. Raises ValueError saying what to download and where to put it."""
+    if name not in STANDARD_SETS:
+        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(STANDARD_SETS)}")
+    spec = STANDARD_SETS[name]
+    if data_dir is None:
+        data_dir = Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz")) / "datasets"
+    folder = Path(data_dir) / name
+    found = next((folder / f for f in spec.files if (folder / f).is_file()), None)
+    if online is None:
+        online = os.environ.get("HF_HUB_OFFLINE") != "1"
+    if found is None and online and spec.hf is not None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            found = Path(hf_hub_download(spec.hf[0], spec.hf[1], repo_type="dataset"))
+        except Exception:  # offline, gated, moved: fall through to the instructions
+            found = None
+    if found is None:
+        raise ValueError(f"{name} is not available offline: download it from {spec.source} and put "
+                         f"{' or '.join(spec.files)} in {folder}/ (or pass --data-dir)")
+    rows = _read_rows(found)
+    out: list[BenchRecord] = []
+    for row in rows:
+        text = row.get(spec.column) or row.get(spec.column.lower()) or row.get(spec.column.capitalize())
+        if not isinstance(text, str) or not text.strip():
+            continue
+        kind = spec.kind
+        if spec.label_column:
+            label = str(row.get(spec.label_column, "")).lower()
+            kind = "harmless" if label in ("safe", "benign", "0", "harmless") else "harmful"
+        media = None
+        if spec.image_column and row.get(spec.image_column):
+            media = str((found.parent / str(row[spec.image_column])).resolve())
+        out.append(BenchRecord(text.strip(), kind, media))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{found} has no usable rows (expected a {spec.column!r} column)")
+    return out

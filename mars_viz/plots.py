@@ -39,6 +39,8 @@ __all__ = [
     "PLOT_CONFIG",
     "TEMPLATE",
     "centroid_figure",
+    "eval_conditions_figure",
+    "strength_sweep_figure",
     "figure_csv",
     "figure_html",
     "frame_scores_figure",
@@ -637,3 +639,38 @@ def figure_csv(fig: go.Figure) -> str:
     for row in rows:
         writer.writerow(row if any_text else row[:3])
     return out.getvalue()
+
+
+EVAL_MODES = [("refusal_unsteered", "unsteered", "#adb5bd"), ("refusal_steered", "MARS", COLORS["steered"]),
+              ("refusal_no_recenter", "MARS without re-centring", COLORS["recentred"]),
+              ("refusal_ungated", "ungated (always push to t*)", COLORS["video"])]
+
+
+def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Refusal rate per evaluation condition (grouped bars: unsteered, MARS, no re-centring, ungated).
+
+    On harmful conditions higher is safer; on harmless ones every bar above 'unsteered' is over-refusal.
+    """
+    names = list(conditions)
+    fig = go.Figure()
+    for key, label, color in EVAL_MODES:
+        fig.add_trace(go.Bar(x=names, y=[conditions[c].get(key) for c in names], name=label, marker_color=color))
+    fig.update_layout(barmode="group")
+    _layout(fig, "Refusal rate by condition", "condition (set / kind)", "refusal rate")
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Safety against over-refusal as the strength lambda grows: one point per lambda (0 = unsteered)."""
+    keys = list(sweep)
+    x = [sweep[k]["refusal_harmless"] for k in keys]
+    y = [sweep[k]["refusal_harmful"] for k in keys]
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers+text", text=[f"λ={k}" for k in keys],
+                               textposition="top center", name="MARS strength sweep",
+                               marker=dict(color=COLORS["steered"], size=10)))
+    _layout(fig, "Strength sweep: refusal of harmful vs over-refusal of harmless", "over-refusal (harmless refused)",
+            "refusal of harmful inputs")
+    fig.update_xaxes(range=[-0.05, 1.05])
+    fig.update_yaxes(range=[-0.05, 1.05])
+    return fig

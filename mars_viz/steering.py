@@ -25,7 +25,7 @@ from .geometry import gate_weight, steer_displacement, unsafety_score
 from .hooks import EditRecord, edit_position
 from .state import MarsState
 
-__all__ = ["SteerOptions", "mars_edit", "mars_steering", "push_to_level_edit"]
+__all__ = ["SteerOptions", "mars_edit", "mars_steering", "push_to_level_edit", "row_steering"]
 
 
 @dataclass(frozen=True)
@@ -129,4 +129,36 @@ def mars_steering(backbone: Backbone, state: MarsState, options: SteerOptions, m
     deltas = _row_deltas(state, layer, modalities, options.recenter)
     _, edit = mars_edit(state, options, deltas)
     with edit_position(backbone.layers[layer], edit, position=-1, rows=rows) as rec:
+        yield rec
+
+
+@contextlib.contextmanager
+def row_steering(backbone: Backbone, state: MarsState, specs: Sequence[SteerOptions | None],
+                 modalities: Sequence[str]) -> Iterator[EditRecord]:
+    """Each batch row gets its own options (None = untouched), in one generation: the evaluation runs unsteered,
+    MARS, MARS without re-centring and the ungated baseline (at several strengths) as rows of one batch.
+
+    All rows must resolve to the same layer. `rec.info["rows"]` holds one info dict per steered row (batch order).
+    """
+    state.check_compatible(backbone)
+    active = [(i, o) for i, o in enumerate(specs) if o is not None]
+    if len(modalities) != len(specs):
+        raise ValueError("need one modality per row")
+    layers = {resolve(state, o)[0] for _, o in active}
+    if len(layers) > 1:
+        raise ValueError(f"all steered rows must use the same layer, got {sorted(layers)}")
+    layer = layers.pop() if layers else state.layer
+    edits = [(i, mars_edit(state, o, _row_deltas(state, layer, [modalities[i]], o.recenter))[1]) for i, o in active]
+    mask = torch.tensor([o is not None for o in specs])
+
+    def edit(h: torch.Tensor, info: dict) -> torch.Tensor:  # h [B_active, d]
+        out, rows = [], []
+        for j, (_, fn) in enumerate(edits):
+            row_info: dict = {}
+            out.append(fn(h[j:j + 1], row_info))
+            rows.append({k: (v[0].item() if torch.is_tensor(v) and v.dim() else v) for k, v in row_info.items()})
+        info["rows"] = rows
+        return torch.cat(out)
+
+    with edit_position(backbone.layers[layer], edit, position=-1, rows=mask) as rec:
         yield rec
