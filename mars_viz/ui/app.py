@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..session import Session
-from . import api, calibrate_tab, explore, learn
+from . import api, calibrate_tab, evaluate_tab, explore, learn
 
 __all__ = ["create_app", "launch_kwargs"]
 
@@ -23,6 +23,8 @@ def create_app(session: Session) -> gr.Blocks:
             gr.Markdown(f"> ⚠️ {session.notice}", elem_id="notice")
         with gr.Tab("Explore", id="explore"):
             tab = explore.build(session)
+        with gr.Tab("Evaluate", id="evaluate"):
+            evaluate_tab.build(session)
         with gr.Tab("Calibrate", id="calibrate"):
             calibrate_tab.build(session)
         with gr.Tab("Learn", id="learn"):

@@ -153,3 +153,12 @@ def test_second_user_stays_responsive_while_first_generates(app_server):
         gate.set()
         handle.remove()
     job.result(timeout=120)
+
+
+def test_evaluate_endpoint_table_charts_and_report(client):
+    table, cond_fig, sweep_fig, report = client.predict(["text", "image"], 1, "0,1", 4, api_name="/evaluate")
+    conds = [row[0] for row in table["data"]]
+    assert conds == ["text/harmful", "text/harmless", "image/harmful", "image/harmless"]
+    assert cond_fig is not None and sweep_fig is not None
+    with zipfile.ZipFile(report) as z:
+        assert {"report.json", "report.csv", "report_items.jsonl"} <= set(z.namelist())

@@ -1,0 +1,61 @@
+"""Evaluate tab: the same code as `python -m mars_viz eval`, with progress, a results table and the charts."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from ..evaluate import SETS, build_items, evaluate, summarise, write_report
+from ..plots import eval_conditions_figure, strength_sweep_figure
+from ..session import Session
+from .common import gr_progress
+
+__all__ = ["build"]
+
+COLUMNS = ["condition", "n", "refusal_unsteered", "refusal_steered", "refusal_no_recenter", "refusal_ungated",
+           "unchanged", "gate_open_rate", "score_raw_mean", "score_recentred_mean"]
+
+
+def build(session: Session) -> None:
+    with gr.Row():
+        sets = gr.CheckboxGroup(list(SETS), value=list(SETS[:5]), label="Evaluation sets", elem_id="eval_sets")
+        limit = gr.Number(value=8, precision=0, label="Prompts per condition", elem_id="eval_limit")
+        strengths = gr.Textbox(value="0,0.5,1,2", label="Strength sweep λ", elem_id="eval_strengths")
+        max_tokens = gr.Number(value=24, precision=0, label="Max new tokens")
+    go = gr.Button("Run evaluation", variant="primary", elem_id="eval_run")
+    table = gr.Dataframe(headers=COLUMNS, label="Results per condition", elem_id="eval_table", interactive=False)
+    with gr.Row():
+        p_cond = gr.Plot(label="Refusal by condition", elem_id="plot_eval_conditions")
+        p_sweep = gr.Plot(label="Strength sweep", elem_id="plot_eval_sweep")
+    report_file = gr.File(label="Report (JSON, CSV, items, HTML charts)", elem_id="eval_report")
+
+    def run(sets_v, limit_v, strengths_v, max_tok_v, progress=gr.Progress()):
+        try:
+            lam = tuple(float(x) for x in str(strengths_v).split(",") if x.strip())
+            if not sets_v:
+                raise ValueError("choose at least one evaluation set")
+            if any(x < 0 for x in lam):
+                raise ValueError("strengths must be >= 0")
+            with session.lock:
+                state = session.ensure_state(gr_progress(progress))
+                chosen = [s for s in sets_v if not s.startswith("video") or "video" in session.backbone.modalities]
+                items = build_items(state, chosen, limit=int(limit_v))
+                rows = evaluate(session.backbone, state, items, lam, int(max_tok_v),
+                                progress=lambda d, n: progress((d, n), desc="Evaluating"))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        report = summarise(rows, lam)
+        tmp = Path(tempfile.mkdtemp(prefix="mars_eval_"))
+        paths = write_report(report, rows, tmp / "report.json")
+        zpath = tmp / "mars_eval_report.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in paths:
+                z.write(p, p.name)
+        data = [[cond] + [vals.get(c) for c in COLUMNS[1:]] for cond, vals in report["conditions"].items()]
+        return (data, eval_conditions_figure(report["conditions"]), strength_sweep_figure(report["strength_sweep"]),
+                str(zpath))
+
+    go.click(run, [sets, limit, strengths, max_tokens], [table, p_cond, p_sweep, report_file], api_name="evaluate")
