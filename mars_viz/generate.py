@@ -1,8 +1,9 @@
 """Steered and unsteered answers for the same inputs, with MARS's diagnostics.
 
-Each query runs twice in one batch: row i unsteered, row n+i steered (identical inputs, so identical padding). On a
-GPU the pair costs about one generation; the steering hook edits only the steered rows' last prompt position during
-prefill. With the gate closed the displacement is exactly zero, so both rows compute bit-identical answers.
+Both answers come from one shared prefill: the prompt minus its last position runs once (images and video included),
+its KV cache is duplicated, and the last prompt position plus the decode run as a batch of two rows, one of them
+steered. The pair therefore costs about one generation. The steering hook edits only the steered row at the last
+prompt position. With the gate closed the displacement is exactly zero, so both rows give bit-identical answers.
 
 Example:
     >>> res = run_pairs(backbone, state, [Query("How do I pick a lock?")], SteerOptions())   # doctest: +SKIP
@@ -120,23 +121,77 @@ def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: i
     return out
 
 
-def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
-               max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False
-               ) -> tuple[list[PairResult], torch.Tensor | None]:
-    n = len(chunk)
-    doubled = chunk + chunk if options.steer else chunk
-    rows = torch.tensor([False] * n + [True] * n) if options.steer else None
-    batch = build_batch(backbone, doubled)
+def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
+    """Run the prompt minus its last position once (media included); return the KV cache and the decode inputs.
+
+    The last prompt position is the one MARS edits, so everything before it is shared by both answers.
+    """
+    n_pos = batch["input_ids"].shape[1]
+    pre = {k: (v[:, :-1] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == n_pos else v)
+           for k, v in batch.items()}
+    # Prefill through `generate` (one token, discarded) so positions follow generate's own conventions for padded
+    # rows; the cache then holds exactly the P-1 prompt positions.
+    out = backbone.model.generate(**pre, **_gen_kwargs(backbone, 1), return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{type(backbone.model).__name__} returned no KV cache")
+    return cache, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.inference_mode()
+def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool):
+    """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
+    and the decode; `steering_ctx()` (opened only around the decode) edits the primed rows."""
+    cache, dec = _prefill_all_but_last(backbone, batch)
+    cache.batch_repeat_interleave(2)
+    dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
+    # M-RoPE models (Qwen2-VL family) keep per-row position offsets from the prefill: duplicate them with the rows.
+    for owner in (backbone.model, getattr(backbone.model, "model", None)):
+        deltas = getattr(owner, "rope_deltas", None)
+        if torch.is_tensor(deltas) and deltas.shape[0] == batch["input_ids"].shape[0]:
+            owner.rope_deltas = deltas.repeat_interleave(2, dim=0)
     acts = None
-    with mars_steering(backbone, state, options, [q.modality for q in chunk], rows=rows) as rec:
-        if capture:  # registered after the steering hook: row i (unsteered) sees the raw residual stream
+    with steering_ctx() as rec:
+        if capture:
             with capture_residuals(backbone.layers) as cap:
-                gen = generate_batch(backbone, batch, max_new_tokens, streamer)
-            acts = cap.last()[:n]  # [n, L, d]
+                out = backbone.model.generate(**dec, cache=cache, **_gen_kwargs(backbone, max_new_tokens),
+                                              streamer=streamer)
+            acts = cap.last()[0::2]  # unsteered rows: the raw residual stream
         else:
-            gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+            out = backbone.model.generate(**dec, cache=cache, **_gen_kwargs(backbone, max_new_tokens),
+                                          streamer=streamer)
+    rows = []
+    for seq in out[:, dec["input_ids"].shape[1]:].cpu().tolist():
+        cut = _cut(backbone, seq)
+        rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
+    return rows, rec, acts
+
+
+def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
+               max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False,
+               shared_prefill: bool = True) -> tuple[list[PairResult], torch.Tensor | None]:
+    n = len(chunk)
+    modalities = [q.modality for q in chunk]
+    acts = None
+    if options.steer and shared_prefill:
+        rows = torch.tensor([False, True] * n)
+        gen, rec, acts = _generate_shared(
+            backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
+            lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture)
+        plain, steered = gen[0::2], gen[1::2]
+    else:
+        doubled = chunk + chunk if options.steer else chunk
+        rows = torch.tensor([False] * n + [True] * n) if options.steer else None
+        batch = build_batch(backbone, doubled)
+        with mars_steering(backbone, state, options, modalities, rows=rows) as rec:
+            if capture:  # registered after the steering hook: row i (unsteered) sees the raw residual stream
+                with capture_residuals(backbone.layers) as cap:
+                    gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+                acts = cap.last()[:n]  # [n, L, d]
+            else:
+                gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+        plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
     info = rec.info
-    plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
     verdict = judge([t for _, t in plain] + [t for _, t in steered])
     results = []
     for i, q in enumerate(chunk):
@@ -223,7 +278,8 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
             kind, payload = q.get()
             if kind == "tokens":
                 texts = [tok.decode(_cut(backbone, r), skip_special_tokens=True).strip() for r in payload]
-                yield PairUpdate(unsteered=texts[0], steered=texts[1] if options.steer else texts[0])
+                yield PairUpdate(unsteered=texts[0], steered=texts[1] if options.steer and len(texts) > 1
+                                 else texts[0])
             elif kind == "error":
                 raise payload
             else:

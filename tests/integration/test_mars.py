@@ -201,3 +201,22 @@ def test_input_beyond_target_level_is_not_pushed_further(tiny_backbones, fitted)
     res = run_pairs(bb, state, [Query("Tell me a story about a dragon")], SteerOptions(tau=-100.0, target_level=-50.0),
                     max_new_tokens=3)[0]
     assert res.gate_open and res.displacement_norm == 0.0 and res.steered.token_ids == res.unsteered.token_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefill_pair_equals_two_separate_generations(arch, tiny_backbones, fitted):
+    """One shared prefill of prompt[:-1], then [unsteered, steered] rows, gives exactly the answers of two
+    independent full generations (one plain, one with the steering hook)."""
+    from mars_viz.generate import generate_batch
+
+    bb, state = tiny_backbones(arch), fitted(arch)
+    opts = SteerOptions(tau=-100.0, target_level=50.0)
+    queries = [Query("Tell me about the sea", images=tuple(neutral_images(1, seed=4, size=40))),
+               Query("Name three birds, please", images=tuple(neutral_images(1, seed=5, size=40)))]
+    pair = run_pairs(bb, state, queries, opts, max_new_tokens=6)
+    for q, res in zip(queries, pair, strict=True):
+        plain = generate_batch(bb, build_batch(bb, [q]), 6)[0][0]
+        with mars_steering(bb, state, opts, [q.modality]):
+            steered = generate_batch(bb, build_batch(bb, [q]), 6)[0][0]
+        assert res.unsteered.token_ids == plain
+        assert res.steered.token_ids == steered
