@@ -214,6 +214,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+    from .state import MarsState
+
+    state = MarsState.load(args.state) if args.state else None
+    bb = _load(args)
+    if state is not None:
+        state.check_compatible(bb)
+    say = None if args.quiet else (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    out = run_bench(bb, state, repeats=args.repeats, new_tokens=args.new_tokens, progress=say)
+    text = json.dumps(out, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def _cmd_app(args) -> int:
     from .ui.launch import launch
 
@@ -300,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("bench", help="capture / steering / pair overheads and calibration forward share")
+    _add_model_args(p)
+    p.add_argument("--state", help="a fitted state (default: a small calibration is run and timed)")
+    p.add_argument("--out", help="write the JSON here too")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("app", help="launch the dashboard (same as python app.py)")
     from .ui.launch import add_app_args

@@ -69,10 +69,14 @@ class PairResult:
                 "unsteered": self.unsteered.to_json(), "steered": self.steered.to_json()}
 
 
-def _gen_kwargs(backbone: Backbone, max_new_tokens: int) -> dict:
+def _gen_kwargs(backbone: Backbone, max_new_tokens: int, force: bool = False) -> dict:
+    """Greedy decoding; `force` makes every row produce exactly max_new_tokens (benchmarks compare equal work)."""
     tok = backbone.tokenizer
-    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
-                top_k=None, pad_token_id=tok.pad_token_id)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+              top_k=None, pad_token_id=tok.pad_token_id)
+    if force:
+        kw["min_new_tokens"] = max_new_tokens
+    return kw
 
 
 def _eos_ids(backbone: Backbone) -> set[int]:
@@ -96,12 +100,12 @@ def _cut(backbone: Backbone, seq: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None
-                   ) -> list[tuple[list[int], str]]:
+def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
+                   force_tokens: bool = False) -> list[tuple[list[int], str]]:
     """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens), streamer=streamer)
+    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens, force_tokens), streamer=streamer)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
     rows = []
     for seq in new.tolist():
@@ -139,7 +143,8 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
 
 
 @torch.inference_mode()
-def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool):
+def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
+                     force_tokens: bool = False):
     """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
     and the decode; `steering_ctx()` (opened only around the decode) edits the primed rows."""
     cache, dec = _prefill_all_but_last(backbone, batch)
@@ -154,12 +159,12 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
     with steering_ctx() as rec:
         if capture:
             with capture_residuals(backbone.layers) as cap:
-                out = backbone.model.generate(**dec, cache=cache, **_gen_kwargs(backbone, max_new_tokens),
-                                              streamer=streamer)
+                out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+                                              **_gen_kwargs(backbone, max_new_tokens, force_tokens))
             acts = cap.last()[0::2]  # unsteered rows: the raw residual stream
         else:
-            out = backbone.model.generate(**dec, cache=cache, **_gen_kwargs(backbone, max_new_tokens),
-                                          streamer=streamer)
+            out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+                                          **_gen_kwargs(backbone, max_new_tokens, force_tokens))
     rows = []
     for seq in out[:, dec["input_ids"].shape[1]:].cpu().tolist():
         cut = _cut(backbone, seq)
@@ -169,7 +174,8 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
 
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
                max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False,
-               shared_prefill: bool = True) -> tuple[list[PairResult], torch.Tensor | None]:
+               shared_prefill: bool = True, force_tokens: bool = False
+               ) -> tuple[list[PairResult], torch.Tensor | None]:
     n = len(chunk)
     modalities = [q.modality for q in chunk]
     acts = None
@@ -177,7 +183,7 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
         rows = torch.tensor([False, True] * n)
         gen, rec, acts = _generate_shared(
             backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
-            lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture)
+            lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture, force_tokens)
         plain, steered = gen[0::2], gen[1::2]
     else:
         doubled = chunk + chunk if options.steer else chunk
@@ -186,10 +192,10 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
         with mars_steering(backbone, state, options, modalities, rows=rows) as rec:
             if capture:  # registered after the steering hook: row i (unsteered) sees the raw residual stream
                 with capture_residuals(backbone.layers) as cap:
-                    gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+                    gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
                 acts = cap.last()[:n]  # [n, L, d]
             else:
-                gen = generate_batch(backbone, batch, max_new_tokens, streamer)
+                gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
         plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
     info = rec.info
     verdict = judge([t for _, t in plain] + [t for _, t in steered])
