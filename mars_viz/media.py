@@ -36,6 +36,7 @@ MAX_IMAGE_SIDE = 1024  # longest side after loading; processors downsize further
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard (PIL's own default warns at 89M)
 MAX_VIDEO_SECONDS = 600.0  # only the first 10 minutes of a video are sampled
 MAX_VIDEO_FRAMES = 64  # frames per clip fed to a model
+MAX_ASPECT = 20.0  # longer/shorter side; extreme strips are letterboxed (some processors reject ratios > 200)
 
 
 def prepare_image(image: Image.Image, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
@@ -69,6 +70,12 @@ def prepare_image(image: Image.Image, max_side: int = MAX_IMAGE_SIDE) -> Image.I
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     if min(image.size) < 1:
         raise ValueError("the image has no pixels")
+    w, h = image.size
+    if max(w, h) / min(w, h) > MAX_ASPECT:  # letterbox onto white so the ratio is at most MAX_ASPECT
+        size = (w, max(h, int(w / MAX_ASPECT) + 1)) if w > h else (max(w, int(h / MAX_ASPECT) + 1), h)
+        canvas = Image.new("RGB", size, "white")
+        canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
+        image = canvas
     return image
 
 

@@ -36,5 +36,8 @@ def create_app(session: Session) -> gr.Blocks:
 
 def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 200.0) -> dict:
     """Safe defaults for `Blocks.launch`: local bind, no share link, an upload cap."""
+    from ..examples import EXAMPLES_DIR
+
+    # allowed_paths: only the bundled examples (served when a user picks one); uploads live in Gradio's temp dir.
     return dict(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
-                show_error=True, css=CSS)
+                show_error=True, css=CSS, allowed_paths=[str(EXAMPLES_DIR)])

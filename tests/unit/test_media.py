@@ -100,3 +100,10 @@ def test_neutral_images_are_seeded_solid_colours():
 def test_typographic_image_draws_text():
     im = typographic_image("Steps to bake bread", numbered_steps=3)
     assert np.asarray(im).min() < 100  # some dark text pixels on white
+
+
+def test_extreme_aspect_ratio_is_letterboxed():
+    out = prepare_image(Image.new("RGB", (1000, 4), "blue"))
+    assert out.size[0] == 1000 and out.size[0] / out.size[1] <= 20
+    column = {out.getpixel((500, y)) for y in range(out.size[1])}
+    assert out.getpixel((500, 0)) == (255, 255, 255) and (0, 0, 255) in column

@@ -1,0 +1,22 @@
+"""The bench command's contract (figures are reported, not asserted: speed targets live in benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_json_has_the_ratios(tiny_dirs, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mars_viz", "bench", "--model", str(tiny_dirs("llava")), "--repeats",
+                        "1", "--new-tokens", "4", "--out", str(out), "--quiet"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for key in ("capture_overhead", "steer_overhead", "pair_vs_single", "calibration_forward_share"):
+        assert isinstance(data[key], float) and data[key] > 0
+    assert 0 < data["calibration_forward_share"] <= 1
+    # capture keeps L * d float32 per query, whatever the prompt length
+    assert data["activation_bytes_per_query_short"] == data["activation_bytes_per_query_long"] == 4 * 64 * 4
+    assert data["prompt_tokens_short_long"][1] > 5 * data["prompt_tokens_short_long"][0]
