@@ -6,6 +6,7 @@ usage: python bench/screenshot.py --model /tmp/mars-real/qwen2-vl-qwen2.5-0.5b -
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def main() -> int:
         page.locator(f"{upload} input[type=file]").set_input_files(ex.path())
         page.locator(upload).get_by_text(Path(ex.path()).name).first.wait_for(timeout=30_000)
         page.locator("#run").click()
-        page.locator("#verdict").get_by_text("Gate").first.wait_for(timeout=900_000)
+        done = re.compile(r"Unsteered: (answered|refused)")
+        page.locator("#verdict").get_by_text(done).first.wait_for(timeout=900_000)
         page.get_by_role("tab", name=args.tab).click()
         page.locator("#plot_trust_region .js-plotly-plot").first.wait_for(state="attached", timeout=60_000)
         page.wait_for_timeout(1500)
