@@ -4,8 +4,10 @@ Every figure is a median over repeats after a warm-up, on the same inputs:
   capture_overhead           batched forward with capture hooks on every layer / the same forward without hooks
   hidden_states_overhead     the same forward with output_hidden_states=True / without (the alternative to hooks)
   steer_overhead             steered greedy generation / unsteered, same number of new tokens (forced)
-  pair_vs_single             both answers (shared prefill) / one answer, for an image input, same new tokens
-  pair_vs_single_batch2      the same with a plain batch of two instead of the shared prefill (for comparison)
+  pair_vs_single             both answers (shared prefill) / one answer, for an image input, same new tokens,
+                             gate forced open (both answers decoded)
+  pair_vs_single_gate_closed the same with the gate closed (the steered answer is the unsteered one: one decode)
+  pair_vs_single_batch2      gate open, a plain batch of two instead of the shared prefill (for comparison)
   calibration_forward_share  share of a (small) calibration's wall time spent inside model forwards
   activation_bytes           bytes kept per query by capture (L * d * 4), for short and long prompts
 """
@@ -170,6 +172,12 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
             acc.append(time.perf_counter() - t)
     out["pair_vs_single"] = med(t_pair) / med(t_a)
     out["pair_vs_single_batch2"] = med(t_b2) / med(t_a)
+    closed = SteerOptions(tau=100.0)  # the common case for benign inputs: one decode
+
+    def pair_closed():
+        _run_chunk(backbone, state, [q_img], closed, judge, new_tokens, force_tokens=True)
+
+    out["pair_vs_single_gate_closed"] = _median_time(pair_closed, repeats) / med(t_a)
 
     say("activation memory")
     short = [Query("Hi")] * 8

@@ -172,6 +172,58 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
     return rows, rec, acts
 
 
+def _would_displace(state: MarsState, options: SteerOptions, info: dict) -> bool:
+    """Whether MARS would move this input (from the scores a non-steering probe recorded)."""
+    from .geometry import trust_region_coefficient
+
+    s = info["s_recentred"]
+    if options.mode == "ungated":
+        c = options.strength * torch.relu(torch.as_tensor(info["t_star"], dtype=torch.float64) - s)
+    else:
+        c = trust_region_coefficient(s, info["tau"], info["t_star"], strength=options.strength,
+                                     margin=state.config.margin)
+    return bool((torch.as_tensor(c) > 0).any())
+
+
+@torch.inference_mode()
+def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modality: str,
+                         max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False):
+    """One query: shared prefill, the unsteered answer (reading the gate on the way), then the steered answer only
+    if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0).
+
+    On a CPU, decoding two rows costs about twice one row (a batch of 2 leaves the fast matrix-vector path), so
+    skipping the second decode when the gate is closed is what makes benign inputs cost one generation.
+    """
+    import copy
+    from dataclasses import replace
+
+    cache, dec = _prefill_all_but_last(backbone, batch)
+    spare = copy.deepcopy(cache)
+    kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
+    acts = None
+    with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe:
+        if capture:
+            with capture_residuals(backbone.layers) as cap:
+                out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
+            acts = cap.last()
+        else:
+            out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
+    n_prompt = dec["input_ids"].shape[1]
+    plain = _cut(backbone, out_u[0, n_prompt:].cpu().tolist())
+    info = probe.info
+    if _would_displace(state, options, info):
+        with mars_steering(backbone, state, options, [modality]) as rec:
+            out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
+        steered, info = _cut(backbone, out_s[0, n_prompt:].cpu().tolist()), rec.info
+    else:
+        steered = list(plain)
+        info = {**info, "displacement_norm": torch.zeros(1)}
+        if streamers[1] is not None:
+            streamers[1].copy_from(streamers[0])
+    dec_text = lambda ids: backbone.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    return [(plain, dec_text(plain)), (steered, dec_text(steered))], info, acts
+
+
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
                max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False,
                shared_prefill: bool = True, force_tokens: bool = False
@@ -179,12 +231,19 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
     n = len(chunk)
     modalities = [q.modality for q in chunk]
     acts = None
-    if options.steer and shared_prefill:
+    streamers = streamer if isinstance(streamer, tuple) else (streamer, streamer)
+    if options.steer and shared_prefill and n == 1:
+        gen, info, acts = _generate_gate_first(backbone, state, build_batch(backbone, chunk), options, modalities[0],
+                                               max_new_tokens, streamers, capture, force_tokens)
+        plain, steered = gen[:1], gen[1:]
+    elif options.steer and shared_prefill:
         rows = torch.tensor([False, True] * n)
         gen, rec, acts = _generate_shared(
             backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
             lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture, force_tokens)
+        streamer = streamers[0]
         plain, steered = gen[0::2], gen[1::2]
+        info = rec.info
     else:
         doubled = chunk + chunk if options.steer else chunk
         rows = torch.tensor([False] * n + [True] * n) if options.steer else None
@@ -197,7 +256,7 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
             else:
                 gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
         plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
-    info = rec.info
+        info = rec.info
     verdict = judge([t for _, t in plain] + [t for _, t in steered])
     results = []
     for i, q in enumerate(chunk):
@@ -229,18 +288,27 @@ def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], op
 
 
 class _RowStreamer(BaseStreamer):
-    """Collects generated token ids per batch row and hands snapshots to a queue (skips the prompt push)."""
+    """Posts generated token ids to a queue, per answer slot (0 unsteered, 1 steered); skips the prompt push.
 
-    def __init__(self, q: queue.Queue):
-        self.q, self.rows, self.started = q, None, False
+    `slots` maps batch rows to slots: (0, 1) for the [unsteered, steered] batch, (k,) for a one-row generation.
+    """
+
+    def __init__(self, q: queue.Queue, slots: tuple[int, ...]):
+        self.q, self.slots, self.started = q, slots, False
+        self.rows: list[list[int]] = [[] for _ in slots]
 
     def put(self, value: torch.Tensor) -> None:
         if not self.started:  # the first push is the prompt
             self.started = True
             return
-        ids = value.reshape(-1).tolist()
-        self.rows = [[t] for t in ids] if self.rows is None else [r + [t] for r, t in zip(self.rows, ids, strict=True)]
-        self.q.put(("tokens", [list(r) for r in self.rows]))
+        for row, t in zip(self.rows, value.reshape(-1).tolist(), strict=True):
+            row.append(t)
+        for slot, row in zip(self.slots, self.rows, strict=True):
+            self.q.put(("tokens", slot, list(row)))
+
+    def copy_from(self, other: _RowStreamer) -> None:
+        """The steered answer equals the unsteered one (gate closed): publish it as such."""
+        self.q.put(("tokens", self.slots[0], list(other.rows[0])))
 
     def end(self) -> None:
         pass
@@ -267,7 +335,7 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
     judge = judge or default_judge()
     state.check_compatible(backbone)
     q: queue.Queue = queue.Queue()
-    streamer = _RowStreamer(q)
+    streamer = (_RowStreamer(q, (0,)), _RowStreamer(q, (1,))) if options.steer else _RowStreamer(q, (0,))
 
     def work() -> None:
         try:
@@ -279,17 +347,18 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     tok = backbone.tokenizer
+    texts = ["", "" if options.steer else None]
     try:
         while True:
-            kind, payload = q.get()
+            kind, *payload = q.get()
             if kind == "tokens":
-                texts = [tok.decode(_cut(backbone, r), skip_special_tokens=True).strip() for r in payload]
-                yield PairUpdate(unsteered=texts[0], steered=texts[1] if options.steer and len(texts) > 1
-                                 else texts[0])
+                slot, ids = payload
+                texts[slot] = tok.decode(_cut(backbone, ids), skip_special_tokens=True).strip()
+                yield PairUpdate(unsteered=texts[0], steered=texts[0] if texts[1] is None else texts[1])
             elif kind == "error":
-                raise payload
+                raise payload[0]
             else:
-                res, acts = payload
+                res, acts = payload[0]
                 yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts)
                 return
     finally:

@@ -213,10 +213,35 @@ def test_shared_prefill_pair_equals_two_separate_generations(arch, tiny_backbone
     opts = SteerOptions(tau=-100.0, target_level=50.0)
     queries = [Query("Tell me about the sea", images=tuple(neutral_images(1, seed=4, size=40))),
                Query("Name three birds, please", images=tuple(neutral_images(1, seed=5, size=40)))]
-    pair = run_pairs(bb, state, queries, opts, max_new_tokens=6)
+    pair = run_pairs(bb, state, queries, opts, max_new_tokens=6)  # batch path: [q0, q0', q1, q1']
+    single = run_pairs(bb, state, queries, opts, max_new_tokens=6, batch_size=1)  # gate-first path, one query
+    assert [r.steered.token_ids for r in single] == [r.steered.token_ids for r in pair]
     for q, res in zip(queries, pair, strict=True):
         plain = generate_batch(bb, build_batch(bb, [q]), 6)[0][0]
         with mars_steering(bb, state, opts, [q.modality]):
             steered = generate_batch(bb, build_batch(bb, [q]), 6)[0][0]
         assert res.unsteered.token_ids == plain
         assert res.steered.token_ids == steered
+
+
+def test_gate_closed_single_query_decodes_once(tiny_backbones, fitted):
+    """With the gate closed the steered answer is the unsteered one bit for bit, so it is not decoded again."""
+    bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")
+    calls = {"n": 0}
+
+    def count(*_):
+        calls["n"] += 1
+
+    handle = bb.model.register_forward_pre_hook(count)
+    try:
+        q = [Query("Tell me about the sea")]
+        closed = run_pairs(bb, state, q, SteerOptions(tau=100.0), max_new_tokens=5, batch_size=1)[0]
+        n_closed, calls["n"] = calls["n"], 0
+        opened = run_pairs(bb, state, q, SteerOptions(tau=-100.0, target_level=50.0), max_new_tokens=5,
+                           batch_size=1)[0]
+        n_open = calls["n"]
+    finally:
+        handle.remove()
+    assert closed.steered.token_ids == closed.unsteered.token_ids and closed.displacement_norm == 0
+    assert opened.displacement_norm > 0
+    assert n_open > n_closed  # the second decode happens only when MARS moves the input
