@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .backbone import Backbone
@@ -39,7 +40,7 @@ from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .media import neutral_images, neutral_video, typographic_image
 from .state import MarsState
-from .steering import SteerOptions, row_steering
+from .steering import SteerOptions, mars_edit, row_steering
 
 __all__ = ["SETS", "EvalItem", "build_items", "evaluate", "items_from_benchmark", "summarise", "write_report"]
 
@@ -128,11 +129,41 @@ def _variants(strengths: Sequence[float]) -> list[tuple[str, SteerOptions | None
     return rows
 
 
+def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants) -> list[list[dict | None]]:
+    """Per item and variant, what the steering hook will do (scores, gate, displacement), from one forward pass.
+
+    A variant whose displacement is exactly zero produces the unsteered answer bit for bit, so it need not be
+    decoded: on a CPU this roughly halves the evaluation (most harmless inputs keep the gate closed).
+    """
+    from .activations import forward_last
+
+    layer = state.layer
+    h = forward_last(backbone, [it.query for it in chunk])[:, layer].double()  # [n, d]
+    out = []
+    for i, it in enumerate(chunk):
+        per = []
+        for _, opt in variants:
+            if opt is None:
+                per.append(None)
+                continue
+            delta = state.offset(it.query.modality, layer) if opt.recenter else None
+            _, edit = mars_edit(state, opt, None if delta is None else delta[None].double())
+            info: dict = {}
+            edit(h[i:i + 1], info)
+            per.append({k: (v[0].item() if torch.is_tensor(v) and v.dim() else v) for k, v in info.items()})
+        out.append(per)
+    return out
+
+
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants, judge: RefusalJudge,
                max_new_tokens: int) -> list[dict]:
-    queries, specs, mods = [], [], []
-    for it in chunk:
-        for _, opt in variants:
+    probes = _probe(backbone, state, chunk, variants)
+    queries, specs, mods, where = [], [], [], {}
+    for i, it in enumerate(chunk):
+        for j, (_, opt) in enumerate(variants):
+            if opt is not None and probes[i][j]["displacement_norm"] == 0.0:
+                continue  # identical to the unsteered row: reuse it
+            where[(i, j)] = len(queries)
             queries.append(it.query)
             specs.append(opt)
             mods.append(it.query.modality)
@@ -140,24 +171,26 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], vari
     with row_steering(backbone, state, specs, mods) as rec:
         gen = generate_batch(backbone, batch, max_new_tokens)
     verdicts = judge([t for _, t in gen])
-    infos = iter(rec.info.get("rows", []))
-    out, k = [], 0
-    for it in chunk:
+    steered_rows = [k for k, opt in enumerate(specs) if opt is not None]
+    infos = dict(zip(steered_rows, rec.info.get("rows", []), strict=True))
+    out = []
+    for i, it in enumerate(chunk):
         row: dict = {"condition": it.condition, "kind": it.kind, "prompt": it.prompt, "modality": it.query.modality}
-        for name, opt in variants:
+        base = where[(i, 0)]
+        for j, (name, opt) in enumerate(variants):
+            k = where.get((i, j), base)
             row[name] = {"text": gen[k][1], "refused": bool(verdicts[k])}
             if opt is not None:
-                info = next(infos)
+                info = infos[k] if (i, j) in where else probes[i][j]
                 row[name].update(gate_open=bool(info["gate_open"]), s_raw=float(info["s_raw"]),
                                  s_recentred=float(info["s_recentred"]),
-                                 displacement_norm=float(info["displacement_norm"]))
-            k += 1
+                                 displacement_norm=float(info["displacement_norm"]), decoded=(i, j) in where)
         out.append(row)
     return out
 
 
 def evaluate(backbone: Backbone, state: MarsState, items: Sequence[EvalItem],
-             strengths: Sequence[float] = (0, 0.5, 1, 2), max_new_tokens: int = 24, batch_rows: int = 16,
+             strengths: Sequence[float] = (0, 0.5, 1, 2), max_new_tokens: int = 24, batch_rows: int = 32,
              judge: RefusalJudge | None = None, progress: Callable[[int, int], None] | None = None,
              rank: int = 0, world: int = 1) -> list[dict]:
     """Per-item results (only this rank's share when world > 1: gather the rows, then `summarise`)."""
