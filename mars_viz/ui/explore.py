@@ -45,8 +45,8 @@ def verdict_markdown(a: Analysis) -> str:
     else:
         gate = f"Gate **closed**: s = {r.score_recentred:.3f} ≤ τ = {r.tau:.3f} → no displacement, identical output."
     shift = ("" if r.modality == "text" or not r.recenter else
-             f" Raw score {r.score_raw:.3f}; re-centring removed a {r.modality} offset of "
-             f"{r.score_raw - r.score_recentred:+.3f}.")
+             f" Raw score {r.score_raw:.3f}; the {r.modality} offset accounts for "
+             f"{r.score_raw - r.score_recentred:+.3f} of it (removed by re-centring).")
     steer = "" if r.steer else " (steering is off: scores only)"
     notes = "".join(f"\n\n> {n}" for n in a.notes)
     return (f"**Layer {r.layer}** · {r.modality} input{steer}. {gate}{shift}\n\n"
