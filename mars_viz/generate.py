@@ -232,7 +232,9 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
     modalities = [q.modality for q in chunk]
     acts = None
     streamers = streamer if isinstance(streamer, tuple) else (streamer, streamer)
-    if options.steer and shared_prefill and n == 1:
+    # One query on a CPU: decode the steered answer only when MARS moves the input (a 2-row decode costs ~2x there).
+    # On a GPU a 2-row decode costs about one row, so the batched pair below is used for every n.
+    if options.steer and shared_prefill and n == 1 and backbone.input_device.type != "cuda":
         gen, info, acts = _generate_gate_first(backbone, state, build_batch(backbone, chunk), options, modalities[0],
                                                max_new_tokens, streamers, capture, force_tokens)
         plain, steered = gen[:1], gen[1:]
