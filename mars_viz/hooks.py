@@ -19,12 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position", "hook_name",
-           "layer_output_hook"]
-
-
-def hook_name(layer: int) -> str:
-    return f"resid_post.{layer}"
+__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position"]
 
 
 def count_hooks(module: nn.Module) -> int:
@@ -41,24 +36,6 @@ def _with_hidden(output, hidden: torch.Tensor):
     if isinstance(output, tuple):
         return (hidden, *output[1:])
     return hidden
-
-
-@contextlib.contextmanager
-def layer_output_hook(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
-    """Call `fn(hidden)` on a layer's output hidden state [batch, pos, d]; a returned tensor replaces it.
-
-    The handle is removed in `finally`, even when the forward raises.
-    """
-
-    def hook(_module, _args, output):
-        new = fn(_hidden(output))
-        return None if new is None else _with_hidden(output, new)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass

@@ -11,9 +11,6 @@ from ``mars_viz.projection``), never tensors or a ``MarsState``, so a figure
 can be rebuilt from a saved JSON sidecar.
 
 Example:
-    >>> fig = residual_norm_figure([1.0, 2.5, 3.0])
-    >>> fig.data[0].name
-    'residual norm'
     >>> fig = target_curve_figure({1.0: 0.2, 2.0: 0.7, 3.0: 0.6}, t_star=2.0)
     >>> [t.name for t in fig.data]
     ['refusal rate (held-out harmless, text)', 't*']
@@ -47,7 +44,6 @@ __all__ = [
     "layer_scores_figure",
     "modality_offset_figure",
     "plane_figure",
-    "residual_norm_figure",
     "target_curve_figure",
     "trust_region_figure",
 ]
@@ -212,18 +208,6 @@ def _add_current(fig: go.Figure, current: Mapping[str, Sequence[float]] | None) 
 # ---------------------------------------------------------------------------
 # builders
 # ---------------------------------------------------------------------------
-
-
-def residual_norm_figure(norms: Sequence[float], title: str = "Residual-stream norm at the first generated token",
-                         chosen_layer: int | None = None) -> go.Figure:
-    """Line of ||h_l|| over decoder layers l, with an optional marker on the chosen layer."""
-    layers = list(range(len(norms)))
-    fig = go.Figure(go.Scatter(x=layers, y=list(norms), mode="lines+markers", name="residual norm"))
-    if chosen_layer is not None:
-        fig.add_vline(x=chosen_layer, line_dash="dash", annotation_text=f"layer {chosen_layer}")
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="decoder layer", yaxis_title="||h_l||",
-                      margin=dict(l=50, r=20, t=50, b=40), height=320)
-    return fig
 
 
 def centroid_figure(
@@ -453,8 +437,8 @@ def plane_figure(
     level t* are vertical lines, so one sees which points the gate would
     steer (right of tau), how far the modality offset moves neutral media
     along s, and that steering only moves the input horizontally (along r)
-    up to t*. ``coords`` come from ``projection.axis_plane``; ``current``
-    from ``projection.plane_transform`` (keys "raw", "recentred", "steered").
+    up to t*. ``coords`` come from ``MarsState.plane_coords``; ``current``
+    from the same map (keys "raw", "recentred", "steered").
 
     >>> import numpy as np
     >>> fig = plane_figure(np.array([[0.1, 0.0], [0.9, 0.2]]), ["safe", "unsafe"], None, 0.5, 3.0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import mars_viz.geometry as G
 from mars_viz.geometry import (
     LayerScores,
     allowed_layer_range,
@@ -490,3 +491,28 @@ def test_layer_scores_round_trip():
         LayerScores.from_dict({k: v for k, v in d.items() if k != "fisher"})
     with pytest.raises(ValueError, match="same length"):
         LayerScores(**{**values, "fisher": torch.zeros(L + 1)})
+
+
+def test_plane_basis_is_unit_orthogonal_and_finds_planted_spread():
+    g = torch.Generator().manual_seed(7)
+    n, d = 64, 16
+    r = torch.zeros(1, d, dtype=torch.float64)
+    r[0, 0] = 2.0
+    mu_minus = torch.zeros(1, d, dtype=torch.float64)
+    acts = torch.randn(n, 1, d, generator=g, dtype=torch.float64) * 0.05
+    acts[:, 0, 3] += torch.randn(n, generator=g, dtype=torch.float64) * 3.0  # planted spread along axis 3
+    acts[:, 0, 0] += torch.randn(n, generator=g, dtype=torch.float64) * 5.0  # along r: must be ignored
+    pc = G.plane_basis(acts, mu_minus, r)[0].double()
+    assert abs(float(pc.norm()) - 1.0) < 1e-5 and abs(float(pc @ r[0])) < 1e-5
+    assert abs(float(pc[3])) > 0.99
+
+
+def test_pca_basis_and_projection_recover_planted_axis():
+    g = torch.Generator().manual_seed(8)
+    acts = torch.randn(50, 2, 8, generator=g) * 0.01
+    acts[:, :, 5] += torch.linspace(-3, 3, 50)[:, None]
+    mean, basis = G.pca_basis(acts)
+    assert mean.shape == (2, 8) and basis.shape == (2, 2, 8)
+    assert float(basis[0, 0, 5].abs()) > 0.99 and float(basis[1, 0, 5].abs()) > 0.99
+    coords = G.project_onto(acts[:, 0], mean[0], basis[0])  # [N, 2]
+    assert torch.allclose(coords[:, 0].abs(), (acts[:, 0, 5] - mean[0, 5]).abs(), atol=0.05)

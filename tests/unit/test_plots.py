@@ -21,7 +21,6 @@ from mars_viz.plots import (
     layer_scores_figure,
     modality_offset_figure,
     plane_figure,
-    residual_norm_figure,
     target_curve_figure,
     trust_region_figure,
 )
@@ -52,12 +51,6 @@ def test_template_is_plotly_white():
 
     fig = target_curve_figure({1.0: 0.5}, 1.0)
     assert fig.layout.template == pio.templates["plotly_white"]
-
-
-def test_residual_norm_figure_kept():
-    fig = residual_norm_figure([1.0, 2.5, 3.0], chosen_layer=1)
-    assert list(trace(fig, "residual norm").y) == [1.0, 2.5, 3.0]
-    assert fig.layout.shapes[0].x0 == 1
 
 
 def test_centroid_figure():

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mars_viz.geometry import unsafety_score
-from mars_viz.projection import Projection, axis_plane, plane_transform, project
+from mars_viz.projection import Projection, project
 
 D = 32
 N_PER = 40
@@ -115,70 +114,3 @@ def test_umap_coords_and_transform(umap_proj, clusters):
 # ---------------------------------------------------------------------------
 # axis plane
 # ---------------------------------------------------------------------------
-
-
-def test_axis_plane_x_is_unsafety_score(clusters):
-    points, _, _, mu_minus, mu_plus = clusters
-    r = mu_plus - mu_minus
-    coords, basis = axis_plane(points, mu_minus, r)
-    assert coords.shape == (2 * N_PER, 2)
-    assert basis.shape == (2, D)
-    # x equals geometry.unsafety_score
-    s = unsafety_score(torch.tensor(points), torch.tensor(mu_minus), torch.tensor(r)).numpy()
-    assert np.allclose(coords[:, 0], s, atol=1e-12)
-    # centroids land at (0, 0) and (1, 0)
-    cen = plane_transform(np.stack([mu_minus, mu_plus]), mu_minus, r, basis)
-    assert cen[0, 0] == 0.0 and abs(cen[1, 0] - 1.0) < 1e-12
-    assert abs(cen[0, 1]) < 1e-12 and abs(cen[1, 1]) < 1e-12
-    # a point at level 3 along r
-    assert abs(plane_transform(mu_minus + 3 * r, mu_minus, r, basis)[0, 0] - 3.0) < 1e-12
-
-
-def test_axis_plane_y_is_orthogonal_top_pc():
-    rng = np.random.default_rng(1)
-    d = 16
-    r = np.zeros(d)
-    r[0] = 2.0
-    mu = np.zeros(d)
-    # planted spread: large along e1 (orthogonal to r), small elsewhere, plus large spread along r itself
-    pts = 0.01 * rng.normal(size=(50, d))
-    pts[:, 0] += rng.normal(scale=5.0, size=50)  # variance along r must not leak into y
-    pts[:, 1] += rng.normal(scale=1.0, size=50)
-    coords, basis = axis_plane(pts, mu, r)
-    assert np.allclose(basis[0], r / 2.0)
-    assert abs(float(basis[0] @ basis[1])) < 1e-12  # orthogonal
-    assert abs(np.linalg.norm(basis[1]) - 1.0) < 1e-12
-    assert abs(basis[1][1]) > 0.999  # the planted residual direction e1, sign fixed positive
-    assert basis[1][1] > 0
-    assert np.allclose(coords[:, 1], pts @ basis[1] / 2.0, atol=1e-12)  # units of ||r||
-    # moving a point along r changes only x
-    moved = plane_transform(pts[:5] + 1.5 * r, mu, r, basis)
-    assert np.allclose(moved[:, 0] - coords[:5, 0], 1.5, atol=1e-12)
-    assert np.allclose(moved[:, 1], coords[:5, 1], atol=1e-12)
-
-
-def test_axis_plane_extra_appended_and_not_fitted(clusters):
-    points, _, _, mu_minus, mu_plus = clusters
-    r = mu_plus - mu_minus
-    far = mu_minus + 100.0 * np.eye(D)[5]  # would dominate the PC if it were fitted
-    c0, b0 = axis_plane(points, mu_minus, r)
-    c1, b1 = axis_plane(points, mu_minus, r, extra=far[None])
-    assert c1.shape == (2 * N_PER + 1, 2)
-    assert np.array_equal(b0, b1)
-    assert np.array_equal(c1[:-1], c0)
-    assert np.allclose(c1[-1], plane_transform(far, mu_minus, r, b0)[0])
-
-
-def test_axis_plane_degenerate_spread_and_errors():
-    r = np.array([1.0, 0.0, 0.0])
-    line = np.outer(np.linspace(0, 2, 5), r)  # all points on the r axis: no residual spread
-    coords, basis = axis_plane(line, np.zeros(3), r)
-    assert np.allclose(coords[:, 0], np.linspace(0, 2, 5))
-    assert np.allclose(coords[:, 1], 0.0)
-    assert abs(float(basis[0] @ basis[1])) < 1e-12 and abs(np.linalg.norm(basis[1]) - 1) < 1e-12
-    with pytest.raises(ValueError, match="zero"):
-        axis_plane(line, np.zeros(3), np.zeros(3))
-    with pytest.raises(ValueError, match="same layer"):
-        axis_plane(line, np.zeros(4), np.ones(4))
-    with pytest.raises(ValueError, match=r"\[2, d\]"):
-        plane_transform(line, np.zeros(3), r, basis[0])
