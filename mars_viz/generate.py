@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
-from .hooks import capture_residuals
+from .hooks import ResidualCapture, capture_residuals
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
@@ -99,6 +100,25 @@ def _cut(backbone: Backbone, seq: list[int]) -> list[int]:
     return cut
 
 
+def _decode_rows(backbone: Backbone, out: torch.Tensor, n_prompt: int) -> list[tuple[list[int], str]]:
+    """Per row of `generate`'s output: the new token ids (cut at EOS / padding) and their text."""
+    rows = []
+    for seq in out[:, n_prompt:].cpu().tolist():
+        cut = _cut(backbone, seq)
+        rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
+    return rows
+
+
+@contextlib.contextmanager
+def _capturing(backbone: Backbone, capture: bool) -> Iterator[ResidualCapture | None]:
+    """`capture_residuals` on every layer when asked, else nothing (yields None)."""
+    if not capture:
+        yield None
+        return
+    with capture_residuals(backbone.layers) as cap:
+        yield cap
+
+
 @torch.inference_mode()
 def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
                    force_tokens: bool = False) -> list[tuple[list[int], str]]:
@@ -106,12 +126,7 @@ def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: Bas
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens, force_tokens), streamer=streamer)
-    new = out[:, batch["input_ids"].shape[1]:].cpu()
-    rows = []
-    for seq in new.tolist():
-        cut = _cut(backbone, seq)
-        rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
-    return rows
+    return _decode_rows(backbone, out, batch["input_ids"].shape[1])
 
 
 def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: int, batch_size: int = 8,
@@ -155,34 +170,11 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
         deltas = getattr(owner, "rope_deltas", None)
         if torch.is_tensor(deltas) and deltas.shape[0] == batch["input_ids"].shape[0]:
             owner.rope_deltas = deltas.repeat_interleave(2, dim=0)
-    acts = None
-    with steering_ctx() as rec:
-        if capture:
-            with capture_residuals(backbone.layers) as cap:
-                out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
-                                              **_gen_kwargs(backbone, max_new_tokens, force_tokens))
-            acts = cap.last()[0::2]  # unsteered rows: the raw residual stream
-        else:
-            out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
-                                          **_gen_kwargs(backbone, max_new_tokens, force_tokens))
-    rows = []
-    for seq in out[:, dec["input_ids"].shape[1]:].cpu().tolist():
-        cut = _cut(backbone, seq)
-        rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
-    return rows, rec, acts
-
-
-def _would_displace(state: MarsState, options: SteerOptions, info: dict) -> bool:
-    """Whether MARS would move this input (from the scores a non-steering probe recorded)."""
-    from .geometry import trust_region_coefficient
-
-    s = info["s_recentred"]
-    if options.mode == "ungated":
-        c = options.strength * torch.relu(torch.as_tensor(info["t_star"], dtype=torch.float64) - s)
-    else:
-        c = trust_region_coefficient(s, info["tau"], info["t_star"], strength=options.strength,
-                                     margin=state.config.margin)
-    return bool((torch.as_tensor(c) > 0).any())
+    with steering_ctx() as rec, _capturing(backbone, capture) as cap:
+        out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+                                      **_gen_kwargs(backbone, max_new_tokens, force_tokens))
+    acts = None if cap is None else cap.last()[0::2]  # unsteered rows: the raw residual stream
+    return _decode_rows(backbone, out, dec["input_ids"].shape[1]), rec, acts
 
 
 @torch.inference_mode()
@@ -200,28 +192,22 @@ def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: S
     cache, dec = _prefill_all_but_last(backbone, batch)
     spare = copy.deepcopy(cache)
     kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
-    acts = None
-    with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe:
-        if capture:
-            with capture_residuals(backbone.layers) as cap:
-                out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
-            acts = cap.last()
-        else:
-            out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
     n_prompt = dec["input_ids"].shape[1]
-    plain = _cut(backbone, out_u[0, n_prompt:].cpu().tolist())
+    with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe, \
+            _capturing(backbone, capture) as cap:
+        out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
+    acts = None if cap is None else cap.last()
+    plain = _decode_rows(backbone, out_u, n_prompt)[0]
     info = probe.info
-    if _would_displace(state, options, info):
+    if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
         with mars_steering(backbone, state, options, [modality]) as rec:
             out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
-        steered, info = _cut(backbone, out_s[0, n_prompt:].cpu().tolist()), rec.info
+        steered, info = _decode_rows(backbone, out_s, n_prompt)[0], rec.info
     else:
-        steered = list(plain)
-        info = {**info, "displacement_norm": torch.zeros(1)}
+        steered = plain
         if streamers[1] is not None:
             streamers[1].copy_from(streamers[0])
-    dec_text = lambda ids: backbone.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    return [(plain, dec_text(plain)), (steered, dec_text(steered))], info, acts
+    return [plain, steered], info, acts
 
 
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
@@ -230,7 +216,6 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
                ) -> tuple[list[PairResult], torch.Tensor | None]:
     n = len(chunk)
     modalities = [q.modality for q in chunk]
-    acts = None
     streamers = streamer if isinstance(streamer, tuple) else (streamer, streamer)
     # One query on a CPU: decode the steered answer only when MARS moves the input (a 2-row decode costs ~2x there).
     # On a GPU a 2-row decode costs about one row, so the batched pair below is used for every n.
@@ -250,13 +235,11 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
         doubled = chunk + chunk if options.steer else chunk
         rows = torch.tensor([False] * n + [True] * n) if options.steer else None
         batch = build_batch(backbone, doubled)
-        with mars_steering(backbone, state, options, modalities, rows=rows) as rec:
-            if capture:  # registered after the steering hook: row i (unsteered) sees the raw residual stream
-                with capture_residuals(backbone.layers) as cap:
-                    gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
-                acts = cap.last()[:n]  # [n, L, d]
-            else:
-                gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
+        # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
+        with mars_steering(backbone, state, options, modalities, rows=rows) as rec, \
+                _capturing(backbone, capture) as cap:
+            gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
+        acts = None if cap is None else cap.last()[:n]  # [n, L, d]
         plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
         info = rec.info
     verdict = judge([t for _, t in plain] + [t for _, t in steered])

@@ -69,7 +69,8 @@ def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | No
     """Edit function `(h [B, d], info) -> h'` applying the gated trust-region displacement at the resolved layer.
 
     `deltas` `[B, d]` are the per-row modality offsets (zeros for text rows), or None for no re-centring.
-    With `options.steer=False` the scores are recorded and h is returned unchanged.
+    With `options.steer=False` the scores (and `planned_norm`, the displacement it would apply) are recorded and h is
+    returned unchanged.
     """
     layer, tau = resolve(state, options)
     mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
@@ -84,13 +85,11 @@ def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | No
         if options.mode == "ungated":
             c = options.strength * torch.relu(t_star - s_rec)  # [B]
             disp = (c[:, None] * r.to(h.device)).to(h.dtype)
+        planned = disp.float().norm(dim=-1).cpu()  # what these options would apply, even with steering off
         info.update(layer=layer, tau=tau, t_star=t_star, s_raw=s_raw.cpu(), s_recentred=s_rec.cpu(),
                     gate_weight=gate_weight(s_rec, tau, margin).cpu(), gate_open=(s_rec > tau).cpu(),
-                    displacement_norm=disp.float().norm(dim=-1).cpu())
-        if not options.steer:
-            info["displacement_norm"] = torch.zeros(h.shape[0])
-            return h
-        return h + disp
+                    planned_norm=planned, displacement_norm=planned if options.steer else torch.zeros(h.shape[0]))
+        return h + disp if options.steer else h
 
     return layer, edit
 

@@ -119,21 +119,27 @@ def qwen(app_server):
     return session.backbone, state
 
 
-def test_no_hook_left_after_steering_raises(qwen):
-    bb, state = qwen
-    before = count_hooks(bb.model)
-    handle = bb.layers[-1].register_forward_hook(_boom)
+def _raises_without_leak(model, register, action, match: str) -> None:
+    """`register()` a failing test hook, run `action`, expect the error; afterwards no hook of ours may remain."""
+    before = count_hooks(model)
+    handle = register()
     try:
-        with pytest.raises(RuntimeError, match="boom"):
-            run_pairs(bb, state, [Query("hi")], SteerOptions(tau=-100.0), max_new_tokens=2)
+        with pytest.raises(RuntimeError, match=match):
+            action()
     finally:
         handle.remove()
-    assert count_hooks(bb.model) == before
+    assert count_hooks(model) == before
+
+
+def test_no_hook_left_after_steering_raises(qwen):
+    bb, state = qwen
+    _raises_without_leak(bb.model, lambda: bb.layers[-1].register_forward_hook(_boom),
+                         lambda: run_pairs(bb, state, [Query("hi")], SteerOptions(tau=-100.0), max_new_tokens=2),
+                         "boom")
 
 
 def test_no_hook_left_after_generation_raises_mid_stream(qwen):
     bb, state = qwen
-    before = count_hooks(bb.model)
     calls = {"n": 0}
 
     def late_boom(*_a):
@@ -141,14 +147,11 @@ def test_no_hook_left_after_generation_raises_mid_stream(qwen):
         if calls["n"] == 3:  # during decode, after prefill
             raise RuntimeError("decode failed")
 
-    handle = bb.model.register_forward_pre_hook(late_boom)
-    try:
-        with pytest.raises(RuntimeError, match="decode failed"):
-            for _ in stream_pair(bb, state, Query("Tell me a story"), SteerOptions(), max_new_tokens=8):
-                pass
-    finally:
-        handle.remove()
-    assert count_hooks(bb.model) == before
+    def consume():
+        for _ in stream_pair(bb, state, Query("Tell me a story"), SteerOptions(), max_new_tokens=8):
+            pass
+
+    _raises_without_leak(bb.model, lambda: bb.model.register_forward_pre_hook(late_boom), consume, "decode failed")
 
 
 def test_no_hook_left_when_the_consumer_stops_early(qwen):
