@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -110,6 +111,18 @@ class MarsState:
     def tau(self) -> float:
         """Gate threshold at the chosen layer (the config override wins)."""
         return float(self.config.tau) if self.config.tau is not None else float(self.taus[self.layer])
+
+    def fingerprint(self) -> str:
+        """A short hash of what steers (model identity, centroids, offsets, thresholds, layers, t*).
+
+        Results computed with one state carry it, so a result from another model or state is recognised instead of
+        being re-scored against whatever is loaded now.
+        """
+        h = hashlib.sha256(json.dumps([self.model_id, self.model_type, self.num_layers, self.hidden_size, self.layer,
+                                       self.tau, self.target_level, sorted(self.offsets)]).encode())
+        for t in (self.mu_plus, self.mu_minus, self.taus, *(self.offsets[m] for m in sorted(self.offsets))):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def offset(self, modality: str, layer: int | None = None) -> torch.Tensor | None:
         """delta for `modality` at `layer` (`[d]`), or None for text."""
