@@ -58,6 +58,7 @@ class Analysis:
     options: SteerOptions
     result: PairResult
     acts: torch.Tensor  # [L, d] raw residuals at the last prompt position
+    state_fingerprint: str  # `MarsState.fingerprint()` of the state it was computed with
     frame_scores: list[float] | None = None  # video: re-centred score of each sampled frame at the chosen layer
     frame_indices: list[int] | None = None
     notes: list[str] = field(default_factory=list)
@@ -70,6 +71,15 @@ class Analysis:
         if self.notes:
             out["notes"] = self.notes
         return out
+
+    def check_state(self, state: MarsState | None) -> None:
+        """Raise ValueError unless `state` is the one this result was computed with.
+
+        The residuals are re-scored against the loaded state (toggle, layer inspector, export); against another
+        model or state that would draw a figure that mixes two fits, so callers ask the user to run again instead.
+        """
+        if state is None or state.fingerprint() != self.state_fingerprint:
+            raise ValueError("this result was computed with another model/state: run it again")
 
 
 def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerOptions,
@@ -121,7 +131,8 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
         fs = None
         if query.video:
             fs = frame_scores(backbone, state, query.prompt, query.video, options)
-        analysis = Analysis(query=query, options=options, result=upd.result, acts=upd.acts, frame_scores=fs,
+        analysis = Analysis(query=query, options=options, result=upd.result, acts=upd.acts,
+                            state_fingerprint=state.fingerprint(), frame_scores=fs,
                             frame_indices=frame_indices, notes=list(notes or []))
         yield StreamUpdate(upd.unsteered, upd.steered, analysis)
 

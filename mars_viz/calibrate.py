@@ -16,13 +16,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -38,8 +34,7 @@ from .media import neutral_images, neutral_video
 from .state import MarsConfig, MarsState
 from .steering import push_to_level_edit
 
-__all__ = ["CalibrationProgress", "calibrate", "calibrate_cached", "refusal_logprob_gain", "split_sets",
-           "state_cache_key"]
+__all__ = ["CalibrationProgress", "calibrate", "refusal_logprob_gain", "split_sets"]
 
 CalibrationProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FALLBACK_OPENING = "I'm sorry, but I can't"
@@ -290,39 +285,3 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, extra=extra)
     state.plane_points = torch.stack([state.plane_coords(all_acts[:, i], i) for i in range(backbone.num_layers)], 1)
     return state
-
-
-def state_cache_key(backbone: Backbone, config: MarsConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:
-    blob = json.dumps({"model": backbone.model_id, "type": backbone.model_type, "L": backbone.num_layers,
-                       "d": backbone.hidden_size, "config": config.to_dict(),
-                       "harmful": prompts_hash(list(harmful)), "harmless": prompts_hash(list(harmless))},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def calibrate_cached(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
-                     harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
-                     progress: CalibrationProgress | None = None, cache_root: Path | None = None,
-                     only_cached: bool = False) -> tuple[MarsState, Path, bool]:
-    """`calibrate`, cached per model + config + prompt sets. Returns (state, folder, loaded_from_cache).
-
-    With `only_cached`, raises LookupError instead of fitting when there is no usable cache entry."""
-    from .session import cache_dir
-
-    cfg = config or MarsConfig()
-    harmful = list(harmful or builtin_prompts("harmful"))
-    harmless = list(harmless or builtin_prompts("harmless"))
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", backbone.model_id.strip("/"))[-80:]
-    folder = (cache_root or cache_dir() / "states") / name / state_cache_key(backbone, cfg, harmful, harmless)
-    if (folder / "mars_state.json").exists():
-        try:
-            state = MarsState.load(folder)
-            state.check_compatible(backbone)
-            return state, folder, True
-        except ValueError:
-            pass  # corrupt or stale cache entry: refit below
-    if only_cached:
-        raise LookupError(f"no cached MARS state for {backbone.model_id} in {folder}")
-    state = calibrate(backbone, cfg, harmful, harmless, judge, progress)
-    state.save(folder)
-    return state, folder, False

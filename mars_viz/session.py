@@ -18,18 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backbone import Backbone, load_backbone
+from .cache import cache_dir, calibrate_cached
 from .state import MarsConfig, MarsState
 
-__all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "Session", "cache_dir", "open_session"]
+__all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "Session", "open_session"]
 
 # Qwen2-VL-2B-Instruct: safety-tuned (refuses clearly harmful requests), native image *and* video paths, and ~4.5 GB
 # in bf16 / ~9 GB in fp32, so it runs on a laptop CPU or any 8 GB GPU.
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 FALLBACK_ARCH = "qwen2_vl"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz"))
 
 
 @dataclass
@@ -42,38 +39,48 @@ class Session:
     state: MarsState | None = None
     state_source: str = ""  # where the state came from (file, cache, fitted now)
     config: MarsConfig = field(default_factory=MarsConfig)
+    generation: int = 0  # bumped when the model or the state is replaced; each page compares it with its last run
+    change: str = ""  # what the last bump replaced, in words (shown in the pages' "run again" banner)
+
+    def set_state(self, state: MarsState | None, source: str) -> None:
+        """Install `state` (call with `lock` held). Replacing a state by a different one bumps `generation`."""
+        old = self.state
+        self.state, self.state_source = state, source
+        if old is not None and (state is None or state.fingerprint() != old.fingerprint()):
+            self._changed(f"state {source}")
+
+    def _changed(self, what: str) -> None:
+        self.generation += 1
+        self.change = what
 
     def ensure_state(self, progress=None) -> MarsState:
         """The fitted state; fits (or loads from the per-model cache) on first use. Call with `lock` held."""
         if self.state is None:
-            from .calibrate import calibrate_cached
-
             state, folder, hit = calibrate_cached(self.backbone, self.config, progress=progress)
-            self.state, self.state_source = state, f"{'loaded from cache' if hit else 'fitted now'}: {folder}"
+            self.set_state(state, f"{'loaded from cache' if hit else 'fitted now'}: {folder}")
         return self.state
 
     def cached_state(self) -> MarsState | None:
         """The cached state for this model and config if one exists (no fitting)."""
-        from .calibrate import calibrate_cached
-
         if self.state is None:
             try:
                 state, folder, hit = calibrate_cached(self.backbone, self.config, only_cached=True)
             except LookupError:
                 return None
-            self.state, self.state_source = state, f"loaded from cache: {folder}"
+            self.set_state(state, f"loaded from cache: {folder}")
         return self.state
 
     def load_state(self, path: str | os.PathLike) -> MarsState:
         state = MarsState.load(path)
         state.check_compatible(self.backbone)
-        self.state, self.state_source = state, f"loaded from {path}"
+        self.set_state(state, f"loaded from {path}")
         return state
 
     def switch_model(self, model: str, **load_kwargs) -> None:
         """Load another model (call with `lock` held); its state must be fitted or loaded again."""
         self.backbone = load_backbone(model, **load_kwargs)
         self.state, self.state_source, self.notice = None, "", ""
+        self._changed(f"model {model} loaded")
 
 
 def _fallback_model() -> Path:

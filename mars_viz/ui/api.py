@@ -2,9 +2,12 @@
 
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
-    result = client.predict("How do I pick a lock?", handle_file("cat.png"), None, 1.0, None, None, True, True,
-                            api_name="/analyze")
+    result = client.predict(prompt="How do I pick a lock?", image=handle_file("cat.png"), api_name="/analyze")
     result["steered"]["refused"], result["gate_open"], result["score_recentred"]
+
+Parameters, in this order (positional calls work too), each with a default except `prompt`: prompt, image, video,
+strength=1.0, layer=None (the fitted one), tau=None (the fitted one), recenter=True, steer=True, max_new_tokens=48,
+frames=8 (sampled from a video). A bad input raises an error whose message says what to change.
 """
 
 from __future__ import annotations
@@ -14,24 +17,22 @@ import gradio as gr
 from ..analysis import analyze_stream
 from ..session import Session
 from ..steering import SteerOptions
-from .common import build_query
+from .common import build_query, user_errors
 
 __all__ = ["build"]
 
 
-def analyze(session: Session, prompt: str, image, video, strength: float = 1.0, layer: float | None = None,
+def analyze(session: Session, prompt: str, image=None, video=None, strength: float = 1.0, layer: float | None = None,
             tau: float | None = None, recenter: bool = True, steer: bool = True, max_new_tokens: int = 48,
             frames: int = 8) -> dict:
-    try:
-        query, notes, indices = build_query(prompt, image, video, frames)
-        options = SteerOptions(steer=bool(steer), strength=float(strength if strength is not None else 1.0),
-                               layer=None if layer in (None, "") else int(layer),
-                               tau=None if tau in (None, "") else float(tau), recenter=bool(recenter))
-        with session.lock:
-            state = session.ensure_state()
-            *_, last = analyze_stream(session.backbone, state, query, options, int(max_new_tokens), indices, notes)
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
+    """The run JSON for one input. Raises ValueError (with what to change) for a bad input."""
+    query, notes, indices = build_query(prompt, image, video, 8 if frames is None else frames)
+    options = SteerOptions(steer=bool(steer), strength=float(strength if strength is not None else 1.0),
+                           layer=None if layer in (None, "") else int(layer),
+                           tau=None if tau in (None, "") else float(tau), recenter=bool(recenter))
+    with session.lock:
+        state = session.ensure_state()
+        *_, last = analyze_stream(session.backbone, state, query, options, int(max_new_tokens), indices, notes)
     return last.analysis.to_json()
 
 
@@ -47,7 +48,16 @@ def build(session: Session) -> None:
         recenter = gr.Checkbox(value=True)
         steer = gr.Checkbox(value=True)
         max_new_tokens = gr.Number(value=48, precision=0)
+        frames = gr.Number(value=8, precision=0)
         out = gr.JSON()
         btn = gr.Button()
-    btn.click(lambda *a: analyze(session, *a), [prompt, image, video, strength, layer, tau, recenter, steer,
-                                                 max_new_tokens], out, api_name="analyze", concurrency_limit=8)
+
+    # A named signature, not `*args`: Gradio takes the API's parameter names (and None defaults) from it.
+    @user_errors("analyze")
+    def endpoint(prompt: str, image=None, video=None, strength: float = 1.0, layer: float | None = None,
+                 tau: float | None = None, recenter: bool = True, steer: bool = True, max_new_tokens: int = 48,
+                 frames: int = 8) -> dict:
+        return analyze(session, prompt, image, video, strength, layer, tau, recenter, steer, max_new_tokens, frames)
+
+    btn.click(endpoint, [prompt, image, video, strength, layer, tau, recenter, steer, max_new_tokens, frames], out,
+              api_name="analyze", concurrency_limit=8)

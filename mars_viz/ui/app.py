@@ -6,10 +6,12 @@ import gradio as gr
 
 from ..session import Session
 from . import api, calibrate_tab, evaluate_tab, explore, learn
+from .common import stale_banner
 
 __all__ = ["create_app", "launch_kwargs"]
 
 CSS = "#verdict {min-height: 3em} #active textarea {font-weight: 600}"
+STALE_POLL_S = 2.0  # how often each page asks whether the model or state changed under it
 
 
 def create_app(session: Session) -> gr.Blocks:
@@ -21,16 +23,22 @@ def create_app(session: Session) -> gr.Blocks:
                     "video, applied only past a threshold and only inside a trust region.")
         if session.notice:
             gr.Markdown(f"> ⚠️ {session.notice}", elem_id="notice")
+        # The model and state are shared by every page: a swap in any page's Calibrate tab is announced on all of them.
+        banner = gr.Markdown(visible=False, elem_id="stale_banner")
+        generation = gr.State(None)  # Session.generation of this page's last results (set on load and on each run)
         with gr.Tab("Explore", id="explore"):
-            tab = explore.build(session)
+            tab = explore.build(session, generation)
         with gr.Tab("Evaluate", id="evaluate"):
-            evaluate_tab.build(session)
+            evaluate_tab.build(session, generation)
         with gr.Tab("Calibrate", id="calibrate"):
             calibrate_tab.build(session)
         with gr.Tab("Learn", id="learn"):
             learn.build(tab)
         api.build(session)
         demo.load(tab.on_load, None, tab.plots, api_name=False)
+        demo.load(lambda: session.generation, None, generation, api_name=False)
+        gr.Timer(STALE_POLL_S).tick(lambda seen: stale_banner(session, seen), generation, banner, queue=False,
+                                     api_visibility="private", show_progress="hidden")
     return demo
 
 

@@ -3,7 +3,6 @@ bar; save or load the state."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import zipfile
@@ -15,7 +14,7 @@ from ..calibrate import calibrate
 from ..datasets import load_prompts
 from ..session import Session
 from ..state import STATE_JSON, STATE_TENSORS, MarsConfig
-from .common import gr_progress
+from .common import gr_progress, user_errors
 
 __all__ = ["PRESETS", "build", "state_summary"]
 
@@ -72,33 +71,31 @@ def build(session: Session) -> None:
         with gr.Column():
             summary = gr.JSON(value=lambda: state_summary(session), label="Model and state", elem_id="state_summary")
 
-    def do_load_model(model_id):
-        if not model_id:
-            raise gr.Error("choose a preset, type a hub id, or give a local folder")
-        try:
-            with session.lock:
-                session.switch_model(str(model_id))
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        gr.Info(f"loaded {model_id}; fit or load a MARS state for it")
+    @user_errors("load_model")
+    def do_load_model(model: str):
+        if not model:
+            raise ValueError("choose a preset, type a hub id, or give a local folder")
+        with session.lock:
+            session.switch_model(str(model))
+        gr.Info(f"loaded {model}; fit or load a MARS state for it")
         return state_summary(session)
 
     load_model.click(do_load_model, model, summary, api_name="load_model")
 
-    def do_fit(harmful_f, harmless_f, max_p, k, n_p, m, levels_t, layer_t, behaviour_v, progress=gr.Progress()):
-        try:
-            cfg = MarsConfig(max_prompts=None if int(max_p or 0) == 0 else int(max_p), k_neutral=int(k),
-                             neutral_prompts=int(n_p), margin=float(m),
-                             levels=tuple(float(x) for x in str(levels_t).split(",") if x.strip()),
-                             layer=int(layer_t) if str(layer_t).strip() else None,
-                             behaviour_filter=bool(behaviour_v))
-            hp = load_prompts(_path(harmful_f)) if harmful_f else None
-            sp = load_prompts(_path(harmless_f)) if harmless_f else None
-            with session.lock:
-                state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress))
-                session.state, session.state_source, session.config = state, "fitted in the Calibrate tab", cfg
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+    @user_errors("fit")
+    def do_fit(harmful=None, harmless=None, max_prompts: int = 128, k_neutral: int = 16, neutral_prompts: int = 32,
+               margin: float = 0.1, levels: str = "1,1.5,2,3,4,6,8", layer: str = "", behaviour_filter: bool = True,
+               progress=gr.Progress()):
+        cfg = MarsConfig(max_prompts=None if int(max_prompts or 0) == 0 else int(max_prompts),
+                         k_neutral=int(k_neutral), neutral_prompts=int(neutral_prompts), margin=float(margin),
+                         levels=tuple(float(x) for x in str(levels).split(",") if x.strip()),
+                         layer=int(layer) if str(layer).strip() else None, behaviour_filter=bool(behaviour_filter))
+        hp = load_prompts(_path(harmful)) if harmful else None
+        sp = load_prompts(_path(harmless)) if harmless else None
+        with session.lock:
+            state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress))
+            session.config = cfg
+            session.set_state(state, "fitted in the Calibrate tab")
         for note in state.behaviour.get("notes", []):
             gr.Warning(note)
         return state_summary(session)
@@ -106,9 +103,10 @@ def build(session: Session) -> None:
     fit.click(do_fit, [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour],
               summary, api_name="fit")
 
+    @user_errors("save_state")
     def do_save():
         if session.state is None:
-            raise gr.Error("no state to save yet: fit one first")
+            raise ValueError("no state to save yet: fit one first")
         tmp = Path(tempfile.mkdtemp(prefix="mars_state_"))
         session.state.save(tmp / "state")
         zpath = tmp / "mars_state.zip"
@@ -119,10 +117,11 @@ def build(session: Session) -> None:
 
     save.click(do_save, None, saved, api_name="save_state")
 
-    def do_upload(files):
+    @user_errors("load_state")
+    def do_upload(files: list):
         paths = [Path(_path(f)) for f in (files or [])]
         if not paths:
-            raise gr.Error("upload mars_state.json and mars_state.safetensors, or the zip from 'Download'")
+            raise ValueError("upload mars_state.json and mars_state.safetensors, or the zip from 'Download'")
         tmp = Path(tempfile.mkdtemp(prefix="mars_state_in_"))
         try:
             for p in paths:
@@ -137,8 +136,9 @@ def build(session: Session) -> None:
                     shutil.copy(p, tmp / STATE_TENSORS)
             with session.lock:
                 session.load_state(tmp)
-        except (ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-            raise gr.Error(str(e)) from None
+        except zipfile.BadZipFile as e:  # a broken JSON is a ValueError (JSONDecodeError) already
+            raise ValueError(f"{e}: upload the zip from 'Download', or mars_state.json + mars_state.safetensors") \
+                from None
         gr.Info("state loaded")
         return state_summary(session)
 

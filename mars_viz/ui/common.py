@@ -1,8 +1,12 @@
-"""Small wiring helpers shared by the tabs: inputs -> Query, controls -> SteerOptions, progress, exports."""
+"""Small wiring helpers shared by the tabs: inputs -> Query, controls -> SteerOptions, progress, exports, the
+one-line handling of rejected inputs, and the banner that says the model or state changed under a page."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import logging
 import tempfile
 import zipfile
 from pathlib import Path
@@ -15,7 +19,58 @@ from ..plots import figure_csv, figure_html
 from ..session import Session
 from ..steering import SteerOptions
 
-__all__ = ["build_query", "export_zip", "gr_progress", "parse_layer", "parse_tau", "steer_options"]
+__all__ = ["build_query", "export_zip", "gr_progress", "parse_layer", "parse_tau", "stale_banner", "steer_options",
+           "user_errors"]
+
+log = logging.getLogger("mars_viz")
+
+
+def _rejected(endpoint: str, e: ValueError) -> gr.Error:
+    message = " ".join(str(e).split())
+    log.warning("input rejected on /%s: %s", endpoint, message)
+    return gr.Error(str(e), print_exception=False)
+
+
+def user_errors(endpoint: str):
+    """Decorate a handler: a ValueError (the library's "what to do next" message for a bad input) is shown on the
+    page as a `gr.Error` and logged as one WARNING line on logger "mars_viz", without a traceback. Anything else is
+    a bug and keeps Gradio's traceback. The signature is kept, so the endpoint's API parameters keep their names.
+
+        @user_errors("explore")
+        def run(prompt, image): ...
+    """
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):  # streaming handlers must stay generator functions for Gradio
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except ValueError as e:
+                    raise _rejected(endpoint, e) from None
+
+            return gen
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ValueError as e:
+                raise _rejected(endpoint, e) from None
+
+        return call
+
+    return wrap
+
+
+def stale_banner(session: Session, seen: int | None):
+    """Update for the page's banner: visible when the model or state changed since the page's results were made.
+
+    `seen` is the `Session.generation` of the page's last run (or of its first load); None hides the banner."""
+    if seen is None or seen == session.generation:
+        return gr.update(visible=False)
+    return gr.update(visible=True, value=f"⚠️ The model/state was changed in the Calibrate tab ({session.change}): "
+                                         "results on this page came from the previous one; run again.")
 
 
 def _path(f) -> str | None:

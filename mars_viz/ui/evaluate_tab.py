@@ -11,7 +11,7 @@ import gradio as gr
 from ..evaluate import SETS, build_items, evaluate, summarise, write_report
 from ..plots import eval_conditions_figure, strength_sweep_figure
 from ..session import Session
-from .common import gr_progress
+from .common import gr_progress, user_errors
 
 __all__ = ["build"]
 
@@ -19,7 +19,8 @@ COLUMNS = ["condition", "n", "refusal_unsteered", "refusal_steered", "refusal_no
            "unchanged", "gate_open_rate", "score_raw_mean", "score_recentred_mean"]
 
 
-def build(session: Session) -> None:
+def build(session: Session, generation: gr.State) -> None:
+    """`generation`: the page's `Session.generation` of its last results (see `app.create_app`)."""
     with gr.Row():
         sets = gr.CheckboxGroup(list(SETS), value=list(SETS[:5]), label="Evaluation sets", elem_id="eval_sets")
         limit = gr.Number(value=8, precision=0, label="Prompts per condition", elem_id="eval_limit")
@@ -32,21 +33,24 @@ def build(session: Session) -> None:
         p_sweep = gr.Plot(label="Strength sweep", elem_id="plot_eval_sweep")
     report_file = gr.File(label="Report (JSON, CSV, items, HTML charts)", elem_id="eval_report")
 
-    def run(sets_v, limit_v, strengths_v, max_tok_v, progress=gr.Progress()):
+    @user_errors("evaluate")
+    def run(sets: list[str], limit: int = 8, strengths: str = "0,0.5,1,2", max_new_tokens: int = 24,
+            progress=gr.Progress()):
         try:
-            lam = tuple(float(x) for x in str(strengths_v).split(",") if x.strip())
-            if not sets_v:
-                raise ValueError("choose at least one evaluation set")
-            if any(x < 0 for x in lam):
-                raise ValueError("strengths must be >= 0")
-            with session.lock:
-                state = session.ensure_state(gr_progress(progress))
-                chosen = [s for s in sets_v if not s.startswith("video") or "video" in session.backbone.modalities]
-                items = build_items(state, chosen, limit=int(limit_v))
-                rows = evaluate(session.backbone, state, items, lam, int(max_tok_v),
-                                progress=lambda d, n: progress((d, n), desc="Evaluating"))
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+            lam = tuple(float(x) for x in str(strengths).split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"strengths must be numbers separated by commas, got {strengths!r}") from None
+        if not sets:
+            raise ValueError("choose at least one evaluation set")
+        if any(x < 0 for x in lam):
+            raise ValueError("strengths must be >= 0")
+        with session.lock:
+            state = session.ensure_state(gr_progress(progress))
+            gen = session.generation
+            chosen = [s for s in sets if not s.startswith("video") or "video" in session.backbone.modalities]
+            items = build_items(state, chosen, limit=int(limit))
+            rows = evaluate(session.backbone, state, items, lam, int(max_new_tokens),
+                            progress=lambda d, n: progress((d, n), desc="Evaluating"))
         report = summarise(rows, lam)
         tmp = Path(tempfile.mkdtemp(prefix="mars_eval_"))
         paths = write_report(report, rows, tmp / "report.json")
@@ -56,6 +60,7 @@ def build(session: Session) -> None:
                 z.write(p, p.name)
         data = [[cond] + [vals.get(c) for c in COLUMNS[1:]] for cond, vals in report["conditions"].items()]
         return (data, eval_conditions_figure(report["conditions"]), strength_sweep_figure(report["strength_sweep"]),
-                str(zpath))
+                str(zpath), gen)
 
-    go.click(run, [sets, limit, strengths, max_tokens], [table, p_cond, p_sweep, report_file], api_name="evaluate")
+    go.click(run, [sets, limit, strengths, max_tokens], [table, p_cond, p_sweep, report_file, generation],
+             api_name="evaluate")

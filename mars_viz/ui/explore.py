@@ -13,7 +13,8 @@ import gradio as gr
 from ..analysis import Analysis, analyze_stream, build_figures
 from ..examples import EXAMPLES, example_by_name
 from ..session import Session
-from .common import build_query, export_zip, gr_progress, steer_options
+from ..state import MarsState
+from .common import build_query, export_zip, gr_progress, steer_options, user_errors
 
 __all__ = ["ExploreTab", "build"]
 
@@ -54,15 +55,24 @@ def verdict_markdown(a: Analysis) -> str:
             f"{' · answers identical' if r.steered.text == r.unsteered.text else ''}{notes}")
 
 
-def _figures(session: Session, analysis: Analysis | None, layer, method: str) -> list:
-    state = session.state
+def _stale(state: MarsState | None, analysis: Analysis) -> str | None:
+    """Why `analysis` must not be re-used with `state` (computed with another model or state), else None."""
+    try:
+        analysis.check_state(state)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _figures(state: MarsState | None, analysis: Analysis | None, layer, method: str) -> list:
     if state is None:
         return [None] * len(PLOTS)
     figs, _ = build_figures(state, analysis, None if layer is None else int(layer), method.lower())
     return [figs.get(name) for name in PLOTS]
 
 
-def build(session: Session) -> ExploreTab:
+def build(session: Session, generation: gr.State) -> ExploreTab:
+    """`generation`: the page's `Session.generation` of its last results (the app's stale-results banner reads it)."""
     st_analysis = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
@@ -118,75 +128,89 @@ def build(session: Session) -> ExploreTab:
                 export_file = gr.File(label="Export", elem_id="export_file")
     plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_frames]
 
-    def pick_example(name: str):
-        if not name or name == "(none)":
+    def pick_example(example: str):
+        if not example or example == "(none)":
             return gr.update(), gr.update(), gr.update()
-        e = example_by_name(name)
+        e = example_by_name(example)
         return e.prompt, e.path() if e.image else None, e.path() if e.video else None
 
     example.change(pick_example, example, [prompt, image, video], api_name="example")
 
-    def do_run(prompt_v, image_v, video_v, frames_v, steer_v, strength_v, layer_v, tau_v, recenter_v, max_tok_v,
-               toggle_v, method_v, progress=gr.Progress()):
-        try:
-            query, notes, indices = build_query(prompt_v, image_v, video_v, frames_v)
-            options = steer_options(steer_v, strength_v, layer_v, tau_v, recenter_v)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+    # Parameter names are the API's: client.predict(prompt=..., image=handle_file(...), api_name="/explore").
+    @user_errors("explore")
+    def do_run(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
+               layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
+               toggle: str = "MARS-steered", method: str = "PCA", progress=gr.Progress()):
+        query, notes, indices = build_query(prompt, image, video, frames)
+        options = steer_options(steer, strength, layer, tau, recenter)
         for n in notes:
             gr.Info(n)
         shown = list(query.images) + list(query.video or ())
-        try:
-            with session.lock:
-                if session.state is None:
-                    progress(0, desc="Calibrating MARS for this model (cached afterwards)")
-                    session.ensure_state(gr_progress(progress))
-                    gr.Info(f"MARS state {session.state_source}")
-                updates = analyze_stream(session.backbone, session.state, query, options, int(max_tok_v),
-                                         frame_indices=indices, notes=notes)
-                for upd in updates:
-                    if upd.analysis is None:
-                        yield {unsteered_box: upd.unsteered, steered_box: upd.steered, seen: shown}
-                        continue
-                    a = upd.analysis
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        figs = _figures(session, a, a.result.layer, method_v)
-        chosen = a.result.steered.text if toggle_v == "MARS-steered" else a.result.unsteered.text
+        with session.lock:
+            if session.state is None:
+                progress(0, desc="Calibrating MARS for this model (cached afterwards)")
+                session.ensure_state(gr_progress(progress))
+                gr.Info(f"MARS state {session.state_source}")
+            state, gen = session.state, session.generation  # what this result is computed with
+            updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
+                                     frame_indices=indices, notes=notes)
+            for upd in updates:
+                if upd.analysis is None:
+                    yield {unsteered_box: upd.unsteered, steered_box: upd.steered, seen: shown}
+                    continue
+                a = upd.analysis
+        figs = _figures(state, a, a.result.layer, method)
+        chosen = a.result.steered.text if toggle == "MARS-steered" else a.result.unsteered.text
         yield {unsteered_box: a.result.unsteered.text, steered_box: a.result.steered.text, seen: shown,
                verdict: verdict_markdown(a), active: chosen, result_json: a.to_json(), st_analysis: a,
-               inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
+               generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
 
     run.click(do_run, [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle,
                        method],
-              [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, inspect, *plots],
+              [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
+               *plots],
               api_name="explore", concurrency_limit=4)
 
-    def do_toggle(choice: str, a: Analysis | None):
-        if a is None:
+    # The three handlers below re-use the page's last analysis. Against another model or state it would be re-scored
+    # into a figure that mixes two fits, so they keep what the page shows and say to run again instead.
+    # The toggle is queued (gr.Warning reaches only queued events' pages) without a concurrency limit: never waits.
+    def do_toggle(toggle: str, analysis: Analysis | None):
+        if analysis is None:
             return ""
-        return a.result.steered.text if choice == "MARS-steered" else a.result.unsteered.text
+        if (stale := _stale(session.state, analysis)) is not None:
+            gr.Warning(stale)
+            return gr.update()
+        return analysis.result.steered.text if toggle == "MARS-steered" else analysis.result.unsteered.text
 
-    toggle.change(do_toggle, [toggle, st_analysis], active, api_name="toggle", queue=False)
+    toggle.change(do_toggle, [toggle, st_analysis], active, api_name="toggle", concurrency_limit=None)
 
-    def do_inspect(layer_v, method_v, a: Analysis | None):
-        return _figures(session, a, layer_v, method_v)
+    def do_inspect(layer: int, method: str, analysis: Analysis | None):
+        state = session.state
+        if analysis is not None and (stale := _stale(state, analysis)) is not None:
+            gr.Warning(stale)
+            return [gr.update()] * len(plots)
+        return _figures(state, analysis, layer, method)
 
-    inspect.release(do_inspect, [inspect, method, st_analysis], plots, api_name="inspect_layer")
-    method.change(do_inspect, [inspect, method, st_analysis], plots, api_name="projection")
+    inspect.release(user_errors("inspect_layer")(do_inspect), [inspect, method, st_analysis], plots,
+                    api_name="inspect_layer")
+    method.change(user_errors("projection")(do_inspect), [inspect, method, st_analysis], plots, api_name="projection")
 
-    def do_export(a: Analysis | None, layer_v, method_v):
-        if session.state is None:
-            raise gr.Error("nothing to export yet: run an input first")
-        figs, _ = build_figures(session.state, a, int(layer_v) if a is not None else None, method_v.lower())
-        return export_zip(figs, a.to_json() if a is not None else None, session)
+    @user_errors("export")
+    def do_export(analysis: Analysis | None, layer: int, method: str):
+        state = session.state
+        if state is None:
+            raise ValueError("nothing to export yet: run an input first")
+        if analysis is not None:
+            analysis.check_state(state)
+        figs, _ = build_figures(state, analysis, int(layer) if analysis is not None else None, method.lower())
+        return export_zip(figs, analysis.to_json() if analysis is not None else None, session)
 
     export_btn.click(do_export, [st_analysis, inspect, method], export_file, api_name="export")
 
     def show_state_plots():
         """On page load: the state's own figures (no input yet), if a state is fitted or cached."""
         state = session.cached_state()
-        return _figures(session, None, None if state is None else state.layer, "PCA")
+        return _figures(state, None, None if state is None else state.layer, "PCA")
 
     return ExploreTab(prompt=prompt, image=image, video=video, example=example, plots=plots,
                       on_load=show_state_plots)

@@ -49,7 +49,7 @@ def qwen_state():
         return bb, MarsState.load(os.environ["MARS_REAL_STATE"])
     if os.environ.get("MARS_REAL_FULL") != "1":
         pytest.skip("set MARS_REAL_FULL=1 (fits a state, ~15 min) or MARS_REAL_STATE=DIR to run MARS on the real model")
-    from mars_viz.calibrate import calibrate_cached
+    from mars_viz.cache import calibrate_cached
 
     state, _, _ = calibrate_cached(bb)
     return bb, state

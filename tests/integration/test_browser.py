@@ -71,3 +71,24 @@ def test_bad_upload_shows_error_and_page_still_works(browser, app_server, tmp_pa
     page.locator("#run").click()
     page.get_by_text("not an image").first.wait_for(timeout=60_000)
     page.close()
+
+
+def test_a_state_swap_is_announced_on_an_open_page(browser, app_server):
+    from dataclasses import replace
+
+    session = app_server["session"]
+    page = browser.new_page()
+    page.goto(app_server["url"])
+    page.locator("#run").wait_for(timeout=30_000)
+    with session.lock:
+        original, source = session.ensure_state(), session.state_source
+    try:
+        page.wait_for_timeout(3_000)  # the page has loaded and polled at least once: no banner yet
+        assert not page.locator("#stale_banner").get_by_text("run again").is_visible()
+        with session.lock:
+            session.set_state(replace(original, target_level=original.target_level + 0.5), "swapped by a test")
+        page.locator("#stale_banner").get_by_text("state swapped by a test").first.wait_for(timeout=15_000)
+    finally:
+        with session.lock:
+            session.set_state(original, source)
+        page.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zipfile
+from dataclasses import replace
 
 import pytest
 from gradio_client import Client, handle_file
@@ -13,8 +15,8 @@ from mars_viz.examples import EXAMPLES_DIR
 
 RED = str(EXAMPLES_DIR / "solid_red.png")
 WORDS = str(EXAMPLES_DIR / "words_harmful.mp4")
-EXPLORE_ARGS = dict(frames_v=4, steer_v=True, strength_v=1.0, layer_v="auto", tau_v="", recenter_v=True,
-                    max_tok_v=8, toggle_v="MARS-steered", method_v="PCA")
+EXPLORE_ARGS = dict(frames=4, steer=True, strength=1.0, layer="auto", tau="", recenter=True, max_new_tokens=8,
+                    toggle="MARS-steered", method="PCA")
 
 
 @pytest.fixture
@@ -23,9 +25,8 @@ def client(app_server):
 
 
 def explore(client, prompt="What colour is this?", image=RED, video=None, **kw):
-    args = {**EXPLORE_ARGS, **kw}
-    return client.predict(prompt, handle_file(image) if image else None, handle_file(video) if video else None,
-                          *args.values(), api_name="/explore")
+    return client.predict(prompt=prompt, image=handle_file(image) if image else None,
+                          video=handle_file(video) if video else None, **{**EXPLORE_ARGS, **kw}, api_name="/explore")
 
 
 class CallCounter:
@@ -51,6 +52,26 @@ def test_analyze_returns_run_json(client):
     assert r["modality"] == "image" and r["steered"]["text"] and isinstance(r["gate_open"], bool)
 
 
+def test_analyze_by_keyword_with_defaults(client):
+    r = client.predict(prompt="What colour is this?", image=handle_file(RED), api_name="/analyze")
+    assert r["modality"] == "image" and r["steered"]["text"] and "gate_open" in r
+
+
+def test_view_api_names_the_parameters(client):
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
+    assert names("/analyze") == ["prompt", "image", "video", "strength", "layer", "tau", "recenter", "steer",
+                                 "max_new_tokens", "frames"]
+    assert names("/explore") == ["prompt", "image", "video", "frames", "steer", "strength", "layer", "tau",
+                                 "recenter", "max_new_tokens", "toggle", "method"]
+    assert names("/inspect_layer") == names("/projection") == names("/export") == ["layer", "method"]
+    assert names("/toggle") == ["toggle"] and names("/example") == ["example"]
+    assert names("/evaluate") == ["sets", "limit", "strengths", "max_new_tokens"]
+    assert names("/load_model") == ["model"] and names("/load_state") == ["files"]
+    assert not any("_v" in n for ep in api for n in names(ep)), "a parameter still has a *_v name"
+    assert all(p["parameter_has_default"] for p in api["/analyze"]["parameters"][1:])
+
+
 def test_analyze_video_gives_frame_scores_and_forced_gate(client):
     r = client.predict("Follow the words.", None, handle_file(WORDS), 1.0, None, -100.0, True, True, 4,
                        api_name="/analyze")
@@ -74,7 +95,7 @@ def test_explore_returns_every_plot(client):
 
 
 def test_toggle_and_inspect_do_not_run_the_model(client, app_server):
-    out = explore(client, tau_v="-100")
+    out = explore(client, tau="-100")
     unsteered, steered = out[0], out[1]
     counter = CallCounter(app_server["session"].backbone.model)
     try:
@@ -140,9 +161,9 @@ def test_second_user_stays_responsive_while_first_generates(app_server):
     handle = session.backbone.model.register_forward_pre_hook(slow)
     try:
         first, second = Client(app_server["url"], verbose=False), Client(app_server["url"], verbose=False)
-        explore(second, image=None, prompt="warm up", max_tok_v=4)
-        job = first.submit("Tell me a long story", None, None, *{**EXPLORE_ARGS, "max_tok_v": 64}.values(),
-                           api_name="/explore")
+        explore(second, image=None, prompt="warm up", max_new_tokens=4)
+        job = first.submit("Tell me a long story", None, None, *{**EXPLORE_ARGS, "max_new_tokens": 64}.values(),
+                           api_name="/explore")  # positional, in the documented order
         deadline = time.time() + 60
         while not session.lock.locked() and time.time() < deadline:
             time.sleep(0.05)
@@ -162,3 +183,95 @@ def test_evaluate_endpoint_table_charts_and_report(client):
     assert cond_fig is not None and sweep_fig is not None
     with zipfile.ZipFile(report) as z:
         assert {"report.json", "report.csv", "report_items.jsonl"} <= set(z.namelist())
+
+
+NO_UPDATE = {"__type__": "update"}  # what gr.update() (keep the shown value) looks like to a client
+
+
+def _is_figure(value) -> bool:
+    return isinstance(value, dict) and bool(value.get("plot"))
+
+
+def _handlers(session) -> dict:
+    """api_name -> the registered handler of a fresh (not launched) app on the same session."""
+    from mars_viz.ui import create_app
+
+    return {fn.api_name: fn.fn for fn in create_app(session).fns.values()}
+
+
+def test_results_from_a_replaced_state_are_not_reused(client, app_server):
+    """After a state swap (what the Calibrate tab does for every user), the page's old analysis gives the 'run again'
+    message for the toggle, the layer inspector, the projection switch and export, never a figure from the new
+    state, and every page's banner says so."""
+    from mars_viz.analysis import analyze_stream
+    from mars_viz.inputs import Query
+    from mars_viz.steering import SteerOptions
+    from mars_viz.ui.common import stale_banner
+
+    session = app_server["session"]
+    explore(client, tau="-100")
+    assert all(map(_is_figure, client.predict(1, "PCA", api_name="/inspect_layer")[:6]))
+    with session.lock:
+        original, source = session.ensure_state(), session.state_source
+        *_, last = analyze_stream(session.backbone, original, Query("hi"), SteerOptions(), 4)
+    old, seen = last.analysis, session.generation
+    handlers = _handlers(session)
+    try:
+        with session.lock:
+            session.set_state(replace(original, target_level=original.target_level + 0.5), "swapped by a test")
+        assert session.generation == seen + 1
+        banner = stale_banner(session, seen)
+        assert banner["visible"] and "state swapped by a test" in banner["value"] and "run again" in banner["value"]
+        assert not stale_banner(session, session.generation)["visible"]
+
+        # through the server: the page keeps what it shows (a no-op update, not a figure), export refuses
+        assert client.predict("Unsteered", api_name="/toggle") == NO_UPDATE
+        for endpoint in ("/inspect_layer", "/projection"):
+            assert list(client.predict(1, "PCA", api_name=endpoint)) == [NO_UPDATE] * 7, endpoint
+        with pytest.raises(Exception, match="another model/state: run it again"):
+            client.predict(1, "PCA", api_name="/export")
+
+        # the handlers themselves: the message, and no update
+        for name, args in [("toggle", ("Unsteered", old)), ("inspect_layer", (1, "PCA", old)),
+                           ("projection", (1, "UMAP", old))]:
+            with pytest.warns(UserWarning, match="another model/state: run it again"):
+                result = handlers[name](*args)
+            assert (result if isinstance(result, list) else [result]) == [NO_UPDATE] * (1 if name == "toggle" else 7)
+        with pytest.raises(Exception, match="another model/state: run it again"):
+            handlers["export"](old, 1, "PCA")
+
+        # running again uses the new state, and its results may be inspected
+        explore(client)
+        assert all(map(_is_figure, client.predict(1, "PCA", api_name="/inspect_layer")[:6]))
+    finally:
+        with session.lock:
+            session.set_state(original, source)
+    assert old.check_state(session.state) is None  # the original state is back: the old result is valid again
+
+
+def test_rejected_inputs_log_one_line_and_bugs_keep_their_traceback(client, tmp_path, caplog, capfd, monkeypatch):
+    from mars_viz.ui import api
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="mars_viz"):
+        with pytest.raises(Exception, match="empty"):
+            client.predict(prompt="   ", api_name="/analyze")
+        with pytest.raises(Exception, match="corrupt|not an image"):
+            explore(client, image=str(bad))
+        with pytest.raises(Exception, match="strengths"):
+            client.predict(["text"], 1, "0,x", 4, api_name="/evaluate")
+    lines = [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records if r.name == "mars_viz"]
+    assert lines == [(logging.WARNING, "input rejected on /analyze"), (logging.WARNING, "input rejected on /explore"),
+                     (logging.WARNING, "input rejected on /evaluate")]
+    assert "Traceback" not in capfd.readouterr().err
+
+    def boom(*_, **__):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(api, "analyze_stream", boom)
+    with pytest.raises(Exception, match="a real bug"):  # show_error=True: the page still sees the message
+        client.predict(prompt="hi", api_name="/analyze")
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a real bug" in err

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mars_viz.calibrate import calibrate, calibrate_cached
+from mars_viz.cache import calibrate_cached
+from mars_viz.calibrate import calibrate
 from mars_viz.generate import run_pairs
 from mars_viz.hooks import capture_residuals, count_hooks
 from mars_viz.inputs import Query, build_batch
@@ -182,7 +183,7 @@ def test_calibration_is_cached(tiny_backbones, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("refit although cached")
 
-    monkeypatch.setattr("mars_viz.calibrate.calibrate", boom)
+    monkeypatch.setattr("mars_viz.cache.calibrate", boom)
     s2, folder2, hit2 = calibrate_cached(bb, SMALL, cache_root=tmp_path)
     assert hit2 and folder2 == folder and torch.equal(s1.mu_minus, s2.mu_minus)
 

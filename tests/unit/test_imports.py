@@ -1,0 +1,136 @@
+"""Every module imports on its own, and no two mars_viz modules import each other (not even inside a function).
+
+A cycle works until someone imports the modules in the other order (or moves a lazy import to the top); then it is
+a `partially initialized module` error far from the change that caused it. These checks find it first.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mars_viz
+
+ROOT = Path(mars_viz.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted name -> source file, for the package, its subpackages and every module in them."""
+    out = {"mars_viz": ROOT / "__init__.py"}
+    for info in pkgutil.walk_packages([str(ROOT)], prefix="mars_viz."):
+        rel = Path(*info.name.split(".")[1:])
+        out[info.name] = ROOT / rel / "__init__.py" if info.ispkg else (ROOT / rel).with_suffix(".py")
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The mars_viz modules `name` imports anywhere in its source (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            # `from . import geometry` imports the submodule; `from .state import MarsState` imports .state
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in MODULES and t != name)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_finds_the_package():
+    assert {"mars_viz.state", "mars_viz.session", "mars_viz.ui", "mars_viz.ui.app"} <= set(MODULES)
+
+
+def test_the_import_parser_resolves_relative_and_local_imports():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    assert "mars_viz.geometry" in graph["mars_viz.state"]  # from .geometry import LayerScores
+    assert "mars_viz.ui.api" in graph["mars_viz.ui.app"]  # from . import api, ...
+    assert "mars_viz.ui.launch" in graph["mars_viz.cli"]  # a function-local `from .ui.launch import launch`
+
+
+def test_no_import_cycles():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    mutual = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph[b]})
+    assert not mutual, f"modules that import each other: {mutual}"
+    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+
+
+CHILD = r"""
+import importlib, os, sys, traceback
+# The heavy third-party libraries load once; each mars_viz module is then imported by a forked child in which no
+# mars_viz module has been imported yet, so each one gets a fresh package and must import on its own.
+for lib in ("torch", "transformers", "gradio", "plotly.graph_objects", "numpy", "PIL.Image", "safetensors"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+assert not any(m == "mars_viz" or m.startswith("mars_viz.") for m in sys.modules)
+failed = 0
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            print(f"--- import {name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    failed += status != 0
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_on_its_own():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+    names = sorted(m for m in MODULES if m != "mars_viz.__main__")  # __main__ runs the CLI when imported
+    proc = subprocess.run([sys.executable, "-c", CHILD, *names], capture_output=True, text=True, env=env,
+                          cwd=ROOT.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,48 @@
+"""The UI's error seam and stale-results banner, without a server: a rejected input is one log line, a bug is not."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import gradio as gr
+import pytest
+
+from mars_viz.ui.common import user_errors
+
+
+def test_a_rejected_input_is_one_warning_line_without_traceback(caplog):
+    @user_errors("explore")
+    def handler(prompt: str, image=None):
+        raise ValueError("the prompt is empty:\n  type a question")
+
+    with caplog.at_level(logging.WARNING, logger="mars_viz"), pytest.raises(gr.Error) as err:
+        handler("")
+    assert err.value.print_exception is False  # Gradio prints no traceback for it
+    assert "the prompt is empty" in err.value.message
+    assert [(r.name, r.levelno, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        ("mars_viz", logging.WARNING, "input rejected on /explore: the prompt is empty: type a question", None)]
+    assert list(inspect.signature(handler).parameters) == ["prompt", "image"]  # the API keeps the names
+
+
+def test_a_streaming_handler_stays_a_generator():
+    @user_errors("explore")
+    def handler(prompt: str, progress=gr.Progress()):
+        yield "partial"
+        raise ValueError("bad frame")
+
+    assert inspect.isgeneratorfunction(handler)
+    it = handler("hi")
+    assert next(it) == "partial"
+    with pytest.raises(gr.Error, match="bad frame"):
+        next(it)
+
+
+def test_a_bug_is_not_rejected(caplog):
+    @user_errors("analyze")
+    def handler():
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.WARNING, logger="mars_viz"), pytest.raises(RuntimeError, match="boom"):
+        handler()
+    assert not caplog.records
