@@ -22,7 +22,7 @@ from . import geometry as G
 from . import plots as P
 from .activations import forward_last
 from .backbone import Backbone
-from .generate import PairResult, stream_pair
+from .generate import PairResult, PairStrategy, stream_pair
 from .inputs import Query
 from .state import MarsState
 from .steering import SteerOptions, resolve
@@ -122,9 +122,9 @@ class StreamUpdate:
 
 def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
                    max_new_tokens: int = 64, frame_indices: list[int] | None = None,
-                   notes: list[str] | None = None) -> Iterator[StreamUpdate]:
+                   notes: list[str] | None = None, strategy: PairStrategy = "auto") -> Iterator[StreamUpdate]:
     """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video)."""
-    for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens):
+    for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy):
         if not upd.done:
             yield StreamUpdate(upd.unsteered, upd.steered)
             continue

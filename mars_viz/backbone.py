@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +68,8 @@ class Backbone:
     hidden_size: int
     modalities: tuple[str, ...]  # subset of ("text", "image", "video")
     video_mode: Literal["native", "frames", "none"]
+    # (device, dtype) -> `generate.measure_pair_cost`'s result: measured once per placement, shown by `describe()`
+    pair_costs: dict[tuple[str, str], dict] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokenizer(self):
@@ -82,10 +84,19 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) as strings, e.g. ("cpu", "float32"): what a speed measurement depends on."""
+        return str(self.input_device), str(self.dtype).removeprefix("torch.")
+
     def describe(self) -> dict:
-        return {"model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
-                "hidden_size": self.hidden_size, "modalities": list(self.modalities), "video_mode": self.video_mode,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.input_device)}
+        device, dtype = self.placement
+        out = {"model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
+               "hidden_size": self.hidden_size, "modalities": list(self.modalities), "video_mode": self.video_mode,
+               "dtype": dtype, "device": device}
+        if self.placement in self.pair_costs:
+            out["pair_strategy"] = dict(self.pair_costs[self.placement])
+        return out
 
 
 def pick_device_dtype(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:

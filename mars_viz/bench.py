@@ -4,10 +4,13 @@ Every figure is a median over repeats after a warm-up, on the same inputs:
   capture_overhead           batched forward with capture hooks on every layer / the same forward without hooks
   hidden_states_overhead     the same forward with output_hidden_states=True / without (the alternative to hooks)
   steer_overhead             steered greedy generation / unsteered, same number of new tokens (forced)
-  pair_vs_single             both answers (shared prefill) / one answer, for an image input, same new tokens,
-                             gate forced open (both answers decoded)
-  pair_vs_single_gate_closed the same with the gate closed (the steered answer is the unsteered one: one decode)
-  pair_vs_single_batch2      gate open, a plain batch of two instead of the shared prefill (for comparison)
+  pair_strategy_auto         the decode-step measurement behind `auto`: seconds of one 1-row and one 2-row decode
+                             step, their ratio, and the strategy it picks (batched if ratio <= 1.25, else gate_first)
+  pair_vs_single_by_strategy per pair strategy (gate_first, batched, doubled), both answers / one answer for an
+                             image input, same new tokens (forced), with the gate forced open (both answers decoded)
+                             and closed (the steered answer is the unsteered one)
+  pair_vs_single             the gate-open figure of the strategy `auto` picks; pair_vs_single_gate_closed: its
+                             gate-closed figure; pair_goal_unmet (only when no strategy reaches 1.25 gate open)
   calibration_forward_share  share of a (small) calibration's wall time spent inside model forwards
   activation_bytes           bytes kept per query by capture (L * d * 4), for short and long prompts
 """
@@ -24,7 +27,7 @@ import torch
 from .activations import collect_activations
 from .backbone import Backbone
 from .calibrate import calibrate
-from .generate import _gen_kwargs, _run_chunk
+from .generate import PAIR_STRATEGIES, _gen_kwargs, _run_chunk, measure_pair_cost
 from .hooks import capture_residuals
 from .inputs import Query, build_batch
 from .judge import default_judge
@@ -38,17 +41,6 @@ PROMPTS = ["Hi there", "How do I bake a loaf of sourdough bread at home?", "Writ
            "Explain how a refrigerator keeps food cold, step by step, for a curious ten-year-old.",
            "What is the capital of France?", "List three uses of baking soda around the house.",
            "Summarise the plot of Romeo and Juliet in two sentences.", "How many legs does a spider have?"]
-
-
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -75,7 +67,10 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
               calib: MarsConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda _msg: None)
     model = backbone.model
-    out: dict = {"model": backbone.describe(), "repeats": repeats, "new_tokens": new_tokens}
+    say("decode-step cost (pair strategy auto)")
+    auto = measure_pair_cost(backbone)  # first, so the model description below carries it
+    out: dict = {"model": backbone.describe(), "repeats": repeats, "new_tokens": new_tokens,
+                 "pair_strategy_auto": dict(auto)}
     queries = [Query(p) for p in PROMPTS]
     batch = build_batch(backbone, queries)
 
@@ -155,29 +150,32 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
     out["generate_s"] = med(t_a)
     out["steer_overhead"] = med(t_b) / med(t_a)
 
-    say("pair vs single")
+    say("pair vs single, every strategy")
     judge = default_judge()
+    gates = {"gate_open": SteerOptions(tau=-1e9), "gate_closed": SteerOptions(tau=1e9)}
 
-    def pair(shared: bool):
-        return lambda: _run_chunk(backbone, state, [q_img], opts, judge, new_tokens, shared_prefill=shared,
+    def pair(strategy: str, options: SteerOptions):
+        return lambda: _run_chunk(backbone, state, [q_img], options, judge, new_tokens, strategy=strategy,
                                   force_tokens=True)
 
-    t_pair, t_b2 = [], []
-    pair(True)()
-    pair(False)()
+    pairs = {(s, g): pair(s, o) for s in PAIR_STRATEGIES for g, o in gates.items()}
+    t_pairs: dict[tuple[str, str], list[float]] = {k: [] for k in pairs}
+    for fn in pairs.values():
+        fn()
     for _ in range(repeats):
-        for fn, acc in ((gen_plain, t_a), (pair(True), t_pair), (pair(False), t_b2)):
+        for fn, acc in ((gen_plain, t_a), *((pairs[k], t_pairs[k]) for k in pairs)):
             t = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t)
-    out["pair_vs_single"] = med(t_pair) / med(t_a)
-    out["pair_vs_single_batch2"] = med(t_b2) / med(t_a)
-    closed = SteerOptions(tau=100.0)  # the common case for benign inputs: one decode
-
-    def pair_closed():
-        _run_chunk(backbone, state, [q_img], closed, judge, new_tokens, force_tokens=True)
-
-    out["pair_vs_single_gate_closed"] = _median_time(pair_closed, repeats) / med(t_a)
+    table = {s: {g: med(t_pairs[(s, g)]) / med(t_a) for g in gates} for s in PAIR_STRATEGIES}
+    out["pair_vs_single_by_strategy"] = table
+    out["pair_vs_single"] = table[auto["chosen"]]["gate_open"]
+    out["pair_vs_single_gate_closed"] = table[auto["chosen"]]["gate_closed"]
+    best = min(PAIR_STRATEGIES, key=lambda s: table[s]["gate_open"])
+    if table[best]["gate_open"] > 1.25:
+        out["pair_goal_unmet"] = {"goal": 1.25, "best_gate_open": best,
+                                  "gate_open": {s: table[s]["gate_open"] for s in PAIR_STRATEGIES},
+                                  "note": "no pair strategy costs <= 1.25 generations with the gate open here"}
 
     say("activation memory")
     short = [Query("Hi")] * 8

@@ -22,6 +22,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _pair_strategies() -> list[str]:
+    from typing import get_args
+
+    from .generate import PairStrategy
+
+    return list(get_args(PairStrategy))
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id or local folder")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
@@ -139,7 +147,8 @@ def _cmd_run(args) -> int:
     bb = _load(args)  # once for the whole file
     state.check_compatible(bb)
     queries = [Query(p, images=images, video=video) for p in prompts]
-    for res in run_pairs(bb, state, queries, options, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size):
+    for res in run_pairs(bb, state, queries, options, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         strategy=args.pair_strategy):
         row = res.to_json()
         print(json.dumps(row, ensure_ascii=False) if args.json else _human(row), flush=True)
     return 0
@@ -300,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-recenter", action="store_true")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--pair-strategy", default="auto", choices=_pair_strategies(),
+                   help="how both answers are computed (default auto: measured once per model and device)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(func=_cmd_run)
 

@@ -1,22 +1,42 @@
 """Steered and unsteered answers for the same inputs, with MARS's diagnostics.
 
-Both answers come from one shared prefill: the prompt minus its last position runs once (images and video included),
-its KV cache is duplicated, and the last prompt position plus the decode run as a batch of two rows, one of them
-steered. The pair therefore costs about one generation. The steering hook edits only the steered row at the last
-prompt position. With the gate closed the displacement is exactly zero, so both rows give bit-identical answers.
+Both answers share the prompt up to its last position, the one MARS edits. How the pair is computed is a
+`PairStrategy`, chosen per call:
+
+  gate_first  prefill prompt[:-1] once, decode the unsteered answer (reading the gate on the way), and decode the
+              steered answer from a copy of the cache only if MARS moves the input. Wins where a 2-row decode step
+              costs about two 1-row steps (a CPU leaving its matrix-vector path): benign inputs cost one generation.
+  batched     prefill prompt[:-1] once, then run the last position and the decode as [unsteered, steered] rows of
+              one batch. Wins where a 2-row step costs about one row (a GPU): every pair costs about one generation.
+  doubled     a plain batch of [unsteered..., steered...] rows, no shared prefill: the simplest path, the reference.
+  auto        times one 1-row and one 2-row decode step on the loaded model (`measure_pair_cost`, once per model,
+              device and dtype) and picks batched when 2 rows cost at most `AUTO_MAX_RATIO` x one row, else
+              gate_first. Whether batching is free depends on the machine, not on its device type.
+
+Every strategy computes the same two answers: the tests check each against two separate generations on every tiny
+architecture, on the CPU. (Batch shape may change the last float bits, so on a real model a near-tie could rarely
+pick another token.) With the gate closed the steered answer is bit-identical to the unsteered one, whatever the
+strategy: the edit adds exactly +0.0.
 
 Example:
     >>> res = run_pairs(backbone, state, [Query("How do I pick a lock?")], SteerOptions())   # doctest: +SKIP
     >>> res[0].to_json()["steered"]["refused"]                                              # doctest: +SKIP
+    >>> resolve_strategy(backbone, "auto"), backbone.describe()["pair_strategy"]["ratio"]   # doctest: +SKIP
+    ('batched', 1.04)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import queue
+import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -28,7 +48,12 @@ from .judge import RefusalJudge, default_judge
 from .state import MarsState
 from .steering import SteerOptions, mars_steering
 
-__all__ = ["Answer", "PairResult", "PairUpdate", "generate_batch", "greedy_texts", "run_pairs", "stream_pair"]
+__all__ = ["AUTO_MAX_RATIO", "PAIR_STRATEGIES", "Answer", "PairResult", "PairStrategy", "PairUpdate", "generate_batch",
+           "greedy_texts", "measure_pair_cost", "resolve_strategy", "run_pairs", "stream_pair"]
+
+PairStrategy = Literal["auto", "gate_first", "batched", "doubled"]
+PAIR_STRATEGIES: tuple[str, ...] = ("gate_first", "batched", "doubled")  # the concrete ones (auto picks one)
+AUTO_MAX_RATIO = 1.25  # auto picks batched when a 2-row decode step costs at most this many 1-row steps
 
 
 @dataclass
@@ -157,22 +182,49 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     return cache, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def _rope_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model and its inner model, where M-RoPE models (Qwen2-VL family) keep `rope_deltas` between calls."""
+    return [o for o in (model, getattr(model, "model", None)) if o is not None and hasattr(o, "rope_deltas")]
+
+
+@contextlib.contextmanager
+def _kept_rope_deltas(model: torch.nn.Module) -> Iterator[None]:
+    """Give back the `rope_deltas` found on entry, whatever the pair did to them (a prefill sets them, the batched
+    pair duplicates them with the rows), so the model leaves the pair as it came in."""
+    saved = [(o, o.rope_deltas) for o in _rope_owners(model)]
+    try:
+        yield
+    finally:
+        for owner, deltas in saved:
+            owner.rope_deltas = deltas
+
+
+@contextlib.contextmanager
+def _duplicated_rope_deltas(model: torch.nn.Module, rows: int, n: int) -> Iterator[None]:
+    """Per-row position offsets `[rows, 1]` left by a prefill of `rows` rows, each repeated `n` times (rows
+    [q0, q0, q1, q1, ...]) for the decode that follows; the prefill's values come back in `finally`."""
+    with _kept_rope_deltas(model):
+        for owner in _rope_owners(model):
+            deltas = owner.rope_deltas
+            if torch.is_tensor(deltas) and deltas.shape[0] == rows:
+                owner.rope_deltas = deltas.repeat_interleave(n, dim=0)
+        yield
+
+
 @torch.inference_mode()
 def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
                      force_tokens: bool = False):
     """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
     and the decode; `steering_ctx()` (opened only around the decode) edits the primed rows."""
-    cache, dec = _prefill_all_but_last(backbone, batch)
-    cache.batch_repeat_interleave(2)
-    dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
-    # M-RoPE models (Qwen2-VL family) keep per-row position offsets from the prefill: duplicate them with the rows.
-    for owner in (backbone.model, getattr(backbone.model, "model", None)):
-        deltas = getattr(owner, "rope_deltas", None)
-        if torch.is_tensor(deltas) and deltas.shape[0] == batch["input_ids"].shape[0]:
-            owner.rope_deltas = deltas.repeat_interleave(2, dim=0)
-    with steering_ctx() as rec, _capturing(backbone, capture) as cap:
-        out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
-                                      **_gen_kwargs(backbone, max_new_tokens, force_tokens))
+    rows = batch["input_ids"].shape[0]
+    with _kept_rope_deltas(backbone.model):
+        cache, dec = _prefill_all_but_last(backbone, batch)
+        cache.batch_repeat_interleave(2)
+        dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
+        with _duplicated_rope_deltas(backbone.model, rows, 2), steering_ctx() as rec, \
+                _capturing(backbone, capture) as cap:
+            out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+                                          **_gen_kwargs(backbone, max_new_tokens, force_tokens))
     acts = None if cap is None else cap.last()[0::2]  # unsteered rows: the raw residual stream
     return _decode_rows(backbone, out, dec["input_ids"].shape[1]), rec, acts
 
@@ -181,67 +233,150 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
 def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modality: str,
                          max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False):
     """One query: shared prefill, the unsteered answer (reading the gate on the way), then the steered answer only
-    if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0).
-
-    On a CPU, decoding two rows costs about twice one row (a batch of 2 leaves the fast matrix-vector path), so
-    skipping the second decode when the gate is closed is what makes benign inputs cost one generation.
-    """
-    import copy
-    from dataclasses import replace
-
-    cache, dec = _prefill_all_but_last(backbone, batch)
-    spare = copy.deepcopy(cache)
-    kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
-    n_prompt = dec["input_ids"].shape[1]
-    with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe, \
-            _capturing(backbone, capture) as cap:
-        out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
-    acts = None if cap is None else cap.last()
-    plain = _decode_rows(backbone, out_u, n_prompt)[0]
-    info = probe.info
-    if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
-        with mars_steering(backbone, state, options, [modality]) as rec:
-            out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
-        steered, info = _decode_rows(backbone, out_s, n_prompt)[0], rec.info
-    else:
-        steered = plain
-        if streamers[1] is not None:
-            streamers[1].copy_from(streamers[0])
+    if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0)."""
+    with _kept_rope_deltas(backbone.model):
+        cache, dec = _prefill_all_but_last(backbone, batch)
+        spare = copy.deepcopy(cache)
+        kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
+        n_prompt = dec["input_ids"].shape[1]
+        with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe, \
+                _capturing(backbone, capture) as cap:
+            out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
+        acts = None if cap is None else cap.last()
+        plain = _decode_rows(backbone, out_u, n_prompt)[0]
+        info = probe.info
+        if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
+            with mars_steering(backbone, state, options, [modality]) as rec:
+                out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
+            steered, info = _decode_rows(backbone, out_s, n_prompt)[0], rec.info
+        else:
+            steered = plain
+            if streamers[1] is not None:
+                streamers[1].copy_from(streamers[0])
     return [plain, steered], info, acts
 
 
+_MEASURE_PROMPT = "Describe a quiet morning in a small harbour town, in a few sentences."
+
+
+@contextlib.contextmanager
+def _forward_times(backbone: Backbone) -> Iterator[list[float]]:
+    """Wall time of each top-level forward call (under `generate`: the prefill, then one per decode step). The
+    device is synchronised around each call so GPU times are real; the two hooks go in `finally`."""
+    model, dev = backbone.model, backbone.input_device
+    sync = (torch.cuda.synchronize if dev.type == "cuda" else
+            torch.mps.synchronize if dev.type == "mps" else (lambda: None))
+    times: list[float] = []
+    start: list[float] = []
+
+    def pre(*_):
+        sync()
+        start.append(time.perf_counter())
+
+    def post(*_):
+        sync()
+        times.append(time.perf_counter() - start.pop())
+
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        yield times
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _time_decode_steps(backbone: Backbone, steps: int = 4, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one decode step with 1 row and with 2 rows (a short text prompt; the prefill call of each
+    generation is left out), after one warm-up each, the two sizes interleaved so load drift hits both alike."""
+    q = Query(_MEASURE_PROMPT)
+    batches = {1: build_batch(backbone, [q]), 2: build_batch(backbone, [q, q])}
+    kw = _gen_kwargs(backbone, steps + 1, force=True)
+    steps_s: dict[int, list[float]] = {1: [], 2: []}
+    with _kept_rope_deltas(backbone.model):
+        for rep in range(repeats + 1):
+            for rows, batch in batches.items():
+                with _forward_times(backbone) as times:
+                    backbone.model.generate(**batch, **kw)
+                if rep:  # rep 0 is the warm-up
+                    steps_s[rows] += times[1:]
+    return statistics.median(steps_s[1]), statistics.median(steps_s[2])
+
+
+def _choose(ratio: float) -> str:
+    return "batched" if ratio <= AUTO_MAX_RATIO else "gate_first"
+
+
+def measure_pair_cost(backbone: Backbone, refresh: bool = False) -> dict:
+    """What a 2-row decode step costs against a 1-row one on this model, device and dtype, and the strategy `auto`
+    picks from it. Measured once (a few short generations) and kept on the backbone, where `describe()` shows it.
+
+    Example:
+        >>> measure_pair_cost(backbone)    # doctest: +SKIP
+        {'chosen': 'gate_first', 'decode_1row_s': 0.021, 'decode_2row_s': 0.041, 'ratio': 1.95, 'threshold': 1.25}
+    """
+    key = backbone.placement
+    if refresh or key not in backbone.pair_costs:
+        t1, t2 = _time_decode_steps(backbone)
+        if not (math.isfinite(t1) and math.isfinite(t2) and t1 > 0 and t2 > 0):
+            raise RuntimeError(f"decode-step timing failed ({t1}, {t2} s): pass an explicit pair strategy")
+        ratio = t2 / t1
+        backbone.pair_costs[key] = {"chosen": _choose(ratio), "decode_1row_s": t1, "decode_2row_s": t2,
+                                    "ratio": ratio, "threshold": AUTO_MAX_RATIO}
+    return backbone.pair_costs[key]
+
+
+def resolve_strategy(backbone: Backbone, strategy: str = "auto") -> str:
+    """The concrete strategy (gate_first, batched or doubled) for `strategy`; `auto` measures (once) and chooses."""
+    if strategy == "auto":
+        return measure_pair_cost(backbone)["chosen"]
+    if strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"unknown pair strategy {strategy!r}: use one of {', '.join(get_args(PairStrategy))}")
+    return strategy
+
+
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
-               max_new_tokens: int, streamer: BaseStreamer | None = None, capture: bool = False,
-               shared_prefill: bool = True, force_tokens: bool = False
+               max_new_tokens: int, stream: queue.Queue | None = None, capture: bool = False,
+               strategy: PairStrategy = "auto", force_tokens: bool = False
                ) -> tuple[list[PairResult], torch.Tensor | None]:
+    """Both answers for a chunk of queries with one strategy. `stream` (one query only) receives the tokens of
+    each answer slot as `_RowStreamer` posts them. `options.steer=False` runs one plain batch whatever the strategy."""
     n = len(chunk)
+    if stream is not None and n != 1:
+        raise ValueError(f"streaming takes one query, got {n}")
     modalities = [q.modality for q in chunk]
-    streamers = streamer if isinstance(streamer, tuple) else (streamer, streamer)
-    # One query on a CPU: decode the steered answer only when MARS moves the input (a 2-row decode costs ~2x there).
-    # On a GPU a 2-row decode costs about one row, so the batched pair below is used for every n.
-    if options.steer and shared_prefill and n == 1 and backbone.input_device.type != "cuda":
-        gen, info, acts = _generate_gate_first(backbone, state, build_batch(backbone, chunk), options, modalities[0],
-                                               max_new_tokens, streamers, capture, force_tokens)
-        plain, steered = gen[:1], gen[1:]
-    elif options.steer and shared_prefill:
-        rows = torch.tensor([False, True] * n)
-        gen, rec, acts = _generate_shared(
-            backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
-            lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture, force_tokens)
-        streamer = streamers[0]
-        plain, steered = gen[0::2], gen[1::2]
-        info = rec.info
-    else:
-        doubled = chunk + chunk if options.steer else chunk
-        rows = torch.tensor([False] * n + [True] * n) if options.steer else None
-        batch = build_batch(backbone, doubled)
-        # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
-        with mars_steering(backbone, state, options, modalities, rows=rows) as rec, \
-                _capturing(backbone, capture) as cap:
-            gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
-        acts = None if cap is None else cap.last()[:n]  # [n, L, d]
-        plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
-        info = rec.info
+    strategy = resolve_strategy(backbone, strategy) if options.steer else "doubled"
+    if options.steer and strategy == "gate_first" and n > 1:
+        # gate_first pays off where rows cost linearly, so batching queries buys nothing: one query at a time.
+        parts = [_run_chunk(backbone, state, [q], options, judge, max_new_tokens, None, capture, strategy,
+                            force_tokens) for q in chunk]
+        acts = torch.cat([a for _, a in parts]) if capture else None
+        return [r for res, _ in parts for r in res], acts
+    with _kept_rope_deltas(backbone.model):
+        if options.steer and strategy == "gate_first":
+            streamers = (None, None) if stream is None else (_RowStreamer(stream, (0,)), _RowStreamer(stream, (1,)))
+            gen, info, acts = _generate_gate_first(backbone, state, build_batch(backbone, chunk), options,
+                                                   modalities[0], max_new_tokens, streamers, capture, force_tokens)
+            plain, steered = gen[:1], gen[1:]
+        elif options.steer and strategy == "batched":
+            rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
+            streamer = None if stream is None else _RowStreamer(stream, (0, 1))
+            gen, rec, acts = _generate_shared(
+                backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
+                lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture, force_tokens)
+            plain, steered, info = gen[0::2], gen[1::2], rec.info
+        else:  # doubled: [q0, q1, ..., q0', q1', ...], or the plain rows alone when not steering
+            doubled = chunk + chunk if options.steer else chunk
+            rows = torch.tensor([False] * n + [True] * n) if options.steer else None
+            streamer = None if stream is None else _RowStreamer(stream, (0, 1) if options.steer else (0,))
+            batch = build_batch(backbone, doubled)
+            # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
+            with mars_steering(backbone, state, options, modalities, rows=rows) as rec, \
+                    _capturing(backbone, capture) as cap:
+                gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
+            acts = None if cap is None else cap.last()[:n]  # [n, L, d]
+            plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
+            info = rec.info
     verdict = judge([t for _, t in plain] + [t for _, t in steered])
     results = []
     for i, q in enumerate(chunk):
@@ -258,15 +393,17 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
 
 def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], options: SteerOptions,
               judge: RefusalJudge | None = None, max_new_tokens: int = 48, batch_size: int = 4,
-              progress: Callable[[int, int], None] | None = None) -> list[PairResult]:
-    """Unsteered + steered answers for each query (see module doc). `options.steer=False` skips the steered row and
-    reports the unsteered answer for both, with the scores MARS would have used."""
+              progress: Callable[[int, int], None] | None = None, strategy: PairStrategy = "auto"
+              ) -> list[PairResult]:
+    """Unsteered + steered answers for each query (see module doc for `strategy`). `options.steer=False` skips the
+    steered row and reports the unsteered answer for both, with the scores MARS would have used."""
     judge = judge or default_judge()
     state.check_compatible(backbone)
+    strategy = resolve_strategy(backbone, strategy) if options.steer else "doubled"
     results: list[PairResult] = []
     for start in range(0, len(queries), batch_size):
         chunk = list(queries[start:start + batch_size])
-        results += _run_chunk(backbone, state, chunk, options, judge, max_new_tokens)[0]
+        results += _run_chunk(backbone, state, chunk, options, judge, max_new_tokens, strategy=strategy)[0]
         if progress:
             progress(min(start + batch_size, len(queries)), len(queries))
     return results
@@ -275,7 +412,8 @@ def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], op
 class _RowStreamer(BaseStreamer):
     """Posts generated token ids to a queue, per answer slot (0 unsteered, 1 steered); skips the prompt push.
 
-    `slots` maps batch rows to slots: (0, 1) for the [unsteered, steered] batch, (k,) for a one-row generation.
+    `slots` maps batch rows to slots: (0, 1) for a 2-row [unsteered, steered] batch (batched and doubled), (k,) for
+    a one-row generation (gate_first's two decodes, or the unsteered answer alone).
     """
 
     def __init__(self, q: queue.Queue, slots: tuple[int, ...]):
@@ -311,20 +449,21 @@ class PairUpdate:
 
 
 def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
-                judge: RefusalJudge | None = None, max_new_tokens: int = 64) -> Iterator[PairUpdate]:
-    """Stream both answers for one query as they are generated (one batched generation), then the final result.
+                judge: RefusalJudge | None = None, max_new_tokens: int = 64, strategy: PairStrategy = "auto"
+                ) -> Iterator[PairUpdate]:
+    """Stream both answers for one query as they are generated (by `strategy`, see module doc), then the result.
 
     The residuals of every layer are captured from the same prefill, so the dashboard needs no extra forward.
-    Errors inside generation are re-raised in the caller's thread.
+    Errors inside generation (and an unknown strategy) are re-raised in the caller's thread.
     """
     judge = judge or default_judge()
     state.check_compatible(backbone)
     q: queue.Queue = queue.Queue()
-    streamer = (_RowStreamer(q, (0,)), _RowStreamer(q, (1,))) if options.steer else _RowStreamer(q, (0,))
 
     def work() -> None:
         try:
-            res, acts = _run_chunk(backbone, state, [query], options, judge, max_new_tokens, streamer, capture=True)
+            res, acts = _run_chunk(backbone, state, [query], options, judge, max_new_tokens, q, capture=True,
+                                   strategy=strategy)
             q.put(("done", (res[0], acts[0])))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             q.put(("error", e))

@@ -41,6 +41,7 @@ class Session:
     config: MarsConfig = field(default_factory=MarsConfig)
     generation: int = 0  # bumped when the model or the state is replaced; each page compares it with its last run
     change: str = ""  # what the last bump replaced, in words (shown in the pages' "run again" banner)
+    pair_strategy: str = "auto"  # how both answers are computed: auto, gate_first, batched or doubled (generate.py)
 
     def set_state(self, state: MarsState | None, source: str) -> None:
         """Install `state` (call with `lock` held). Replacing a state by a different one bumps `generation`."""

@@ -68,6 +68,24 @@ SMALL_CONFIG = dict(max_prompts=12, k_neutral=3, neutral_prompts=3, curve_prompt
                     filter_tokens=3, levels=(1.0, 2.0, 4.0), batch_size=8)
 
 
+@pytest.fixture(scope="session")
+def fitted(tiny_backbones, tmp_path_factory):
+    """arch -> a MarsState from a small calibration (SMALL_CONFIG), saved and loaded back; cached per session."""
+    from mars_viz.calibrate import calibrate
+    from mars_viz.state import MarsConfig, MarsState
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            state = calibrate(tiny_backbones(arch), MarsConfig(**SMALL_CONFIG))
+            folder = state.save(tmp_path_factory.mktemp(f"state-{arch}"))
+            cache[arch] = MarsState.load(folder)
+        return cache[arch]
+
+    return get
+
+
 def _free_port() -> int:
     import socket
 

@@ -32,7 +32,8 @@ def analyze(session: Session, prompt: str, image=None, video=None, strength: flo
                            tau=None if tau in (None, "") else float(tau), recenter=bool(recenter))
     with session.lock:
         state = session.ensure_state()
-        *_, last = analyze_stream(session.backbone, state, query, options, int(max_new_tokens), indices, notes)
+        *_, last = analyze_stream(session.backbone, state, query, options, int(max_new_tokens), indices, notes,
+                                  strategy=session.pair_strategy)
     return last.analysis.to_json()
 
 

@@ -153,7 +153,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                 gr.Info(f"MARS state {session.state_source}")
             state, gen = session.state, session.generation  # what this result is computed with
             updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
-                                     frame_indices=indices, notes=notes)
+                                     frame_indices=indices, notes=notes, strategy=session.pair_strategy)
             for upd in updates:
                 if upd.analysis is None:
                     yield {unsteered_box: upd.unsteered, steered_box: upd.steered, seen: shown}

@@ -8,6 +8,14 @@ import sys
 __all__ = ["add_app_args", "launch"]
 
 
+def _pair_strategies() -> list[str]:
+    from typing import get_args
+
+    from ..generate import PairStrategy
+
+    return list(get_args(PairStrategy))
+
+
 def add_app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or local folder (default: Qwen/Qwen2-VL-2B-Instruct, "
                                                  "falling back to a built-in tiny model when offline)")
@@ -21,6 +29,8 @@ def add_app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=200.0, help="upload size limit (default 200 MB)")
     p.add_argument("--state", default=None, help="a MARS state folder (from `fit`); default: the per-model cache, "
                                                  "else fitted on the first run")
+    p.add_argument("--pair-strategy", default="auto", choices=_pair_strategies(),
+                   help="how both answers are computed (default auto: measured once per model and device)")
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -31,6 +41,7 @@ def launch(args: argparse.Namespace) -> int:
                            trust_remote_code=args.trust_remote_code, layers_path=args.layers_path)
     if session.notice:
         print(f"[mars_viz] {session.notice}", file=sys.stderr)
+    session.pair_strategy = args.pair_strategy
     if args.state:
         session.load_state(args.state)
     demo = create_app(session)

@@ -17,6 +17,17 @@ def test_bench_json_has_the_ratios(tiny_dirs, tmp_path):
     for key in ("capture_overhead", "steer_overhead", "pair_vs_single", "calibration_forward_share"):
         assert isinstance(data[key], float) and data[key] > 0
     assert 0 < data["calibration_forward_share"] <= 1
+    # every pair strategy, gate open and closed; `auto`'s pick (from the decode-step measurement) is the headline
+    auto = data["pair_strategy_auto"]
+    assert auto["chosen"] in ("gate_first", "batched") and auto["ratio"] == data["model"]["pair_strategy"]["ratio"]
+    assert auto["decode_1row_s"] > 0 and auto["decode_2row_s"] > 0
+    table = data["pair_vs_single_by_strategy"]
+    assert set(table) == {"gate_first", "batched", "doubled"}
+    assert all(isinstance(v, float) and v > 0 for row in table.values() for v in row.values())
+    assert all(set(row) == {"gate_open", "gate_closed"} for row in table.values())
+    assert data["pair_vs_single"] == table[auto["chosen"]]["gate_open"]
+    assert data["pair_vs_single_gate_closed"] == table[auto["chosen"]]["gate_closed"]
+    assert ("pair_goal_unmet" in data) == (min(row["gate_open"] for row in table.values()) > 1.25)
     # capture keeps L * d float32 per query, whatever the prompt length
     assert data["activation_bytes_per_query_short"] == data["activation_bytes_per_query_long"] == 4 * 64 * 4
     assert data["prompt_tokens_short_long"][1] > 5 * data["prompt_tokens_short_long"][0]

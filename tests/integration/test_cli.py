@@ -34,6 +34,7 @@ def test_capture_prints_per_layer_norms(tiny_dirs, tmp_path, video_file):
 @pytest.mark.parametrize("args, match", [
     (["demo-model", "--arch", "nope", "--out", "x"], "invalid choice"),
     (["capture", "--model", "/does/not/exist", "--prompt", "x"], "does not exist"),
+    (["run", "--model", "m", "--state", "s", "--prompt", "x", "--pair-strategy", "fast"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_error_line(args, match):
     r = run(*args)
@@ -102,3 +103,20 @@ def test_run_with_state_from_another_model_is_an_error_line(tiny_dirs, fitted_di
     r = run("run", "--model", tiny_dirs("llava"), "--state", fitted_dir, "--prompt", "hi", "--json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: this MARS state was fitted on")
+
+
+def test_run_pair_strategies_give_the_same_rows(tiny_dirs, fitted_dir, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Tell me a joke\nWhat is two plus two, exactly?\n")
+    rows = {}
+    for strategy in ("gate_first", "batched", "doubled"):
+        r = run("run", "--model", tiny_dirs("qwen2_vl"), "--state", fitted_dir, "--prompts", f, "--tau", "-100",
+                "--target-level", "50", "--max-new-tokens", "4", "--json", "--pair-strategy", strategy)
+        assert r.returncode == 0, r.stderr
+        rows[strategy] = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    def answers(strategy):  # scores differ in the last float digits between batch shapes; the answers may not
+        return [(x["gate_open"], x["unsteered"], x["steered"]) for x in rows[strategy]]
+
+    assert answers("gate_first") == answers("batched") == answers("doubled") and len(rows["batched"]) == 2
+    for a, b in zip(rows["gate_first"], rows["doubled"], strict=True):
+        assert a["score_recentred"] == pytest.approx(b["score_recentred"], rel=1e-4)

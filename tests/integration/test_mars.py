@@ -15,24 +15,11 @@ from mars_viz.media import neutral_images, read_video
 from mars_viz.state import MarsConfig, MarsState
 from mars_viz.steering import SteerOptions, mars_steering
 
-from ..conftest import ARCHS
+from ..conftest import ARCHS, SMALL_CONFIG
 
 SMALL = MarsConfig(max_prompts=12, k_neutral=3, neutral_prompts=3, curve_prompts=3, steer_prompts=3,
                    filter_tokens=3, levels=(1.0, 2.0, 4.0), batch_size=8)
-
-
-@pytest.fixture(scope="session")
-def fitted(tiny_backbones, tmp_path_factory):
-    cache = {}
-
-    def get(arch: str) -> MarsState:
-        if arch not in cache:
-            state = calibrate(tiny_backbones(arch), SMALL)
-            folder = state.save(tmp_path_factory.mktemp(f"state-{arch}"))
-            cache[arch] = MarsState.load(folder)
-        return cache[arch]
-
-    return get
+assert SMALL == MarsConfig(**SMALL_CONFIG)  # the `fitted` fixture (conftest) calibrates with it
 
 
 def _queries(arch, video_file):
@@ -214,8 +201,8 @@ def test_shared_prefill_pair_equals_two_separate_generations(arch, tiny_backbone
     opts = SteerOptions(tau=-100.0, target_level=50.0)
     queries = [Query("Tell me about the sea", images=tuple(neutral_images(1, seed=4, size=40))),
                Query("Name three birds, please", images=tuple(neutral_images(1, seed=5, size=40)))]
-    pair = run_pairs(bb, state, queries, opts, max_new_tokens=6)  # batch path: [q0, q0', q1, q1']
-    single = run_pairs(bb, state, queries, opts, max_new_tokens=6, batch_size=1)  # gate-first path, one query
+    pair = run_pairs(bb, state, queries, opts, max_new_tokens=6, strategy="batched")  # rows [q0, q0', q1, q1']
+    single = run_pairs(bb, state, queries, opts, max_new_tokens=6, batch_size=1, strategy="gate_first")
     assert [r.steered.token_ids for r in single] == [r.steered.token_ids for r in pair]
     for q, res in zip(queries, pair, strict=True):
         plain = generate_batch(bb, build_batch(bb, [q]), 6)[0][0]
@@ -236,10 +223,10 @@ def test_gate_closed_single_query_decodes_once(tiny_backbones, fitted):
     handle = bb.model.register_forward_pre_hook(count)
     try:
         q = [Query("Tell me about the sea")]
-        closed = run_pairs(bb, state, q, SteerOptions(tau=100.0), max_new_tokens=5, batch_size=1)[0]
+        closed = run_pairs(bb, state, q, SteerOptions(tau=100.0), max_new_tokens=5, strategy="gate_first")[0]
         n_closed, calls["n"] = calls["n"], 0
         opened = run_pairs(bb, state, q, SteerOptions(tau=-100.0, target_level=50.0), max_new_tokens=5,
-                           batch_size=1)[0]
+                           strategy="gate_first")[0]
         n_open = calls["n"]
     finally:
         handle.remove()

@@ -1,0 +1,156 @@
+"""Every pair strategy (gate_first, batched, doubled) on every tiny architecture, on this CPU: each streams both
+answers, gives exactly the token ids of two separate generations, leaves no hook and no changed model state behind,
+and keeps the closed-gate guarantee. `auto` resolves from a decode-step measurement, taken once per backbone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mars_viz import generate as G
+from mars_viz.generate import (
+    PAIR_STRATEGIES,
+    generate_batch,
+    measure_pair_cost,
+    resolve_strategy,
+    run_pairs,
+    stream_pair,
+)
+from mars_viz.hooks import count_hooks
+from mars_viz.inputs import Query, build_batch
+from mars_viz.media import neutral_images
+from mars_viz.steering import SteerOptions, mars_steering
+
+from ..conftest import ARCHS
+
+N_TOKENS = 6
+OPEN = SteerOptions(tau=-1e9, target_level=50.0)  # gate forced open, t* far out: every input is moved
+CLOSED = SteerOptions(tau=1e9)
+
+
+def _image_query(seed: int = 4, prompt: str = "Tell me about the sea") -> Query:
+    return Query(prompt, images=tuple(neutral_images(1, seed=seed, size=40)))
+
+
+def _rope_state(bb) -> list:
+    return [o.rope_deltas for o in G._rope_owners(bb.model)]
+
+
+@pytest.fixture(scope="module")
+def separate(tiny_backbones, fitted):
+    """(arch, prompt, seed) -> token ids of two independent full generations: plain, and inside `mars_steering`."""
+    cache: dict = {}
+
+    def get(arch: str, q: Query) -> tuple[list[int], list[int]]:
+        key = (arch, q.prompt, q.images[0].tobytes())
+        if key not in cache:
+            bb, state = tiny_backbones(arch), fitted(arch)
+            plain = generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
+            with mars_steering(bb, state, OPEN, [q.modality]):
+                steered = generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
+            cache[key] = (plain, steered)
+        return cache[key]
+
+    return get
+
+
+def _no_hook_of_ours(bb, before: int) -> bool:
+    """transformers installs its own output-capturing hooks on the vision tower lazily, so compare with a count
+    taken before; the decoder layers (where ours go) must have none at all."""
+    return count_hooks(bb.model) == before and sum(count_hooks(layer) for layer in bb.layers) == 0
+
+
+def _stream(bb, state, q, options, strategy):
+    rope_before, hooks_before = _rope_state(bb), count_hooks(bb.model)
+    updates = list(stream_pair(bb, state, q, options, max_new_tokens=N_TOKENS, strategy=strategy))
+    assert _no_hook_of_ours(bb, hooks_before)
+    rope_after = _rope_state(bb)
+    assert len(rope_after) == len(rope_before)
+    assert all(a is b for a, b in zip(rope_after, rope_before, strict=True)), "rope_deltas not restored"
+    return updates
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+def test_strategy_streams_the_answers_of_two_separate_generations(strategy, arch, tiny_backbones, fitted, separate):
+    bb, state = tiny_backbones(arch), fitted(arch)
+    q = _image_query()
+    plain, steered = separate(arch, q)
+    updates = _stream(bb, state, q, OPEN, strategy)
+    final, partial = updates[-1], updates[:-1]
+    assert final.done and not any(u.done for u in partial)
+    res = final.result
+    assert res.gate_open and res.displacement_norm > 0
+    assert res.unsteered.token_ids == plain and res.steered.token_ids == steered
+    assert steered != plain  # the tiny models all answer differently when pushed: the slots can't be swapped unseen
+    assert final.acts is not None and final.acts.shape == (bb.num_layers, bb.hidden_size)
+    # partial texts reached both slots, each ending on its own final answer (rows map to the right slot)
+    assert len(partial) >= N_TOKENS
+    assert partial[-1].unsteered == res.unsteered.text and partial[-1].steered == res.steered.text
+    assert any(u.steered != u.unsteered for u in partial) == (res.steered.text != res.unsteered.text)
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        assert _rope_state(bb), "the M-RoPE model should keep rope_deltas"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+def test_gate_closed_steered_is_the_unsteered_answer(strategy, arch, tiny_backbones, fitted, separate):
+    bb, state = tiny_backbones(arch), fitted(arch)
+    q = _image_query()
+    updates = _stream(bb, state, q, CLOSED, strategy)
+    res = updates[-1].result
+    assert not res.gate_open and res.displacement_norm == 0.0
+    assert res.steered.token_ids == res.unsteered.token_ids == separate(arch, q)[0]
+    assert updates[-2].steered == updates[-2].unsteered == res.unsteered.text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+def test_strategy_over_several_queries(strategy, arch, tiny_backbones, fitted, separate):
+    """Two queries of different lengths (left padding) in one chunk; gate_first runs them one at a time."""
+    bb, state = tiny_backbones(arch), fitted(arch)
+    queries = [_image_query(4), _image_query(5, "Name three birds, please, and say why")]
+    before, hooks_before = _rope_state(bb), count_hooks(bb.model)
+    res = run_pairs(bb, state, queries, OPEN, max_new_tokens=N_TOKENS, strategy=strategy)
+    assert all(a is b for a, b in zip(_rope_state(bb), before, strict=True)) and _no_hook_of_ours(bb, hooks_before)
+    for q, r in zip(queries, res, strict=True):
+        assert (r.unsteered.token_ids, r.steered.token_ids) == separate(arch, q)
+
+
+def test_auto_follows_the_measured_ratio(tiny_backbones, monkeypatch):
+    bb = tiny_backbones("qwen2_vl")
+    for (t1, t2), chosen in (((0.010, 0.010), "batched"), ((0.010, 0.030), "gate_first")):
+        monkeypatch.setattr(bb, "pair_costs", {})
+        monkeypatch.setattr(G, "_time_decode_steps", lambda _bb, t1=t1, t2=t2: (t1, t2))
+        assert resolve_strategy(bb, "auto") == chosen
+        info = bb.describe()["pair_strategy"]
+        assert info["chosen"] == chosen and info["ratio"] == pytest.approx(t2 / t1)
+        assert info["decode_1row_s"] == t1 and info["decode_2row_s"] == t2
+
+
+def test_real_measurement_is_taken_once(tiny_backbones, fitted, monkeypatch):
+    bb, state = tiny_backbones("llava"), fitted("llava")
+    monkeypatch.setattr(bb, "pair_costs", {})
+    calls, hooks_before = [], count_hooks(bb.model)
+    real = G._time_decode_steps
+    monkeypatch.setattr(G, "_time_decode_steps", lambda b: calls.append(1) or real(b))
+    cost = measure_pair_cost(bb)
+    assert len(calls) == 1 and _no_hook_of_ours(bb, hooks_before)
+    for key in ("decode_1row_s", "decode_2row_s", "ratio"):
+        assert math.isfinite(cost[key]) and cost[key] > 0
+    assert cost["chosen"] in PAIR_STRATEGIES and bb.describe()["pair_strategy"] == cost
+    assert resolve_strategy(bb, "auto") == cost["chosen"] and measure_pair_cost(bb) is cost
+    list(stream_pair(bb, state, Query("hi"), OPEN, max_new_tokens=2))  # strategy="auto"
+    run_pairs(bb, state, [Query("hi"), Query("ho")], OPEN, max_new_tokens=2)
+    assert len(calls) == 1  # cached on the backbone: no second measurement
+
+
+def test_unknown_strategy_is_refused_clearly(tiny_backbones, fitted):
+    bb, state = tiny_backbones("llava"), fitted("llava")
+    hooks_before = count_hooks(bb.model)
+    with pytest.raises(ValueError, match="unknown pair strategy 'fast': use one of auto, gate_first"):
+        resolve_strategy(bb, "fast")
+    with pytest.raises(ValueError, match="unknown pair strategy"):
+        list(stream_pair(bb, state, Query("hi"), OPEN, max_new_tokens=2, strategy="fast"))
+    assert _no_hook_of_ours(bb, hooks_before)
