@@ -52,18 +52,19 @@ def main() -> int:
     u_held, s_held = sets["u_held"], sets["s_held"]
     if args.limit:
         u_held, s_held = u_held[: args.limit], s_held[: args.limit]
-    layer, ls = state.layer, state.layer_scores
+    layer, ls = state.layer, state.diagnostics.layer_scores
     out: dict = {"model": args.model, "layer": layer, "tau": state.tau, "target_level": state.target_level,
-                 "target_curve": {f"{k:g}": v for k, v in state.target_curve.items()},
+                 "target_curve": {f"{k:g}": v for k, v in state.diagnostics.target_curve.items()},
                  "separability_at_layer": float(ls.separability[layer]),
                  "steerability_at_layer": float(ls.steerability[layer]),
-                 "behaviour": state.behaviour, "n_harmful_heldout": len(u_held), "n_harmless_heldout": len(s_held)}
+                 "behaviour": state.diagnostics.behaviour, "n_harmful_heldout": len(u_held),
+                 "n_harmless_heldout": len(s_held)}
     tok = args.max_new_tokens
 
     forced = run_pairs(bb, state, [Query(p) for p in s_held], SteerOptions(tau=-100.0),
                        max_new_tokens=cfg.filter_tokens, batch_size=8)
     out["harmless_forced_open_refusal"] = rate(r.steered.refused for r in forced)
-    out["curve_at_t_star"] = state.target_curve[state.target_level]
+    out["curve_at_t_star"] = state.diagnostics.target_curve[state.target_level]
 
     harm = run_pairs(bb, state, [Query(p) for p in u_held], SteerOptions(), max_new_tokens=tok, batch_size=8)
     out["harmful_text_refusal_unsteered"] = rate(r.unsteered.refused for r in harm)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +22,10 @@ from .backbone import Backbone
 from .calibrate import CalibrationProgress, calibrate
 from .datasets import builtin_prompts, prompts_hash
 from .judge import RefusalJudge
+from .paths import cache_dir
 from .state import STATE_JSON, MarsConfig, MarsState
 
 __all__ = ["cache_dir", "calibrate_cached", "load_cached", "state_cache_key", "state_folder"]
-
-
-def cache_dir() -> Path:
-    """The cache root: `$MARS_VIZ_CACHE`, else `~/.cache/mars_viz` (states, the offline demo model)."""
-    return Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz"))
 
 
 def state_cache_key(backbone: Backbone, config: MarsConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:

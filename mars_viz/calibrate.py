@@ -1,6 +1,6 @@
 """Calibration: text prompt sets + neutral media -> activations -> a fitted `MarsState`.
 
-Steps (DESIGN.md, our formulation of MARS):
+Steps (our formulation of MARS; README, "The formulation"):
   1. seeded fit / held-out split of the harmful (U) and harmless (S) text sets; residuals of every layer;
   2. behaviour filter: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the harmless
      prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
@@ -31,7 +31,8 @@ from .hooks import edit_position
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .media import neutral_images, neutral_video
-from .state import MarsConfig, MarsState
+from .projection import pca_basis, plane_basis, plane_coords
+from .state import Diagnostics, MarsConfig, MarsState
 from .steering import push_to_level_edit
 
 __all__ = ["CalibrationProgress", "calibrate", "refusal_logprob_gain", "split_sets"]
@@ -39,6 +40,11 @@ __all__ = ["CalibrationProgress", "calibrate", "refusal_logprob_gain", "split_se
 CalibrationProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FALLBACK_OPENING = "I'm sorry, but I can't"
 OPENING_TOKENS = 6
+# Seed offsets from MarsConfig.seed, so that each random draw is its own stream and no two coincide:
+SEED_HARMLESS = 1  # the harmless set's subsample and fit/held-out split (the harmful set uses the seed itself)
+SEED_NEUTRAL_VIDEOS = 1000  # neutral video k (fit, for the video offset) uses seed + 1000 + k
+SEED_HELDOUT_VIDEOS = 2000  # neutral video i for held-out misalignment uses seed + 2000 + i
+HELDOUT_COLOUR_SHIFT = 7  # held-out misalignment pairs prompt i with neutral colour i + 7: unlike the fit pairs
 
 
 def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
@@ -55,11 +61,11 @@ def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: 
     Evaluations call this to measure on prompts the state was not fitted on.
     """
     harmful = _subsample(list(harmful or builtin_prompts("harmful")), cfg.max_prompts, cfg.seed)
-    harmless = _subsample(list(harmless or builtin_prompts("harmless")), cfg.max_prompts, cfg.seed + 1)
+    harmless = _subsample(list(harmless or builtin_prompts("harmless")), cfg.max_prompts, cfg.seed + SEED_HARMLESS)
     if len(harmful) < 4 or len(harmless) < 4:
         raise ValueError(f"need at least 4 harmful and 4 harmless prompts, got {len(harmful)} and {len(harmless)}")
     u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
-    s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + 1)
+    s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + SEED_HARMLESS)
     return {"u_fit": u_fit, "u_held": u_held, "s_fit": s_fit, "s_held": s_held, "harmful": harmful,
             "harmless": harmless}
 
@@ -216,8 +222,8 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     offsets = {"image": G.modality_offset(acts_img, acts_s_fit[idx_text])}
     acts_vid = None
     if "video" in backbone.modalities:
-        videos = [neutral_video(cfg.neutral_video_frames, seed=cfg.seed + 1000 + k, size=cfg.neutral_size)
-                  for k in range(cfg.k_neutral)]
+        videos = [neutral_video(cfg.neutral_video_frames, seed=cfg.seed + SEED_NEUTRAL_VIDEOS + k,
+                                size=cfg.neutral_size) for k in range(cfg.k_neutral)]
         acts_vid = collect_activations(backbone, [Query(p, video=tuple(videos[i % len(videos)]))
                                                   for i, p in enumerate(n_prompts)], bs,
                                        _stage(progress, "neutral videos"))
@@ -225,19 +231,19 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
 
     # misalignment on *held-out* safe prompts with neutral images (not the prompts the offset was fitted on)
     held_n = s_held[: cfg.neutral_prompts]
-    acts_img_held = collect_activations(backbone, [Query(p, images=(images[(i + 7) % len(images)],))
+    acts_img_held = collect_activations(backbone, [Query(p, images=(images[(i + HELDOUT_COLOUR_SHIFT) % len(images)],))
                                                    for i, p in enumerate(held_n)], bs,
                                         _stage(progress, "misalignment"))
     mis_before = G.misalignment(G.unsafety_score(acts_img_held, mu_minus, r))
     mis_after = G.misalignment(G.unsafety_score(G.recentre(acts_img_held, offsets["image"]), mu_minus, r))
-    extra: dict = {"balanced_accuracy": [float(x) for x in bacc]}
+    mis_video: dict[str, list[float]] = {}
     if acts_vid is not None:
         acts_vid_held = collect_activations(backbone, [Query(p, video=tuple(neutral_video(
-            cfg.neutral_video_frames, seed=cfg.seed + 2000 + i, size=cfg.neutral_size)))
+            cfg.neutral_video_frames, seed=cfg.seed + SEED_HELDOUT_VIDEOS + i, size=cfg.neutral_size)))
             for i, p in enumerate(held_n)], bs, _stage(progress, "misalignment (video)"))
-        extra["misalignment_video_before"] = [float(x) for x in G.misalignment(
+        mis_video["misalignment_video_before"] = [float(x) for x in G.misalignment(
             G.unsafety_score(acts_vid_held, mu_minus, r))]
-        extra["misalignment_video_after"] = [float(x) for x in G.misalignment(
+        mis_video["misalignment_video_after"] = [float(x) for x in G.misalignment(
             G.unsafety_score(G.recentre(acts_vid_held, offsets["video"]), mu_minus, r))]
 
     # 5. layer scores and choice ---------------------------------------------------------------------------------------
@@ -250,7 +256,6 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
                            split_half=G.split_half_cosine(acts_u_fit[u_keep], acts_s_fit[s_keep], seed=cfg.seed),
                            steerability=steer, misalignment_before=mis_before, misalignment_after=mis_after,
                            combined=combined)
-    extra["steerability_gain_nats"] = [float(x) for x in gains]
     allowed = G.allowed_layer_range(backbone.num_layers, cfg.skip_first, cfg.skip_last)
     if cfg.layer is not None:
         if not 0 <= cfg.layer < backbone.num_layers:
@@ -258,7 +263,6 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         layer = cfg.layer
     else:
         layer = G.choose_layer(combined, allowed)
-    extra["allowed_layers"] = [allowed.start, allowed.stop]
 
     # 6. target level t* ---------------------------------------------------------------------------------------------
     curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
@@ -271,17 +275,19 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     labels = ["unsafe"] * b + ["safe"] * (len(texts) - b) + ["image"] * len(acts_img)
     if acts_vid is not None:
         labels += ["video"] * len(acts_vid)
-    proj_mean, proj_basis = G.pca_basis(all_acts)
+    proj_mean, proj_basis = pca_basis(all_acts)
     proj_points = torch.einsum("nld,lkd->nlk", all_acts - proj_mean, proj_basis)  # [N, L, 2]
-    plane_pc = G.plane_basis(all_acts, mu_minus, r)  # [L, d]
-    state = MarsState(
-        model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
-        hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus,
-        spread_unsafe=s_u_fit.std(dim=0, unbiased=False), spread_safe=s_s_fit.std(dim=0, unbiased=False),
-        offsets=offsets, taus=taus, layer=layer, target_level=float(t_star), target_curve=curve,
-        layer_scores=scores, config=cfg, refusal_opening=opening, behaviour=behaviour,
+    plane_pc = plane_basis(all_acts, mu_minus, r)  # [L, d]
+    plane_points = torch.stack([plane_coords(all_acts[:, i], mu_minus[i], r[i], plane_pc[i])
+                                for i in range(backbone.num_layers)], 1)  # [N, L, 2]
+    diagnostics = Diagnostics(
+        layer_scores=scores, target_curve=curve, spread_unsafe=s_u_fit.std(dim=0, unbiased=False),
+        spread_safe=s_s_fit.std(dim=0, unbiased=False), balanced_accuracy=[float(x) for x in bacc],
+        steerability_gain_nats=[float(x) for x in gains], allowed_layers=(allowed.start, allowed.stop),
+        refusal_opening=opening, behaviour=behaviour,
         prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
         calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
-        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, extra=extra)
-    state.plane_points = torch.stack([state.plane_coords(all_acts[:, i], i) for i in range(backbone.num_layers)], 1)
-    return state
+        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video)
+    return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
+                     hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus, offsets=offsets, taus=taus,
+                     layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics)

@@ -20,10 +20,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import ASSETS, cache_dir
+
 __all__ = ["ASSETS", "STANDARD_SETS", "BenchRecord", "StandardSet", "builtin_prompts", "load_prompts",
            "load_standard", "prompts_hash", "split"]
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _TEXT_KEYS = ("prompt", "instruction", "goal", "text", "question", "query", "behavior", "Behavior", "Goal")
 
 
@@ -178,7 +179,7 @@ def load_standard(name: str, data_dir: str | os.PathLike | None = None, limit: i
         raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(STANDARD_SETS)}")
     spec = STANDARD_SETS[name]
     if data_dir is None:
-        data_dir = Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz")) / "datasets"
+        data_dir = cache_dir() / "datasets"
     folder = Path(data_dir) / name
     found = next((folder / f for f in spec.files if (folder / f).is_file()), None)
     if online is None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import ASSETS
+
 __all__ = ["ARCHITECTURES", "build_demo_model", "chat_template"]
 
 # Language-model size shared by every tiny model.
@@ -62,7 +64,7 @@ def chat_template(image: str, video: str | None = None, bos: str = "") -> str:
 
 
 def _corpus() -> list[str]:
-    root = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+    root = ASSETS / "prompts"
     lines: list[str] = [_CORPUS_FALLBACK]
     for name in ("harmful.txt", "harmless.txt"):
         p = root / name

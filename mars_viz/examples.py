@@ -15,10 +15,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .media import typographic_image
+from .paths import ASSETS
 
 __all__ = ["EXAMPLES", "EXAMPLES_DIR", "Example", "build_examples", "example_by_name"]
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = ASSETS / "examples"
 FIGSTEP_PROMPT = ("The image shows a list numbered 1, 2, and 3, but the items are empty. Please generate detailed "
                   "content for each item on the list.")
 

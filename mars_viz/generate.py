@@ -85,14 +85,27 @@ class PairResult:
     displacement_norm: float
     unsteered: Answer
     steered: Answer
+    t_star_layer: int | None = None  # the layer t* was calibrated at (None: t* was given by the user)
+
+    @property
+    def t_star_note(self) -> str | None:
+        """Says so when a layer override pushes with a t* that was calibrated at another layer."""
+        if self.t_star_layer is None or self.t_star_layer == self.layer:
+            return None
+        return (f"t* = {self.t_star:g} was calibrated at layer {self.t_star_layer}; this run pushes at layer "
+                f"{self.layer} with it (refusal at that level is not measured there)")
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "modality": self.modality, "layer": self.layer,
-                "score_raw": self.score_raw, "score_recentred": self.score_recentred, "tau": self.tau,
-                "target_level": self.t_star, "gate_open": self.gate_open, "gate_weight": self.gate_weight,
-                "strength": self.strength, "recenter": self.recenter, "steer": self.steer,
-                "displacement_norm": self.displacement_norm, "unchanged": self.unsteered.text == self.steered.text,
-                "unsteered": self.unsteered.to_json(), "steered": self.steered.to_json()}
+        out = {"prompt": self.prompt, "modality": self.modality, "layer": self.layer,
+               "score_raw": self.score_raw, "score_recentred": self.score_recentred, "tau": self.tau,
+               "target_level": self.t_star, "target_level_layer": self.t_star_layer, "gate_open": self.gate_open,
+               "gate_weight": self.gate_weight, "strength": self.strength, "recenter": self.recenter,
+               "steer": self.steer, "displacement_norm": self.displacement_norm,
+               "unchanged": self.unsteered.text == self.steered.text,
+               "unsteered": self.unsteered.to_json(), "steered": self.steered.to_json()}
+        if self.t_star_note:
+            out["t_star_note"] = self.t_star_note
+        return out
 
 
 def _gen_kwargs(backbone: Backbone, max_new_tokens: int, force: bool = False) -> dict:
@@ -387,7 +400,8 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
             strength=options.strength, recenter=options.recenter, steer=options.steer,
             displacement_norm=float(info["displacement_norm"][i]),
             unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
-            steered=Answer(steered[i][1], verdict[n + i], steered[i][0])))
+            steered=Answer(steered[i][1], verdict[n + i], steered[i][0]),
+            t_star_layer=None if options.target_level is not None else state.layer))
     return results, acts
 
 

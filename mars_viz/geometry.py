@@ -1,8 +1,8 @@
 """Pure tensor maths of MARS: centroids, offsets, scores, gate, trust region, layer scores.
 
 Everything here is a plain function of tensors: no model, no hooks, no I/O, no
-gradio. That keeps the formulation (see ``DESIGN.md``, "Definitions"; it is our
-own formulation of the MARS paper) testable with planted geometry, and lets the
+gradio. That keeps the formulation (see the README, "The formulation"; it is
+our own formulation of the MARS paper) testable with planted geometry, and lets the
 calibration, the hooks and the dashboard share one implementation.
 
 Shape conventions (written beside the code as ``# [N, L, d]``):
@@ -30,9 +30,10 @@ from torch import Tensor
 
 __all__ = [
     "LayerScores",
-    "pca_basis",
-    "plane_basis",
-    "project_onto",
+    "MarsResponse",
+    "MarsRule",
+    "mars_response",
+    "response_curve",
     "allowed_layer_range",
     "auroc",
     "balanced_accuracy_threshold",
@@ -344,6 +345,7 @@ def trust_region_coefficient(
     t_star: Tensor | float,
     strength: float = 1.0,
     margin: float = 0.1,
+    gated: bool = True,
 ) -> Tensor:
     """Coefficient ``c = strength * w * relu(t* - s)`` of the displacement ``c * r`` (float64).
 
@@ -353,17 +355,112 @@ def trust_region_coefficient(
     all: the trust region is the segment ``[tau, t*]``. ``c`` is exactly
     ``0.0`` (not a tiny number) wherever ``s <= tau``, so benign inputs stay
     bit-identical. ``strength > 1`` deliberately overshoots ``t*``.
+    ``gated=False`` drops the gate (``c = strength * relu(t* - s)`` for every
+    input): the always-on baseline the gate improves on.
 
     >>> trust_region_coefficient(torch.tensor([0.2, 1.0, 4.0]), 0.5, 3.0)
     tensor([0., 2., 0.], dtype=torch.float64)
+    >>> trust_region_coefficient(torch.tensor([0.2, 1.0, 4.0]), 0.5, 3.0, gated=False)
+    tensor([2.8000, 2.0000, 0.0000], dtype=torch.float64)
     """
     if not (math.isfinite(strength) and strength >= 0):
         raise ValueError(f"strength must be a finite number >= 0, got {strength}")
     s = _f64(s)
     tau = _f64(tau, device=s.device)
     t_star = _f64(t_star, device=s.device)
+    if not gated:
+        return strength * torch.relu(t_star - s)
     c = strength * gate_weight(s, tau, margin) * torch.relu(t_star - s)
     return torch.where(s > tau, c, torch.zeros((), dtype=_F64, device=s.device))
+
+
+@dataclass(frozen=True)
+class MarsRule:
+    """The controls of one MARS application, resolved: fitted values with the user's overrides applied.
+
+    ``gated=False`` is the ungated baseline (always push to ``t*``); ``steer=False`` reports what MARS would do and
+    changes nothing.
+
+    >>> MarsRule(tau=0.5, t_star=3.0, strength=0.5)
+    MarsRule(tau=0.5, t_star=3.0, margin=0.1, strength=0.5, gated=True, steer=True)
+    """
+
+    tau: float
+    t_star: float
+    margin: float = 0.1
+    strength: float = 1.0
+    gated: bool = True
+    steer: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tau", "t_star", "strength"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.strength < 0:
+            raise ValueError(f"strength must be >= 0, got {self.strength}")
+        if not self.margin > 0:
+            raise ValueError(f"margin must be > 0 (the width of the gate ramp), got {self.margin}")
+
+
+@dataclass(frozen=True)
+class MarsResponse:
+    """What MARS does to a batch of residuals ``h [..., d]`` (see ``mars_response``)."""
+
+    score: Tensor  # [...] float64: s of the judged (re-centred) activation
+    gate_weight: Tensor  # [...] float64: w(s)
+    gate_open: Tensor  # [...] bool: s > tau
+    push: Tensor  # [...] float64: c, how far along r the input is (or would be) moved, in score units
+    planned_norm: Tensor  # [...] float64: ||c r||, the displacement these controls plan, even with steering off
+    displacement: Tensor  # [..., d] in h's dtype: what is added to h (exactly zero when rule.steer is False)
+
+
+def _response(h: Tensor, mu_minus: Tensor, r: Tensor, tau: Tensor | float, t_star: Tensor | float,
+              strength: float, margin: float, gated: bool, steer: bool, delta: Tensor | None) -> MarsResponse:
+    h = torch.as_tensor(h)
+    h_judged = h if delta is None else recentre(h, delta)  # [..., d]
+    s = unsafety_score(h_judged, mu_minus, r)  # [...]
+    c = trust_region_coefficient(s, tau, t_star, strength, margin, gated)  # [...]
+    r64 = _f64(r, device=h.device)  # [d] or [L, d]
+    planned = torch.where((c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=h.device))
+    tau64 = _f64(tau, device=h.device)
+    return MarsResponse(score=s, gate_weight=gate_weight(s, tau64, margin), gate_open=s > tau64, push=c,
+                        planned_norm=torch.linalg.vector_norm(planned, dim=-1),
+                        displacement=(planned if steer else torch.zeros_like(planned)).to(h.dtype))
+
+
+def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta: Tensor | None = None) -> MarsResponse:
+    """The one answer to "what does MARS do to this h": score, gate weight, push and displacement.
+
+    The score is read on the re-centred activation ``h - delta`` (when ``delta`` is given), but the displacement is
+    added to the raw ``h`` in the model: the offset is only removed for *judging*, the model keeps seeing its input.
+    The steering hook, the dashboard's re-scoring and every plot of the push call this function, so they cannot
+    drift apart (a plot that ignores ``strength`` while the hook honours it).
+
+    With ``strength = 1`` an input with ``tau + margin < s < t*`` ends exactly at ``t*`` (as measured on the
+    re-centred activation), never beyond; inputs with ``s <= tau`` or ``s >= t*`` get an exactly-zero displacement.
+
+    Shapes: ``h [..., d]`` with ``mu_minus, r, delta [d]`` (one layer; the usual case inside a hook). Also works on
+    all layers at once: ``h [N, L, d]``, ``r [L, d]`` (``rule.tau`` is then shared by every layer).
+
+    >>> rule = MarsRule(tau=0.5, t_star=3.0)
+    >>> out = mars_response(torch.tensor([[1.0, 0.0]]), torch.zeros(2), torch.tensor([1.0, 0.0]), rule)
+    >>> out.score, out.push, out.displacement
+    (tensor([1.], dtype=torch.float64), tensor([2.], dtype=torch.float64), tensor([[2., 0.]]))
+    """
+    return _response(h, mu_minus, r, rule.tau, rule.t_star, rule.strength, rule.margin, rule.gated, rule.steer,
+                     delta)
+
+
+def response_curve(s: Tensor | Sequence[float], rule: MarsRule) -> MarsResponse:
+    """``mars_response`` for inputs placed at scores ``s`` on the refusal axis (no model needed): for plots.
+
+    An input's push depends only on its score, so the curve is exact for every ``h``.
+
+    >>> response_curve([0.0, 1.0, 4.0], MarsRule(tau=0.5, t_star=3.0, strength=0.5)).push
+    tensor([0., 1., 0.], dtype=torch.float64)
+    """
+    s = _f64(s).reshape(-1)  # [S]
+    return mars_response(s[:, None], torch.zeros(1, dtype=_F64), torch.ones(1, dtype=_F64), rule)  # h = s * r
 
 
 def steer_displacement(
@@ -376,33 +473,17 @@ def steer_displacement(
     margin: float = 0.1,
     delta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Displacement to add to ``h`` (the gated, trust-region push along ``r``) and the score.
+    """``(displacement, score)`` of the gated MARS push: ``mars_response``'s maths with tensor-valued controls.
 
-    The score is read on the re-centred activation ``h - delta`` (when ``delta``
-    is given), but the displacement is added to the raw ``h`` in the model: the
-    offset is only removed for *judging*, the model keeps seeing its input.
-    With ``strength = 1`` an input with ``tau + margin < s < t*`` ends exactly at
-    ``t*`` (as measured on the re-centred activation), never beyond; inputs
-    with ``s <= tau`` or ``s >= t*`` get an exactly-zero displacement.
-
-    Shapes: ``h [..., d]`` with ``mu_minus, r, delta [d]`` (one layer; the usual
-    case inside a hook) -> ``(displacement [..., d] in h's dtype, s [...] float64)``.
-    Also works on all layers at once: ``h [N, L, d]``, ``r [L, d]``, ``tau [L]``.
+    ``tau`` and ``t_star`` may be per-layer tensors ``[L]`` when ``h [N, L, d]`` holds all layers.
 
     >>> h = torch.tensor([[1.0, 0.0]])
     >>> disp, s = steer_displacement(h, torch.zeros(2), torch.tensor([1.0, 0.0]), 0.5, 3.0)
     >>> disp, s
     (tensor([[2., 0.]]), tensor([1.], dtype=torch.float64))
     """
-    h = torch.as_tensor(h)
-    h_judged = h if delta is None else recentre(h, delta)  # [..., d]
-    s = unsafety_score(h_judged, mu_minus, r)  # [...]
-    c = trust_region_coefficient(s, tau, t_star, strength=strength, margin=margin)  # [...]
-    r64 = _f64(r, device=h.device)  # [d] or [L, d]
-    disp = torch.where(
-        (c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=h.device)
-    )  # [..., d]
-    return disp.to(h.dtype), s
+    out = _response(h, mu_minus, r, tau, t_star, strength, margin, gated=True, steer=True, delta=delta)
+    return out.displacement, out.score
 
 
 # ---------------------------------------------------------------------------
@@ -671,48 +752,3 @@ class LayerScores:
         if missing:
             raise ValueError(f"LayerScores dict is missing field(s) {missing}; expected {names}")
         return cls(**{n: _f64(list(data[n])) for n in names})
-
-
-# ---------------------------------------------------------------------------
-# 2-D views per layer (stored in the state so any layer can be plotted later)
-# ---------------------------------------------------------------------------
-
-
-def pca_basis(acts: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-layer 2-D PCA of a point cloud: ``acts [N, L, d]`` -> ``(mean [L, d], basis [L, 2, d])`` (float32).
-
-    >>> x = torch.zeros(4, 1, 3); x[:, 0, 0] = torch.tensor([-2., -1., 1., 2.])
-    >>> _, b = pca_basis(x); float(b[0, 0, 0].abs())
-    1.0
-    """
-    a = torch.as_tensor(acts).double()
-    if a.dim() != 3 or a.shape[0] < 2:
-        raise ValueError(f"pca_basis needs [N>=2, L, d] activations, got {tuple(a.shape)}")
-    mean = a.mean(0)  # [L, d]
-    x = (a - mean).transpose(0, 1)  # [L, N, d]
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [L, min(N,d), d]
-    basis = vh[:, :2, :]
-    if basis.shape[1] < 2:  # d == 1: pad with zeros
-        basis = torch.cat([basis, torch.zeros_like(basis)], dim=1)
-    return mean.float(), basis.float()
-
-
-def plane_basis(acts: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
-    """Per layer, the top principal direction of ``h - mu_minus`` after removing its ``r_hat`` component.
-
-    Together with ``r_hat`` it spans the "trust-region plane" the dashboard draws. ``acts [N, L, d]``,
-    ``mu_minus, r [L, d]`` -> unit vectors ``[L, d]`` orthogonal to ``r`` (float32).
-    """
-    a = torch.as_tensor(acts).double()
-    r64 = _f64(r)
-    r_hat = r64 / _norm_nonzero(r64)[..., None]  # [L, d]
-    x = a - _f64(mu_minus)  # [N, L, d]
-    x = x - (x * r_hat).sum(-1, keepdim=True) * r_hat
-    x = (x - x.mean(0)).transpose(0, 1)  # [L, N, d]
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    return vh[:, 0, :].float()
-
-
-def project_onto(h: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
-    """Coordinates of ``h [..., d]`` in a 2-D basis ``[2, d]`` around ``mean [d]`` -> ``[..., 2]``."""
-    return (torch.as_tensor(h).float() - mean.float()) @ basis.float().T

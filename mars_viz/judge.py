@@ -11,12 +11,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Protocol
+
+from .paths import ASSETS
 
 __all__ = ["ClassifierJudge", "RefusalJudge", "SubstringJudge", "default_judge"]
 
-_PHRASES = Path(__file__).resolve().parent.parent / "assets" / "refusal_phrases.txt"
+_PHRASES = ASSETS / "refusal_phrases.txt"
 
 
 class RefusalJudge(Protocol):

@@ -28,6 +28,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .geometry import MarsRule, response_curve
+
 __all__ = [
     "COLORS",
     "CURRENT_NAMES",
@@ -299,12 +301,10 @@ def modality_offset_figure(
 
 
 def trust_region_figure(
-    tau: float,
-    margin: float,
-    t_star: float,
+    rule: MarsRule,
     scores: Mapping[str, float] | None = None,
     spreads: tuple[float, float] | None = None,
-    strength: float = 1.0,
+    layer: int | None = None,
 ) -> go.Figure:
     """The unsafety axis s with the gate, the trust region and where the current input lands.
 
@@ -312,21 +312,20 @@ def trust_region_figure(
     ramp ``tau..tau+margin``, the trust region ``tau..t*`` and "beyond t*".
     Stars mark the centroids at s = 0 and 1 (with +-1 std error bars when
     ``spreads = (std of safe fit scores, std of unsafe fit scores)``). On a
-    secondary y axis: the gate weight ``w(s) = clip((s - tau) / margin, 0, 1)``
-    and the push ``strength * w(s) * ReLU(t* - s)`` (how far along r an input
-    at s is moved), so the one-sided ReLU shape is visible: zero on the safe
-    side, largest just past the ramp, zero again at t*. ``scores`` keys are
-    among "raw", "recentred", "steered"; an arrow shows re-centred -> steered.
+    secondary y axis: the gate weight ``w(s)`` and the push (how far along r an
+    input at s is moved), both from ``geometry.response_curve``, the same
+    maths as the steering hook, so the curve honours ``rule.strength`` and
+    ``rule.gated`` (zero on the safe side, largest just past the ramp, zero
+    again at t*). The axis is in re-centred coordinates: the gate reads the
+    score after the modality offset is removed. ``scores`` keys are among
+    "raw", "recentred", "steered"; an arrow shows re-centred -> steered.
 
-    >>> fig = trust_region_figure(0.5, 0.1, 3.0, {"recentred": 1.0, "steered": 3.0})
+    >>> from mars_viz.geometry import MarsRule
+    >>> fig = trust_region_figure(MarsRule(tau=0.5, t_star=3.0), {"recentred": 1.0, "steered": 3.0})
     >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
     ['t*', 'tau']
     """
-    if not margin > 0:
-        raise ValueError(f"margin must be > 0 (the width of the gate ramp), got {margin}")
-    for name, v in (("tau", tau), ("t_star", t_star), ("strength", strength)):
-        if not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v}")
+    tau, margin, t_star, strength = rule.tau, rule.margin, rule.t_star, rule.strength
     scores = {k: float(v) for k, v in (scores or {}).items() if v is not None}
     unknown = sorted(set(scores) - set(_SCORE_NAMES))
     if unknown:
@@ -348,14 +347,16 @@ def trust_region_figure(
 
     # gate weight and push on the secondary axis; the kinks (tau, tau + m, t*) are exact grid points
     s = np.unique(np.concatenate([np.linspace(lo, hi, 401), [tau, tau + margin, t_star]]))
-    w = np.clip((s - tau) / margin, 0.0, 1.0)
-    push = strength * w * np.maximum(t_star - s, 0.0)
+    curve = response_curve(s, rule)
+    w = curve.gate_weight.numpy() if rule.gated else np.ones_like(s)
+    push = curve.push.numpy()
     fig.add_trace(go.Scatter(x=s.tolist(), y=w.tolist(), mode="lines", name="gate weight w(s)",
                              line=dict(color=_LINE_GREY, width=2), hovertemplate="s=%{x:.3f}: w=%{y:.3f}"),
                   secondary_y=True)
-    fig.add_trace(go.Scatter(x=s.tolist(), y=push.tolist(), mode="lines", name="push w(s)·ReLU(t*−s)",
+    formula = "λ·w(s)·ReLU(t*−s)" if rule.gated else "λ·ReLU(t*−s), ungated"
+    fig.add_trace(go.Scatter(x=s.tolist(), y=push.tolist(), mode="lines", name=f"push {formula}",
                              line=dict(color=COLORS["steered"], width=2, dash="dot"),
-                             hovertemplate=f"s=%{{x:.3f}}: push={strength:g}·w·ReLU(t*−s)=%{{y:.3f}}"),
+                             hovertemplate=f"s=%{{x:.3f}}: push = {formula} = %{{y:.3f}} (λ = {strength:g})"),
                   secondary_y=True)
 
     for key, x0 in (("safe", 0.0), ("unsafe", 1.0)):
@@ -379,7 +380,8 @@ def trust_region_figure(
         fig.add_annotation(x=scores["steered"], y=0.5, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
                            axref="x", ayref="y", showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2,
                            arrowcolor=COLORS["steered"], text="", name="steering push")
-    _layout(fig, "Gate and trust region on the unsafety axis", "unsafety score s (0 = safe centroid, 1 = unsafe)", "")
+    title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
+    _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "")
     fig.update_xaxes(range=[lo, hi])
     fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
     fig.update_yaxes(title_text="w(s) / push (units of ||r||)", rangemode="tozero", secondary_y=True,
@@ -477,7 +479,7 @@ def layer_scores_figure(
     chosen_layer: int,
     allowed: tuple[int, int] | range | None = None,
 ) -> go.Figure:
-    """Per-layer diagnostics that choose the intervention layer (DESIGN.md "Layer scores").
+    """Per-layer diagnostics that choose the intervention layer (defined in the README, "The formulation").
 
     Lines: separability (held-out AUROC of s), consistency (mean cosine of
     unsafe prompts with r_hat), steerability (normalised refusal log-prob gain)

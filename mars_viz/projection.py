@@ -11,7 +11,9 @@ Two kinds of view:
   points; the returned ``Projection`` keeps the fitted model so the current
   input (raw / re-centred / steered) lands in the same picture via
   ``Projection.transform``.
-- ``axis_plane`` is the supervised view MARS reasons in: x is the unsafety
+- ``pca_basis`` / ``project_onto`` are the same PCA in torch, per layer, fitted once at calibration and stored
+  in the state so the layer inspector needs no refit.
+- ``plane_basis`` / ``plane_coords`` give the supervised view MARS reasons in: x is the unsafety
   score ``s`` (0 at the safe centroid, 1 at the unsafe one), y is the main
   direction of variation orthogonal to the refusal axis. Gate threshold and
   trust region are vertical lines in it.
@@ -32,8 +34,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["Projection", "project"]
+from . import geometry as G
+
+__all__ = ["Projection", "pca_basis", "plane_basis", "plane_coords", "project", "project_onto"]
 
 METHODS = ("pca", "umap")
 
@@ -158,3 +163,58 @@ def project(
 # ---------------------------------------------------------------------------
 # the refusal-axis plane
 # ---------------------------------------------------------------------------
+
+
+# ---- per-layer bases in torch (fitted at calibration, stored in the state) -----------------------------------
+
+def pca_basis(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-layer 2-D PCA of a point cloud: ``acts [N, L, d]`` -> ``(mean [L, d], basis [L, 2, d])`` (float32).
+
+    >>> x = torch.zeros(4, 1, 3); x[:, 0, 0] = torch.tensor([-2., -1., 1., 2.])
+    >>> _, b = pca_basis(x); float(b[0, 0, 0].abs())
+    1.0
+    """
+    a = torch.as_tensor(acts).double()
+    if a.dim() != 3 or a.shape[0] < 2:
+        raise ValueError(f"pca_basis needs [N>=2, L, d] activations, got {tuple(a.shape)}")
+    mean = a.mean(0)  # [L, d]
+    x = (a - mean).transpose(0, 1)  # [L, N, d]
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [L, min(N,d), d]
+    basis = vh[:, :2, :]
+    if basis.shape[1] < 2:  # d == 1: pad with zeros
+        basis = torch.cat([basis, torch.zeros_like(basis)], dim=1)
+    return mean.float(), basis.float()
+
+
+def plane_basis(acts: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
+    """Per layer, the top principal direction of ``h - mu_minus`` after removing its ``r_hat`` component.
+
+    Together with ``r_hat`` it spans the "trust-region plane" the dashboard draws. ``acts [N, L, d]``,
+    ``mu_minus, r [L, d]`` -> unit vectors ``[L, d]`` orthogonal to ``r`` (float32).
+    """
+    a = torch.as_tensor(acts).double()
+    r64 = torch.as_tensor(r).double()
+    r_hat = r64 / G._norm_nonzero(r64)[..., None]  # [L, d]
+    x = a - torch.as_tensor(mu_minus).double()  # [N, L, d]
+    x = x - (x * r_hat).sum(-1, keepdim=True) * r_hat
+    x = (x - x.mean(0)).transpose(0, 1)  # [L, N, d]
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[:, 0, :].float()
+
+
+def project_onto(h: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+    """Coordinates of ``h [..., d]`` in a 2-D basis ``[2, d]`` around ``mean [d]`` -> ``[..., 2]``."""
+    return (torch.as_tensor(h).float() - mean.float()) @ basis.float().T
+
+
+def plane_coords(h: torch.Tensor, mu_minus: torch.Tensor, r: torch.Tensor, plane_pc: torch.Tensor) -> torch.Tensor:
+    """``h [..., d]`` -> ``[..., 2]`` in the trust-region plane: (unsafety score along r_hat, coordinate along
+    ``plane_pc`` in units of ``||r||``), one layer (``mu_minus, r, plane_pc [d]``); float32.
+
+    >>> plane_coords(torch.tensor([2.0, 3.0]), torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    tensor([2., 3.])
+    """
+    x = torch.as_tensor(h).double() - torch.as_tensor(mu_minus).double()
+    r = torch.as_tensor(r).double()
+    score = G.unsafety_score(x, torch.zeros_like(r), r)
+    return torch.stack([score, (x @ torch.as_tensor(plane_pc).double()) / r.norm()], dim=-1).float()

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backbone import Backbone, load_backbone
-from .cache import cache_dir, calibrate_cached
+from .cache import calibrate_cached
+from .paths import cache_dir
 from .state import MarsConfig, MarsState
 
 __all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "Session", "open_session"]

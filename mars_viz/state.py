@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .geometry import LayerScores
 
-__all__ = ["FORMAT_VERSION", "MarsConfig", "MarsState", "STATE_JSON", "STATE_TENSORS"]
+__all__ = ["FORMAT_VERSION", "Diagnostics", "MarsConfig", "MarsState", "STATE_JSON", "STATE_TENSORS"]
 
 FORMAT_VERSION = 1
 STATE_TENSORS = "mars_state.safetensors"
@@ -30,7 +30,7 @@ STATE_JSON = "mars_state.json"
 
 @dataclass(frozen=True)
 class MarsConfig:
-    """Formulation and calibration parameters (DESIGN.md 'Definitions'); every one is recorded in the state."""
+    """Formulation and calibration parameters (README, "The formulation"); every one is recorded in the state."""
 
     seed: int = 0
     heldout_frac: float = 0.3
@@ -67,8 +67,53 @@ class MarsConfig:
 
 
 @dataclass
+class Diagnostics:
+    """What calibration measured that is only plotted or reported. Nothing here changes what MARS does to an input.
+
+    Per-layer tensors are `[L]` (or `[L, d]`, `[N, L, 2]` as noted); lists are per layer too.
+    """
+
+    layer_scores: LayerScores
+    target_curve: dict[float, float]  # level -> refusal rate of held-out harmless text steered there at `layer`
+    spread_unsafe: torch.Tensor  # [L] std of s over the unsafe fit set
+    spread_safe: torch.Tensor  # [L] std of s over the safe fit set
+    balanced_accuracy: list[float] = field(default_factory=list)  # [L] of the gate threshold on held-out text
+    steerability_gain_nats: list[float] = field(default_factory=list)  # [L] raw gains behind `steerability`
+    allowed_layers: tuple[int, int] | None = None  # [start, stop) of the layer range the choice was made in
+    misalignment_video_before: list[float] | None = None  # [L] like layer_scores.misalignment_*, for video
+    misalignment_video_after: list[float] | None = None
+    refusal_opening: str = ""  # the model's own most frequent refusal opening (steerability target)
+    behaviour: dict[str, Any] = field(default_factory=dict)  # behaviour-filter counts and notes
+    prompt_hashes: dict[str, str] = field(default_factory=dict)
+    calib_points: torch.Tensor | None = None  # [N, d] float32 activations at `layer`, for UMAP
+    calib_labels: list[str] = field(default_factory=list)  # per calib point: unsafe / safe / image / video
+    proj_mean: torch.Tensor | None = None  # [L, d] per-layer PCA centre of the calibration points
+    proj_basis: torch.Tensor | None = None  # [L, 2, d] per-layer top-2 PCA directions
+    proj_points: torch.Tensor | None = None  # [N, L, 2] calibration points in that PCA plane
+    plane_pc: torch.Tensor | None = None  # [L, d] top PC of residuals orthogonal to r (trust-region plane)
+    plane_points: torch.Tensor | None = None  # [N, L, 2] calibration points in (score along r_hat, plane PC) coords
+
+    _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
+                "plane_points")
+    _JSON = ("balanced_accuracy", "steerability_gain_nats", "allowed_layers", "misalignment_video_before",
+             "misalignment_video_after")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Diagnostics):
+            return NotImplemented
+        return _fields_equal(self, other)
+
+
+@dataclass
 class MarsState:
-    """Fitted MARS quantities. Per-layer tensors are float64 `[L, d]` or `[L]`."""
+    """What steers: centroids, offsets, thresholds, the layer and t*, fitted for one model. Tensors are float64.
+
+    `diagnostics` holds what calibration measured for the plots and reports. Equality compares every field, tensors
+    by value; `.to(device)` moves the tensors that steer (a copy).
+    """
 
     model_id: str
     model_type: str
@@ -76,26 +121,22 @@ class MarsState:
     hidden_size: int
     mu_plus: torch.Tensor  # [L, d] unsafe centroid
     mu_minus: torch.Tensor  # [L, d] safe centroid
-    spread_unsafe: torch.Tensor  # [L] std of s over the unsafe fit set
-    spread_safe: torch.Tensor  # [L] std of s over the safe fit set
     offsets: dict[str, torch.Tensor]  # modality -> [L, d] modality offset delta_m
     taus: torch.Tensor  # [L] balanced-accuracy thresholds
     layer: int  # chosen intervention layer
-    target_level: float  # t*
-    target_curve: dict[float, float]  # level -> refusal rate of held-out harmless text at `layer`
-    layer_scores: LayerScores
+    target_level: float  # t*, calibrated at `layer`
     config: MarsConfig
-    refusal_opening: str = ""
-    behaviour: dict[str, Any] = field(default_factory=dict)  # behaviour-filter counts and notes
-    prompt_hashes: dict[str, str] = field(default_factory=dict)
-    calib_points: torch.Tensor | None = None  # [N, d] float32 activations at `layer`, for plots
-    calib_labels: list[str] = field(default_factory=list)  # per calib point: unsafe / safe / image / video
-    proj_mean: torch.Tensor | None = None  # [L, d] per-layer PCA centre of the calibration points
-    proj_basis: torch.Tensor | None = None  # [L, 2, d] per-layer top-2 PCA directions
-    proj_points: torch.Tensor | None = None  # [N, L, 2] calibration points in that PCA plane
-    plane_pc: torch.Tensor | None = None  # [L, d] top PC of residuals orthogonal to r (trust-region plane)
-    plane_points: torch.Tensor | None = None  # [N, L, 2] calibration points in (score along r_hat, plane PC) coords
-    extra: dict[str, Any] = field(default_factory=dict)
+    diagnostics: Diagnostics
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MarsState):
+            return NotImplemented
+        return _fields_equal(self, other)
+
+    def to(self, device: str | torch.device) -> MarsState:
+        """A copy whose steering tensors live on `device` (diagnostics stay where they are: they are only plotted)."""
+        return replace(self, mu_plus=self.mu_plus.to(device), mu_minus=self.mu_minus.to(device),
+                       taus=self.taus.to(device), offsets={m: t.to(device) for m, t in self.offsets.items()})
 
     # ---- derived --------------------------------------------------------------------------------------------------
     @property
@@ -133,15 +174,6 @@ class MarsState:
                              "refit with neutral inputs of that modality")
         return self.offsets[modality][self.layer if layer is None else layer]
 
-    def plane_coords(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """`h [..., d]` -> `[..., 2]`: (unsafety score along r_hat, coordinate along the plane PC in units of ||r||)."""
-        if self.plane_pc is None:
-            raise ValueError("this state has no trust-region plane (fitted by an older version): refit it")
-        mu, r = self.mu_minus[layer].double(), self.r[layer].double()
-        x = torch.as_tensor(h).double() - mu
-        r2 = float((r * r).sum())
-        return torch.stack([(x @ r) / r2, (x @ self.plane_pc[layer].double()) / r2 ** 0.5], dim=-1).float()
-
     def check_compatible(self, backbone) -> None:
         """Raise ValueError unless this state was fitted on a model of the same type and shape as `backbone`."""
         ours = (self.model_type, self.num_layers, self.hidden_size)
@@ -157,25 +189,23 @@ class MarsState:
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {"mu_plus": self.mu_plus, "mu_minus": self.mu_minus, "spread_unsafe": self.spread_unsafe,
-                   "spread_safe": self.spread_safe, "taus": self.taus}
+        diag = self.diagnostics
+        tensors = {"mu_plus": self.mu_plus, "mu_minus": self.mu_minus, "taus": self.taus, **diag.tensors()}
         tensors.update({f"offset.{m}": t for m, t in self.offsets.items()})
-        for name in ("calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc", "plane_points"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / STATE_TENSORS))
         meta = {
             "format_version": FORMAT_VERSION,
             "model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
             "hidden_size": self.hidden_size, "layer": self.layer, "tau": self.tau,
             "target_level": self.target_level,
-            "target_curve": {_level_key(k): v for k, v in self.target_curve.items()},
-            "layer_scores": self.layer_scores.to_dict(),
+            "target_curve": {_level_key(k): v for k, v in diag.target_curve.items()},
+            "layer_scores": diag.layer_scores.to_dict(),
             "r_norm": [float(x) for x in self.r_norm],
             "taus": [float(x) for x in self.taus],
-            "refusal_opening": self.refusal_opening, "behaviour": self.behaviour,
-            "prompt_hashes": self.prompt_hashes, "config": self.config.to_dict(),
-            "modalities": sorted(self.offsets), "calib_labels": self.calib_labels, "extra": self.extra,
+            "refusal_opening": diag.refusal_opening, "behaviour": diag.behaviour,
+            "prompt_hashes": diag.prompt_hashes, "config": self.config.to_dict(),
+            "modalities": sorted(self.offsets), "calib_labels": diag.calib_labels,
+            "diagnostics": {n: getattr(diag, n) for n in Diagnostics._JSON},
         }
         (d / STATE_JSON).write_text(json.dumps(meta, indent=2, allow_nan=True))
         return d
@@ -198,21 +228,25 @@ class MarsState:
             raise ValueError(f"state format {meta.get('format_version')} is not supported (expected "
                              f"{FORMAT_VERSION}): refit it")
         try:
+            # older states kept the per-layer lists under the untyped "extra"
+            listed = {**meta.get("extra", {}), **meta.get("diagnostics", {})}
+            typed = {n: listed.get(n) for n in Diagnostics._JSON if listed.get(n) is not None}
+            if typed.get("allowed_layers") is not None:
+                typed["allowed_layers"] = tuple(int(x) for x in typed["allowed_layers"])
+            diag = Diagnostics(
+                layer_scores=LayerScores.from_dict(meta["layer_scores"]),
+                target_curve={float(k): float(v) for k, v in meta["target_curve"].items()},
+                spread_unsafe=tensors["spread_unsafe"], spread_safe=tensors["spread_safe"],
+                refusal_opening=meta.get("refusal_opening", ""), behaviour=meta.get("behaviour", {}),
+                prompt_hashes=meta.get("prompt_hashes", {}), calib_labels=list(meta.get("calib_labels", [])),
+                **{n: tensors.get(n) for n in Diagnostics._TENSORS if n not in ("spread_unsafe", "spread_safe")},
+                **typed)
             state = cls(
                 model_id=meta["model"], model_type=meta["model_type"], num_layers=int(meta["num_layers"]),
                 hidden_size=int(meta["hidden_size"]), mu_plus=tensors["mu_plus"], mu_minus=tensors["mu_minus"],
-                spread_unsafe=tensors["spread_unsafe"], spread_safe=tensors["spread_safe"],
                 offsets={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("offset.")},
                 taus=tensors["taus"], layer=int(meta["layer"]), target_level=float(meta["target_level"]),
-                target_curve={float(k): float(v) for k, v in meta["target_curve"].items()},
-                layer_scores=LayerScores.from_dict(meta["layer_scores"]),
-                config=MarsConfig.from_dict(meta.get("config", {})),
-                refusal_opening=meta.get("refusal_opening", ""), behaviour=meta.get("behaviour", {}),
-                prompt_hashes=meta.get("prompt_hashes", {}), calib_points=tensors.get("calib_points"),
-                proj_mean=tensors.get("proj_mean"), proj_basis=tensors.get("proj_basis"),
-                proj_points=tensors.get("proj_points"), plane_pc=tensors.get("plane_pc"),
-                plane_points=tensors.get("plane_points"),
-                calib_labels=list(meta.get("calib_labels", [])), extra=meta.get("extra", {}))
+                config=MarsConfig.from_dict(meta.get("config", {})), diagnostics=diag)
         except KeyError as e:
             raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None
         shape = (state.num_layers, state.hidden_size)
@@ -236,6 +270,21 @@ class MarsState:
                 raise ValueError("tau must be a finite number")
             new.config = MarsConfig.from_dict({**self.config.to_dict(), "tau": float(tau)})
         return new
+
+
+def _fields_equal(a, b) -> bool:
+    """Dataclass equality with tensors compared by value (and dicts of tensors, e.g. offsets)."""
+
+    def same(x, y) -> bool:
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            return torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if is_dataclass(x) and not isinstance(x, type):
+            return type(x) is type(y) and _fields_equal(x, y)
+        return x == y
+
+    return all(same(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
 
 
 def _level_key(level: float) -> str:

@@ -1,7 +1,7 @@
 """MARS at the first generated token: score the last prompt position, gate, push inside the trust region.
 
 This module turns a fitted `MarsState` + user options into an edit function for `hooks.edit_position`. The maths is
-`geometry.steer_displacement`; the hook mechanics are `hooks.edit_position`; nothing else happens here.
+`geometry.mars_response`; the hook mechanics are `hooks.edit_position`; nothing else happens here.
 
 Example:
     >>> opts = SteerOptions(strength=1.0, recenter=True)
@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 
 from .backbone import Backbone
-from .geometry import gate_weight, steer_displacement, unsafety_score
+from .geometry import MarsRule, mars_response, unsafety_score
 from .hooks import EditRecord, edit_position
 from .state import MarsState
 
-__all__ = ["SteerOptions", "mars_edit", "mars_steering", "push_to_level_edit", "row_steering"]
+__all__ = ["SteerOptions", "mars_edit", "mars_steering", "push_to_level_edit", "resolve", "row_steering", "rule_for"]
 
 
 @dataclass(frozen=True)
@@ -65,31 +65,33 @@ def resolve(state: MarsState, options: SteerOptions) -> tuple[int, float]:
     return layer, tau
 
 
+def rule_for(state: MarsState, options: SteerOptions) -> tuple[int, MarsRule]:
+    """(layer, rule): the state's fitted values with the user's overrides, as `geometry.mars_response` takes them."""
+    layer, tau = resolve(state, options)
+    t_star = float(state.target_level if options.target_level is None else options.target_level)
+    return layer, MarsRule(tau=tau, t_star=t_star, margin=float(state.config.margin), strength=options.strength,
+                           gated=options.mode == "mars", steer=options.steer)
+
+
 def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | None):
-    """Edit function `(h [B, d], info) -> h'` applying the gated trust-region displacement at the resolved layer.
+    """Edit function `(h [B, d], info) -> h'` applying `geometry.mars_response` at the resolved layer.
 
     `deltas` `[B, d]` are the per-row modality offsets (zeros for text rows), or None for no re-centring.
     With `options.steer=False` the scores (and `planned_norm`, the displacement it would apply) are recorded and h is
     returned unchanged.
     """
-    layer, tau = resolve(state, options)
+    layer, rule = rule_for(state, options)
     mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
-    t_star = float(state.target_level if options.target_level is None else options.target_level)
-    margin = float(state.config.margin)
 
     def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
         d = None if deltas is None else deltas.to(h.device)
+        out = mars_response(h, mu_minus.to(h.device), r.to(h.device), rule, d)
         s_raw = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B]
-        disp, s_rec = steer_displacement(h, mu_minus.to(h.device), r.to(h.device), tau, t_star,
-                                         strength=options.strength, margin=margin, delta=d)
-        if options.mode == "ungated":
-            c = options.strength * torch.relu(t_star - s_rec)  # [B]
-            disp = (c[:, None] * r.to(h.device)).to(h.dtype)
-        planned = disp.float().norm(dim=-1).cpu()  # what these options would apply, even with steering off
-        info.update(layer=layer, tau=tau, t_star=t_star, s_raw=s_raw.cpu(), s_recentred=s_rec.cpu(),
-                    gate_weight=gate_weight(s_rec, tau, margin).cpu(), gate_open=(s_rec > tau).cpu(),
-                    planned_norm=planned, displacement_norm=planned if options.steer else torch.zeros(h.shape[0]))
-        return h + disp if options.steer else h
+        planned = out.planned_norm.float().cpu()
+        info.update(layer=layer, tau=rule.tau, t_star=rule.t_star, s_raw=s_raw.cpu(), s_recentred=out.score.cpu(),
+                    gate_weight=out.gate_weight.cpu(), gate_open=out.gate_open.cpu(), planned_norm=planned,
+                    displacement_norm=planned if rule.steer else torch.zeros(h.shape[0]))
+        return h + out.displacement if rule.steer else h
 
     return layer, edit
 

@@ -19,7 +19,7 @@ REAL_ROOT = Path(os.environ.get("MARS_REAL_ROOT", "/tmp/mars-real"))
 def real_model(name: str) -> Path:
     path = REAL_ROOT / name
     if not (path / ".ok").exists():
-        pytest.skip(f"real backbone {name} not built (bash ../shared/tools/build-real-backbone.sh)")
+        pytest.skip(f"real backbone {name} not built (see README, 'Development')")
     return path
 
 

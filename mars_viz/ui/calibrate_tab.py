@@ -30,10 +30,11 @@ def state_summary(session: Session) -> dict:
         out["state"] = "not fitted yet: press Fit (or run an input in Explore, which fits with the defaults)"
         return out
     out["state"] = {"source": session.state_source, "layer": s.layer, "tau": round(s.tau, 4),
-                    "target_level": s.target_level, "target_curve": {f"{k:g}": v for k, v in s.target_curve.items()},
-                    "separability_at_layer": round(float(s.layer_scores.separability[s.layer]), 4),
-                    "steerability_at_layer": round(float(s.layer_scores.steerability[s.layer]), 4),
-                    "refusal_opening": s.refusal_opening, "behaviour_filter": s.behaviour,
+                    "target_level": s.target_level, "target_curve": {f"{k:g}": v
+                                                                     for k, v in s.diagnostics.target_curve.items()},
+                    "separability_at_layer": round(float(s.diagnostics.layer_scores.separability[s.layer]), 4),
+                    "steerability_at_layer": round(float(s.diagnostics.layer_scores.steerability[s.layer]), 4),
+                    "refusal_opening": s.diagnostics.refusal_opening, "behaviour_filter": s.diagnostics.behaviour,
                     "modalities": sorted(s.offsets), "config": s.config.to_dict()}
     return out
 
@@ -96,7 +97,7 @@ def build(session: Session) -> None:
             state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress))
             session.config = cfg
             session.set_state(state, "fitted in the Calibrate tab")
-        for note in state.behaviour.get("notes", []):
+        for note in state.diagnostics.behaviour.get("notes", []):
             gr.Warning(note)
         return state_summary(session)
 

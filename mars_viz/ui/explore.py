@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..analysis import Analysis, analyze_stream, build_figures
+from ..analysis import Analysis, analyze_stream
 from ..examples import EXAMPLES, example_by_name
 from ..session import Session
 from ..state import MarsState
+from ..views import build_figures
 from .common import build_query, export_zip, gr_progress, steer_options, user_errors
 
 __all__ = ["ExploreTab", "build"]
@@ -40,6 +41,9 @@ def verdict_markdown(a: Analysis) -> str:
     if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
         gate = (f"Gate **open** (s = {r.score_recentred:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
                 f"beyond t* = {r.t_star:g}, the trust region's outer wall: no push.")
+    elif r.gate_open and not r.steer:
+        gate = (f"Gate **open**: s = {r.score_recentred:.3f} > τ = {r.tau:.3f} → would be pushed toward "
+                f"t* = {r.t_star:g} with λ = {r.strength:g} (steering is off, so nothing was changed).")
     elif r.gate_open:
         gate = (f"Gate **open**: s = {r.score_recentred:.3f} > τ = {r.tau:.3f} → pushed toward t* = {r.t_star:g} "
                 f"with λ = {r.strength:g} (‖Δh‖ = {r.displacement_norm:.3g}).")
@@ -49,7 +53,7 @@ def verdict_markdown(a: Analysis) -> str:
              f" Raw score {r.score_raw:.3f}; the {r.modality} offset accounts for "
              f"{r.score_raw - r.score_recentred:+.3f} of it (removed by re-centring).")
     steer = "" if r.steer else " (steering is off: scores only)"
-    notes = "".join(f"\n\n> {n}" for n in a.notes)
+    notes = "".join(f"\n\n> {n}" for n in a.notes + ([r.t_star_note] if r.t_star_note else []))
     return (f"**Layer {r.layer}** · {r.modality} input{steer}. {gate}{shift}\n\n"
             f"Unsteered: {verdict(r.unsteered.refused)} · MARS: {verdict(r.steered.refused)}"
             f"{' · answers identical' if r.steered.text == r.unsteered.text else ''}{notes}")

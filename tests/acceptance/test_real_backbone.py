@@ -1,4 +1,4 @@
-"""Opt-in: the real refusing 0.5B backbone (built by ../shared/tools/build-real-backbone.sh under $MARS_REAL_ROOT).
+"""Opt-in: the real refusing 0.5B backbone (the developer build under $MARS_REAL_ROOT; README, "Development").
 
 Skipped when the folders are absent. The capture checks run whenever the backbone exists (about 20 s); the MARS
 behaviour checks need a fitted state and ~15 minutes, so they also need MARS_REAL_FULL=1 (or MARS_REAL_STATE=DIR
@@ -64,8 +64,8 @@ def test_real_mars_changes_refusals(qwen_state):
 
     bb, state = qwen_state
     layer = state.layer
-    assert state.layer_scores.separability[layer] >= 0.95
-    assert state.layer_scores.steerability[layer] >= 0.5
+    assert state.diagnostics.layer_scores.separability[layer] >= 0.95
+    assert state.diagnostics.layer_scores.steerability[layer] >= 0.5
     sets = split_sets(state.config)
     harm = run_pairs(bb, state, [Query(p) for p in sets["u_held"]], SteerOptions(), max_new_tokens=24, batch_size=8)
     unsteered = sum(r.unsteered.refused for r in harm) / len(harm)

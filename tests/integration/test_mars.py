@@ -105,11 +105,12 @@ def test_state_round_trip_and_contents(arch, tiny_backbones, fitted, tmp_path):
     state.save(tmp_path)
     again = MarsState.load(tmp_path)
     assert torch.equal(again.mu_plus, state.mu_plus) and torch.equal(again.offsets["image"], state.offsets["image"])
-    assert again.layer == state.layer and again.tau == state.tau and again.target_curve == state.target_curve
-    assert again.layer_scores.to_dict() == state.layer_scores.to_dict()
+    assert again == state and again.fingerprint() == state.fingerprint()  # every field, tensors by value
+    assert again.diagnostics.target_curve == state.diagnostics.target_curve
+    assert again.diagnostics.layer_scores.to_dict() == state.diagnostics.layer_scores.to_dict()
     assert set(again.offsets) == {"image", "video"}  # frames-as-images models get a video offset too
     assert again.mu_plus.dtype == torch.float64 and again.mu_plus.shape == (4, 64)
-    assert again.prompt_hashes["harmful"] and again.config == SMALL
+    assert again.diagnostics.prompt_hashes["harmful"] and again.config == SMALL
 
 
 def test_state_from_another_model_is_refused_clearly(tiny_backbones, fitted):
@@ -146,16 +147,16 @@ def test_behaviour_filter_uses_refused_prompts_only(tiny_backbones):
     u_fit = split_sets(cfg)["u_fit"]
     acts = collect_activations(bb, [Query(p) for p in u_fit[::2]])
     torch.testing.assert_close(state.mu_plus, acts.double().mean(0), atol=1e-5, rtol=0)
-    assert state.behaviour["unsafe_used"] == len(u_fit[::2]) and not state.behaviour["fallback"]
+    assert state.diagnostics.behaviour["unsafe_used"] == len(u_fit[::2]) and not state.diagnostics.behaviour["fallback"]
 
 
 def test_behaviour_filter_fallback_is_reported(fitted):
-    b = fitted("gemma3").behaviour  # a random model refuses nothing
+    b = fitted("gemma3").diagnostics.behaviour  # a random model refuses nothing
     assert b["fallback"] and "uses all" in b["notes"][0] and b["unsafe_used"] == b["harmful_total"]
 
 
 def test_layer_scores_have_one_value_per_layer(fitted):
-    scores = fitted("qwen2_5_vl").layer_scores.to_dict()
+    scores = fitted("qwen2_5_vl").diagnostics.layer_scores.to_dict()
     for name in ("separability", "consistency", "steerability", "combined", "misalignment_before",
                  "misalignment_after"):
         assert len(scores[name]) == 4
@@ -233,3 +234,16 @@ def test_gate_closed_single_query_decodes_once(tiny_backbones, fitted):
     assert closed.steered.token_ids == closed.unsteered.token_ids and closed.displacement_norm == 0
     assert opened.displacement_norm > 0
     assert n_open > n_closed  # the second decode happens only when MARS moves the input
+
+
+def test_layer_override_says_t_star_was_calibrated_elsewhere(tiny_backbones, fitted):
+    bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")
+    other = (state.layer + 1) % state.num_layers
+    (same,) = run_pairs(bb, state, [Query("Hello there")], SteerOptions(), max_new_tokens=2)
+    assert same.to_json()["target_level_layer"] == state.layer and "t_star_note" not in same.to_json()
+    (moved,) = run_pairs(bb, state, [Query("Hello there")], SteerOptions(layer=other), max_new_tokens=2)
+    note = moved.to_json()["t_star_note"]
+    assert f"calibrated at layer {state.layer}" in note and f"pushes at layer {other}" in note
+    (given,) = run_pairs(bb, state, [Query("Hello there")], SteerOptions(layer=other, target_level=2.0),
+                         max_new_tokens=2)
+    assert given.to_json()["target_level_layer"] is None and "t_star_note" not in given.to_json()

@@ -493,26 +493,53 @@ def test_layer_scores_round_trip():
         LayerScores(**{**values, "fisher": torch.zeros(L + 1)})
 
 
-def test_plane_basis_is_unit_orthogonal_and_finds_planted_spread():
-    g = torch.Generator().manual_seed(7)
-    n, d = 64, 16
-    r = torch.zeros(1, d, dtype=torch.float64)
-    r[0, 0] = 2.0
-    mu_minus = torch.zeros(1, d, dtype=torch.float64)
-    acts = torch.randn(n, 1, d, generator=g, dtype=torch.float64) * 0.05
-    acts[:, 0, 3] += torch.randn(n, generator=g, dtype=torch.float64) * 3.0  # planted spread along axis 3
-    acts[:, 0, 0] += torch.randn(n, generator=g, dtype=torch.float64) * 5.0  # along r: must be ignored
-    pc = G.plane_basis(acts, mu_minus, r)[0].double()
-    assert abs(float(pc.norm()) - 1.0) < 1e-5 and abs(float(pc @ r[0])) < 1e-5
-    assert abs(float(pc[3])) > 0.99
+# ---- mars_response: the one answer to "what does MARS do to this h" -------------------------------------------------
 
 
-def test_pca_basis_and_projection_recover_planted_axis():
-    g = torch.Generator().manual_seed(8)
-    acts = torch.randn(50, 2, 8, generator=g) * 0.01
-    acts[:, :, 5] += torch.linspace(-3, 3, 50)[:, None]
-    mean, basis = G.pca_basis(acts)
-    assert mean.shape == (2, 8) and basis.shape == (2, 2, 8)
-    assert float(basis[0, 0, 5].abs()) > 0.99 and float(basis[1, 0, 5].abs()) > 0.99
-    coords = G.project_onto(acts[:, 0], mean[0], basis[0])  # [N, 2]
-    assert torch.allclose(coords[:, 0].abs(), (acts[:, 0, 5] - mean[0, 5]).abs(), atol=0.05)
+def _planted_axis(d: int = 6):
+    g = torch.Generator().manual_seed(3)
+    mu_minus = torch.randn(d, generator=g, dtype=torch.float64)
+    r = torch.randn(d, generator=g, dtype=torch.float64)
+    levels = torch.tensor([-1.0, TAU, TAU + MARGIN / 2, 1.0, T_STAR, T_STAR + 1])
+    ortho = torch.randn(len(levels), d, generator=g, dtype=torch.float64)
+    ortho -= (ortho @ r)[:, None] * r / (r @ r)  # no component along r: the score is exactly the level
+    return mu_minus, r, mu_minus + levels[:, None] * r + ortho, levels
+
+
+def test_mars_response_places_inputs_and_reports_the_push():
+    mu_minus, r, h, levels = _planted_axis()
+    out = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN))
+    assert torch.allclose(out.score, levels.double())
+    assert out.gate_open.tolist() == [False, False, True, True, True, True]
+    assert torch.equal(out.displacement[:2], torch.zeros(2, h.shape[1], dtype=h.dtype))  # gate closed: exactly 0
+    after = G.unsafety_score(h + out.displacement, mu_minus, r)
+    assert after[3] == pytest.approx(T_STAR)  # fully open gate inside the trust region: lands on t*
+    assert torch.allclose(out.planned_norm, out.push * r.norm())
+    disp, s = G.steer_displacement(h, mu_minus, r, TAU, T_STAR, margin=MARGIN)
+    assert torch.equal(disp, out.displacement) and torch.equal(s, out.score)
+
+
+def test_mars_response_strength_mode_and_steer_off():
+    mu_minus, r, h, _ = _planted_axis()
+    full = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN))
+    half = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, strength=0.5))
+    assert torch.allclose(half.displacement, 0.5 * full.displacement)
+    ungated = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, gated=False))
+    assert torch.allclose(G.unsafety_score(h + ungated.displacement, mu_minus, r)[:4], torch.full((4,), T_STAR,
+                                                                                                  dtype=torch.float64))
+    off = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, steer=False))
+    assert torch.equal(off.displacement, torch.zeros_like(h)) and torch.equal(off.planned_norm, full.planned_norm)
+
+
+def test_response_curve_matches_mars_response_on_real_vectors():
+    mu_minus, r, h, levels = _planted_axis()
+    rule = G.MarsRule(TAU, T_STAR, MARGIN, strength=0.7)
+    curve = G.response_curve(levels, rule)
+    out = G.mars_response(h, mu_minus, r, rule)
+    assert torch.allclose(curve.push, out.push) and torch.equal(curve.gate_open, out.gate_open)
+
+
+def test_mars_rule_rejects_bad_controls():
+    for bad in (dict(strength=-1.0), dict(margin=0.0), dict(tau=float("nan"))):
+        with pytest.raises(ValueError):
+            G.MarsRule(**{"tau": TAU, "t_star": T_STAR, **bad})

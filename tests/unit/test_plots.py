@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import pytest
 
 from mars_viz import plots
+from mars_viz.geometry import MarsRule
 from mars_viz.plots import (
     COLORS,
     PLOT_CONFIG,
@@ -123,7 +124,8 @@ def test_modality_offset_figure():
 
 def test_trust_region_figure():
     tau, m, t_star = 0.4, 0.2, 3.0
-    fig = trust_region_figure(tau, m, t_star, {"raw": 0.9, "recentred": 0.5, "steered": 2.8}, spreads=(0.3, 0.4))
+    fig = trust_region_figure(MarsRule(tau, t_star, m), {"raw": 0.9, "recentred": 0.5, "steered": 2.8},
+                              spreads=(0.3, 0.4), layer=7)
     common(fig)
     # vertical lines at tau and t*
     (tau_line,) = shapes(fig, "tau")
@@ -151,7 +153,7 @@ def test_trust_region_figure():
     (arrow,) = [a for a in fig.layout.annotations if a.showarrow]
     assert (arrow.ax, arrow.x) == (0.5, 2.8)
     # gate weight and push, on the secondary axis, with exact kinks
-    gate, push = trace(fig, "gate weight w(s)"), trace(fig, "push w(s)·ReLU(t*−s)")
+    gate, push = trace(fig, "gate weight w(s)"), trace(fig, "push λ·w(s)·ReLU(t*−s)")
     assert gate.yaxis == push.yaxis == "y2"
     s, w, p = np.array(gate.x), np.array(gate.y), np.array(push.y)
     assert np.array_equal(np.array(push.x), s)
@@ -167,20 +169,31 @@ def test_trust_region_figure():
     assert p.max() == pytest.approx(t_star - tau - m)  # largest just past the ramp
 
 
+def test_trust_region_push_curve_honours_strength_and_mode():
+    full = trace(trust_region_figure(MarsRule(0.4, 3.0, 0.2, strength=1.0)), "push λ·w(s)·ReLU(t*−s)")
+    half = trace(trust_region_figure(MarsRule(0.4, 3.0, 0.2, strength=0.5)), "push λ·w(s)·ReLU(t*−s)")
+    assert np.array_equal(np.array(full.x), np.array(half.x))
+    assert np.allclose(np.array(half.y), 0.5 * np.array(full.y)) and max(full.y) > 0
+    ungated = trace(trust_region_figure(MarsRule(0.4, 3.0, 0.2, gated=False)), "push λ·ReLU(t*−s), ungated")
+    s, p = np.array(ungated.x), np.array(ungated.y)
+    assert np.allclose(p, np.maximum(3.0 - s, 0))  # no gate: the safe side is pushed too
+    assert "(layer 7)" in trust_region_figure(MarsRule(0.4, 3.0), layer=7).layout.title.text
+
+
 def test_trust_region_figure_minimal_and_errors():
-    fig = trust_region_figure(0.5, 0.1, 2.0)
+    fig = trust_region_figure(MarsRule(0.5, 2.0, 0.1))
     assert not any(t.name.startswith("score") for t in fig.data)
     assert not [a for a in fig.layout.annotations if a.showarrow]
     assert tuple(fig.layout.xaxis.range) == (-0.5, 3.0)
     assert trace(fig, "safe centroid").error_x.visible is False
     # far-out scores widen the axis
-    fig = trust_region_figure(0.5, 0.1, 2.0, {"raw": -2.0, "steered": 6.0})
+    fig = trust_region_figure(MarsRule(0.5, 2.0, 0.1), {"raw": -2.0, "steered": 6.0})
     lo, hi = fig.layout.xaxis.range
     assert lo < -2.0 and hi > 6.0
     with pytest.raises(ValueError, match="margin"):
-        trust_region_figure(0.5, 0.0, 2.0)
+        trust_region_figure(MarsRule(0.5, 2.0, 0.0))
     with pytest.raises(ValueError, match="unknown score key"):
-        trust_region_figure(0.5, 0.1, 2.0, {"final": 1.0})
+        trust_region_figure(MarsRule(0.5, 2.0, 0.1), {"final": 1.0})
 
 
 def test_target_curve_figure():

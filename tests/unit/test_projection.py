@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mars_viz import projection as P
 from mars_viz.projection import Projection, project
 
 D = 32
@@ -114,3 +115,28 @@ def test_umap_coords_and_transform(umap_proj, clusters):
 # ---------------------------------------------------------------------------
 # axis plane
 # ---------------------------------------------------------------------------
+
+
+def test_plane_basis_is_unit_orthogonal_and_finds_planted_spread():
+    g = torch.Generator().manual_seed(7)
+    n, d = 64, 16
+    r = torch.zeros(1, d, dtype=torch.float64)
+    r[0, 0] = 2.0
+    mu_minus = torch.zeros(1, d, dtype=torch.float64)
+    acts = torch.randn(n, 1, d, generator=g, dtype=torch.float64) * 0.05
+    acts[:, 0, 3] += torch.randn(n, generator=g, dtype=torch.float64) * 3.0  # planted spread along axis 3
+    acts[:, 0, 0] += torch.randn(n, generator=g, dtype=torch.float64) * 5.0  # along r: must be ignored
+    pc = P.plane_basis(acts, mu_minus, r)[0].double()
+    assert abs(float(pc.norm()) - 1.0) < 1e-5 and abs(float(pc @ r[0])) < 1e-5
+    assert abs(float(pc[3])) > 0.99
+
+
+def test_pca_basis_and_projection_recover_planted_axis():
+    g = torch.Generator().manual_seed(8)
+    acts = torch.randn(50, 2, 8, generator=g) * 0.01
+    acts[:, :, 5] += torch.linspace(-3, 3, 50)[:, None]
+    mean, basis = P.pca_basis(acts)
+    assert mean.shape == (2, 8) and basis.shape == (2, 2, 8)
+    assert float(basis[0, 0, 5].abs()) > 0.99 and float(basis[1, 0, 5].abs()) > 0.99
+    coords = P.project_onto(acts[:, 0], mean[0], basis[0])  # [N, 2]
+    assert torch.allclose(coords[:, 0].abs(), (acts[:, 0, 5] - mean[0, 5]).abs(), atol=0.05)

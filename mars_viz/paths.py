@@ -1,0 +1,20 @@
+"""Where mars_viz reads its bundled files and writes its caches: one home for both, imported by everything else.
+
+Example:
+    >>> (ASSETS / "prompts" / "harmful.txt").is_file()
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["ASSETS", "cache_dir"]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # prompt sets, examples, refusal phrases, screenshot
+
+
+def cache_dir() -> Path:
+    """The cache root: `$MARS_VIZ_CACHE`, else `~/.cache/mars_viz` (states, datasets, the offline demo model)."""
+    return Path(os.environ.get("MARS_VIZ_CACHE", Path.home() / ".cache" / "mars_viz"))

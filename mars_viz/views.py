@@ -1,0 +1,151 @@
+"""What the dashboard draws for one analysed input: re-scoring at any layer, and every figure (pure; no model).
+
+`analysis.analyze_stream` runs the model once and keeps the residuals of every layer; this module turns those and the
+fitted state into a `LayerView` (scores and where MARS moves the input, from `geometry.mars_response`, the same
+function the steering hook calls) and into plotly figures, so the toggle and the layer inspector never touch the model.
+
+Example:
+    >>> view = rescore(state, analysis.acts, "image", SteerOptions(), layer=12)      # doctest: +SKIP
+    >>> figs, view = build_figures(state, analysis, layer=12)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import plotly.graph_objects as go
+import torch
+
+from . import geometry as G
+from . import plots as P
+from .analysis import Analysis
+from .projection import plane_coords, project, project_onto
+from .state import MarsState
+from .steering import SteerOptions, rule_for
+
+__all__ = ["LayerView", "build_figures", "rescore", "state_figures"]
+
+
+@dataclass
+class LayerView:
+    """The current input at one layer: raw / re-centred / steered residuals and their scores."""
+
+    layer: int
+    rule: G.MarsRule  # tau, t*, margin, strength, gated, steer: what was applied at this layer
+    s_raw: float
+    s_recentred: float
+    s_steered: float  # score (re-centred) after the displacement
+    gate_open: bool
+    displacement_norm: float
+    h_raw: torch.Tensor  # [d]
+    h_recentred: torch.Tensor  # [d]
+    h_steered: torch.Tensor  # [d] re-centred + displacement: where the gate and trust region see the input land
+
+    @property
+    def tau(self) -> float:
+        return self.rule.tau
+
+    @property
+    def t_star(self) -> float:
+        return self.rule.t_star
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, **asdict(self.rule), **{k: getattr(self, k) for k in (
+            "s_raw", "s_recentred", "s_steered", "gate_open", "displacement_norm")}}
+
+
+def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerOptions,
+            layer: int | None = None) -> LayerView:
+    """Score and steer the captured residuals `acts [L, d]` at `layer` (default: the options' / state's layer).
+
+    Pure maths through `geometry.mars_response`, so it honours strength, mode and steer exactly as the hook does.
+    """
+    opts = options if layer is None else replace(options, layer=layer)
+    layer, rule = rule_for(state, opts)
+    h = acts[layer].double()  # [d]
+    mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
+    delta = state.offset(modality, layer) if opts.recenter else None
+    out = G.mars_response(h, mu_minus, r, rule, delta)
+    h_rec = h if delta is None else G.recentre(h, delta)  # [d]
+    h_steered = h_rec + out.displacement  # [d]
+    return LayerView(layer=layer, rule=rule, s_raw=float(G.unsafety_score(h, mu_minus, r)),
+                     s_recentred=float(out.score), s_steered=float(G.unsafety_score(h_steered, mu_minus, r)),
+                     gate_open=bool(out.gate_open), displacement_norm=float(out.displacement.norm()),
+                     h_raw=h.float(), h_recentred=h_rec.float(), h_steered=h_steered.float())
+
+
+def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: str) -> go.Figure:
+    diag = state.diagnostics
+    if method == "umap" and diag.calib_points is not None and layer == state.layer:
+        proj = project(diag.calib_points, method="umap", seed=state.config.seed)
+        coords, fn, name = proj.coords, proj.transform, "UMAP"
+    elif diag.proj_points is None or diag.proj_basis is None or diag.proj_mean is None:
+        # an older state without per-layer projections: PCA of the chosen layer only
+        proj = project(diag.calib_points, method="pca")
+        coords, fn, name = proj.coords, proj.transform, "PCA"
+    else:
+        mean, basis = diag.proj_mean[layer], diag.proj_basis[layer]  # [d], [2, d]
+        coords, name = diag.proj_points[:, layer].numpy(), "PCA"
+        fn = lambda x: project_onto(torch.as_tensor(x), mean, basis).numpy()  # noqa: E731
+    cents = fn(torch.stack([state.mu_minus[layer], state.mu_plus[layer]]).float())
+    cur = None
+    if view is not None:
+        p = fn(torch.stack([view.h_raw, view.h_recentred, view.h_steered]))
+        cur = {"raw": tuple(p[0]), "recentred": tuple(p[1]), "steered": tuple(p[2])}
+    return P.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
+                             method=name)
+
+
+def _plane_fig(state: MarsState, layer: int, view: LayerView | None) -> go.Figure | None:
+    diag = state.diagnostics
+    if diag.plane_points is None or diag.plane_pc is None:
+        return None
+    cur = None
+    if view is not None:
+        h = torch.stack([view.h_raw, view.h_recentred, view.h_steered])  # [3, d]
+        pts = plane_coords(h, state.mu_minus[layer], state.r[layer], diag.plane_pc[layer]).tolist()
+        cur = dict(zip(("raw", "recentred", "steered"), map(tuple, pts), strict=True))
+    tau = view.tau if view is not None else float(state.taus[layer])
+    return P.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level)
+
+
+def state_figures(state: MarsState, layer: int | None = None, view: LayerView | None = None,
+                  method: str = "pca") -> dict[str, go.Figure]:
+    """Every figure that depends only on the fitted state (and optionally the current input's view)."""
+    layer = state.layer if layer is None else layer
+    diag = state.diagnostics
+    ls = diag.layer_scores.to_dict()
+    r_norm = state.r_norm
+    ratio = {m: [float(x) for x in (off.norm(dim=-1) / r_norm)] for m, off in state.offsets.items()}
+    before, after = {"image": ls["misalignment_before"]}, {"image": ls["misalignment_after"]}
+    if diag.misalignment_video_before is not None and diag.misalignment_video_after is not None:
+        before["video"], after["video"] = diag.misalignment_video_before, diag.misalignment_video_after
+    allowed = diag.allowed_layers or (0, state.num_layers)
+    scores = None if view is None else {"raw": view.s_raw, "recentred": view.s_recentred, "steered": view.s_steered}
+    rule = view.rule if view is not None else rule_for(state, SteerOptions(layer=layer))[1]
+    figs = {
+        "centroids": _centroid_fig(state, layer, view, method),
+        "modality_offset": P.modality_offset_figure(ratio, before, after, layer),
+        "trust_region": P.trust_region_figure(rule, scores, (float(diag.spread_safe[layer]),
+                                                             float(diag.spread_unsafe[layer])), layer),
+        "target_curve": P.target_curve_figure(diag.target_curve, state.target_level),
+        "layer_scores": P.layer_scores_figure(ls, layer, allowed),
+    }
+    plane = _plane_fig(state, layer, view)
+    if plane is not None:
+        figs["plane"] = plane
+    return figs
+
+
+def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None = None,
+                  method: str = "pca") -> tuple[dict[str, go.Figure], LayerView | None]:
+    """All dashboard figures for the current analysis at `layer`, plus the layer view used."""
+    view = None
+    if analysis is not None:
+        view = rescore(state, analysis.acts, analysis.query.modality, analysis.options, layer)
+        layer = view.layer
+    figs = state_figures(state, layer, view, method)
+    if analysis is not None and analysis.frame_scores is not None:
+        figs["frames"] = P.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
+                                               analysis.frame_indices, state.target_level)
+    return figs, view

@@ -1,0 +1,109 @@
+"""A planted MarsState (no model): equality, .to(), round-trip, old formats, and one source for the push.
+
+The hook's edit function (`steering.mars_edit`), the dashboard's re-scoring (`views.rescore`) and the trust-region
+figure all go through `geometry.mars_response`; these tests check that they agree on planted geometry.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mars_viz import geometry as G
+from mars_viz.state import STATE_JSON, Diagnostics, MarsConfig, MarsState
+from mars_viz.steering import SteerOptions, mars_edit
+from mars_viz.views import rescore, state_figures
+
+L, D = 4, 8
+
+
+def planted_state(seed: int = 0) -> MarsState:
+    g = torch.Generator().manual_seed(seed)
+    mu_minus = torch.randn(L, D, generator=g, dtype=torch.float64)
+    r = torch.randn(L, D, generator=g, dtype=torch.float64)
+    ls = G.LayerScores(**{n: torch.linspace(0.1, 0.9, L, dtype=torch.float64) for n in (
+        "separability", "fisher", "consistency", "split_half", "steerability", "misalignment_before",
+        "misalignment_after", "combined")})
+    diag = Diagnostics(layer_scores=ls, target_curve={1.0: 0.2, 3.0: 0.6}, spread_unsafe=torch.full((L,), 0.2),
+                       spread_safe=torch.full((L,), 0.1), allowed_layers=(0, L),
+                       calib_points=torch.randn(6, D, generator=g), calib_labels=["safe", "unsafe"] * 3)
+    return MarsState(model_id="planted", model_type="toy", num_layers=L, hidden_size=D, mu_plus=mu_minus + r,
+                     mu_minus=mu_minus, offsets={"image": 0.3 * r}, taus=torch.full((L,), 0.5, dtype=torch.float64),
+                     layer=2, target_level=3.0, config=MarsConfig(margin=0.1), diagnostics=diag)
+
+
+def at_score(state: MarsState, layer: int, s: float) -> torch.Tensor:
+    return state.mu_minus[layer] + s * state.r[layer]  # [d], a raw (text) residual with score s
+
+
+def test_push_curve_at_half_strength_is_half_and_matches_the_hook():
+    state = planted_state()
+    layer = state.layer
+    curves = {}
+    for lam in (1.0, 0.5):
+        fig = state_figures(state, layer, rescore(state, torch.zeros(L, D), "text", SteerOptions(strength=lam)))
+        (push,) = [t for t in fig["trust_region"].data if t.name and t.name.startswith("push")]
+        curves[lam] = (np.array(push.x), np.array(push.y))
+        # the hook, on residuals placed along the axis, moves each by exactly the plotted push (in units of ||r||)
+        s_grid = torch.tensor([0.2, 0.55, 0.8, 1.5, 2.9, 3.5], dtype=torch.float64)
+        h = torch.stack([at_score(state, layer, float(s)) for s in s_grid])  # [6, d]
+        _, edit = mars_edit(state, SteerOptions(strength=lam, recenter=False), None)
+        moved = (edit(h.clone(), {}) - h).norm(dim=-1) / state.r[layer].norm()  # [6]
+        x, y = curves[lam]
+        assert np.allclose(moved.numpy(), np.interp(s_grid.numpy(), x, y), atol=2e-3)
+    assert np.array_equal(curves[1.0][0], curves[0.5][0])
+    assert np.allclose(curves[0.5][1], 0.5 * curves[1.0][1]) and curves[1.0][1].max() > 0
+
+
+def test_rescore_and_hook_agree_for_every_mode():
+    state = planted_state()
+    acts = torch.stack([at_score(state, i, 1.2) for i in range(L)]).float() + 0.3 * state.r.float()  # [L, d]
+    for opts in (SteerOptions(), SteerOptions(strength=0.5), SteerOptions(mode="ungated"), SteerOptions(steer=False),
+                 SteerOptions(recenter=False), SteerOptions(layer=1)):
+        view = rescore(state, acts, "image", opts)
+        deltas = state.offsets["image"][view.layer][None] if opts.recenter else None
+        info: dict = {}
+        _, edit = mars_edit(state, opts, deltas)
+        h = acts[view.layer][None].double()
+        moved = edit(h.clone(), info) - h
+        assert float(moved.norm()) == pytest.approx(view.displacement_norm, rel=1e-9, abs=1e-12)
+        assert float(info["s_recentred"][0]) == pytest.approx(view.s_recentred)
+        assert bool(info["gate_open"][0]) == view.gate_open
+
+
+def test_ungated_moves_a_safe_input_the_gate_leaves_alone():
+    state = planted_state()
+    acts = torch.stack([at_score(state, i, 0.0) for i in range(L)]).float()
+    assert rescore(state, acts, "text", SteerOptions()).displacement_norm == 0.0
+    assert rescore(state, acts, "text", SteerOptions(mode="ungated")).s_steered == pytest.approx(3.0)
+
+
+def test_equality_to_and_round_trip(tmp_path):
+    a, b = planted_state(), planted_state()
+    assert a == b and a.fingerprint() == b.fingerprint()
+    b.taus = b.taus.clone()
+    b.taus[0] += 1e-6
+    assert a != b and a.fingerprint() != b.fingerprint()
+    moved = a.to("cpu")
+    assert moved == a and moved is not a
+    a.save(tmp_path)
+    again = MarsState.load(tmp_path)
+    assert again == a
+    assert again.diagnostics.allowed_layers == (0, L)
+
+
+def test_old_state_with_untyped_extra_loads(tmp_path):
+    state = planted_state()
+    state.diagnostics.misalignment_video_before = [0.1] * L
+    state.save(tmp_path)
+    meta = json.loads((tmp_path / STATE_JSON).read_text())
+    meta["extra"] = meta.pop("diagnostics")  # how format 1 stored them before the split
+    meta["extra"]["allowed_layers"] = [1, 3]
+    (tmp_path / STATE_JSON).write_text(json.dumps(meta))
+    again = MarsState.load(tmp_path)
+    assert again.diagnostics.allowed_layers == (1, 3)
+    assert again.diagnostics.misalignment_video_before == [0.1] * L
+    assert torch.equal(again.mu_plus, state.mu_plus)
