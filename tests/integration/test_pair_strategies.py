@@ -55,10 +55,17 @@ def separate(tiny_backbones, fitted):
     return get
 
 
+def _ours(module) -> int:
+    """Hooks under `module` that are not transformers' own lazily installed output-capturing hooks (those appear on
+    the vision tower and, once any test asked for hidden states, on the decoder layers too)."""
+    return sum(1 for m in module.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for fn in d.values()
+               if "output_capturing" not in getattr(fn, "__qualname__", ""))
+
+
 def _no_hook_of_ours(bb, before: int) -> bool:
-    """transformers installs its own output-capturing hooks on the vision tower lazily, so compare with a count
-    taken before; the decoder layers (where ours go) must have none at all."""
-    return count_hooks(bb.model) == before and sum(count_hooks(layer) for layer in bb.layers) == 0
+    """Compare with a count taken before (transformers may add its own hooks meanwhile); the decoder layers, where
+    ours go, must hold none of ours at all."""
+    return count_hooks(bb.model) == before and sum(_ours(layer) for layer in bb.layers) == 0
 
 
 def _stream(bb, state, q, options, strategy):
