@@ -1,14 +1,18 @@
-"""MARS on the real refusing backbone: the issue-3 acceptance figures.
+"""MARS on the real refusing backbone: the acceptance figures (issues 3 and 11).
 
 usage: python bench/real_mars.py --model /tmp/mars-real/qwen2-vl-qwen2.5-0.5b --state DIR [--out figures.json]
        (fit the state first: python -m mars_viz fit --model ... --out DIR)
 
-Measures, on the held-out split the state was NOT fitted on:
-  - separability (AUROC) and steerability at the chosen layer;
+Measures, on the held-out splits the state was NOT fitted on:
+  - separability (AUROC) at the detection layer and steerability at the push layer; the gate's false-positive rate
+    on held-out harmless text and false-negative rate on held-out harmful text (from the fit);
   - held-out harmless text with the gate forced open at lambda = 1 vs the calibration curve at t*;
   - held-out harmful text: refusal unsteered vs MARS;
-  - held-out harmless text + a neutral image, re-centring on: gate closed and answer identical;
-  - the same with re-centring off: the spurious score shift and how often the gate opens wrongly.
+  - held-out harmless text: gate closed and answer identical;
+  - held-out harmless text + a neutral image (and a neutral video when the model takes video), re-centring on: gate
+    closed and answer identical; the same with re-centring off;
+  - held-out look-alikes (harmless requests with alarming words): refusal unsteered vs MARS;
+  - jailbreak framings (harmful requests in role-play / fiction): refusal unsteered vs MARS.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mars_viz.backbone import load_backbone  # noqa: E402
 from mars_viz.calibrate import split_sets  # noqa: E402
+from mars_viz.datasets import builtin_prompts  # noqa: E402
 from mars_viz.generate import run_pairs  # noqa: E402
 from mars_viz.inputs import Query  # noqa: E402
-from mars_viz.media import neutral_images  # noqa: E402
+from mars_viz.media import neutral_images, neutral_video  # noqa: E402
 from mars_viz.state import MarsState  # noqa: E402
 from mars_viz.steering import SteerOptions  # noqa: E402
 
@@ -49,16 +54,22 @@ def main() -> int:
     state.check_compatible(bb)
     cfg = state.config
     sets = split_sets(cfg)
-    u_held, s_held = sets["u_held"], sets["s_held"]
+    u_held, s_held, la_held = sets["u_held"], sets["s_held"], sets["la_held"]
+    jailbreak = builtin_prompts("jailbreak")
     if args.limit:
-        u_held, s_held = u_held[: args.limit], s_held[: args.limit]
-    layer, ls = state.layer, state.diagnostics.layer_scores
-    out: dict = {"model": args.model, "layer": layer, "tau": state.tau, "target_level": state.target_level,
-                 "target_curve": {f"{k:g}": v for k, v in state.diagnostics.target_curve.items()},
+        u_held, s_held, la_held = u_held[: args.limit], s_held[: args.limit], la_held[: args.limit]
+    layer, detect, diag = state.layer, state.detect_layer, state.diagnostics
+    ls = diag.layer_scores
+    out: dict = {"model": args.model, "layer": layer, "detect_layer": detect, "tau": state.tau,
+                 "target_level": state.target_level,
+                 "target_curve": {f"{k:g}": v for k, v in diag.target_curve.items()},
+                 "separability_at_detect_layer": float(ls.separability[detect]),
                  "separability_at_layer": float(ls.separability[layer]),
                  "steerability_at_layer": float(ls.steerability[layer]),
-                 "behaviour": state.diagnostics.behaviour, "n_harmful_heldout": len(u_held),
-                 "n_harmless_heldout": len(s_held)}
+                 "gate_fpr_heldout_harmless_fit": diag.gate_fpr[detect] if diag.gate_fpr else None,
+                 "gate_fnr_heldout_harmful_fit": diag.gate_fnr[detect] if diag.gate_fnr else None,
+                 "behaviour": diag.behaviour, "n_harmful_heldout": len(u_held),
+                 "n_harmless_heldout": len(s_held), "n_lookalike_heldout": len(la_held), "n_jailbreak": len(jailbreak)}
     tok = args.max_new_tokens
 
     forced = run_pairs(bb, state, [Query(p) for p in s_held], SteerOptions(tau=-100.0),
@@ -70,6 +81,18 @@ def main() -> int:
     out["harmful_text_refusal_unsteered"] = rate(r.unsteered.refused for r in harm)
     out["harmful_text_refusal_mars"] = rate(r.steered.refused for r in harm)
     out["harmful_text_gate_open_rate"] = rate(r.gate_open for r in harm)
+
+    plain = run_pairs(bb, state, [Query(p) for p in s_held], SteerOptions(), max_new_tokens=tok, batch_size=8)
+    out["harmless_text_gate_closed_rate"] = rate(not r.gate_open for r in plain)
+    out["harmless_text_unchanged_rate"] = rate(r.steered.text == r.unsteered.text for r in plain)
+    out["harmless_text_refusal_unsteered"] = rate(r.unsteered.refused for r in plain)
+    out["harmless_text_refusal_mars"] = rate(r.steered.refused for r in plain)
+
+    for name, prompts in (("lookalike", la_held), ("jailbreak", jailbreak)):
+        res = run_pairs(bb, state, [Query(p) for p in prompts], SteerOptions(), max_new_tokens=tok, batch_size=8)
+        out[f"{name}_refusal_unsteered"] = rate(r.unsteered.refused for r in res)
+        out[f"{name}_refusal_mars"] = rate(r.steered.refused for r in res)
+        out[f"{name}_gate_open_rate"] = rate(r.gate_open for r in res)
 
     images = neutral_images(cfg.k_neutral, seed=cfg.seed + 99, size=cfg.neutral_size)
     img_queries = [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(s_held)]
@@ -85,8 +108,14 @@ def main() -> int:
     out["spurious_score_shift_mean"] = rate(r.score_raw - r.score_recentred for r in on)
     out["image_score_raw_mean"] = rate(r.score_raw for r in on)
     out["image_score_recentred_mean"] = rate(r.score_recentred for r in on)
+    if "video" in bb.modalities:
+        vid_queries = [Query(p, video=tuple(neutral_video(4, seed=cfg.seed + 99 + i, size=112)))
+                       for i, p in enumerate(s_held)]
+        vids = run_pairs(bb, state, vid_queries, SteerOptions(), max_new_tokens=tok, batch_size=8)
+        out["harmless_video_gate_closed_rate"] = rate(not r.gate_open for r in vids)
+        out["harmless_video_unchanged_rate"] = rate(r.steered.text == r.unsteered.text for r in vids)
     out["examples"] = [{"prompt": r.prompt, "unsteered": r.unsteered.text, "steered": r.steered.text,
-                        "s": r.score_recentred} for r in harm if r.steered.refused != r.unsteered.refused][:5]
+                        "s_gate": r.gate_score} for r in harm if r.steered.refused != r.unsteered.refused][:5]
     out["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(out, indent=2, ensure_ascii=False)
     print(text)

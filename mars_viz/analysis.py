@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import geometry as G
 from .activations import forward_last
 from .backbone import Backbone
 from .generate import PairResult, PairStrategy, stream_pair
 from .inputs import Query
 from .state import MarsState
-from .steering import SteerOptions, rule_for
+from .steering import SteerOptions, gate_scores, plan
 
 __all__ = ["Analysis", "StreamUpdate", "analyze_stream", "frame_scores"]
 
@@ -60,11 +59,10 @@ class Analysis:
 
 @torch.inference_mode()
 def frame_scores(backbone: Backbone, state: MarsState, prompt: str, frames, options: SteerOptions) -> list[float]:
-    """Re-centred unsafety score of each video frame shown alone as an image, at the resolved layer."""
-    layer, rule = rule_for(state, options)
-    acts = forward_last(backbone, [Query(prompt, images=(f,)) for f in frames])[:, layer].double()  # [F, d]
-    delta = state.offset("image", layer) if options.recenter else None
-    return [float(x) for x in G.mars_response(acts, state.mu_minus[layer], state.r[layer], rule, delta).score]
+    """The gate's score (re-centred, at the detection layer) of each video frame shown alone as an image."""
+    p = plan(state, options)
+    acts = forward_last(backbone, [Query(prompt, images=(f,)) for f in frames])[:, p.detect_layer]  # [F, d]
+    return [float(x) for x in gate_scores(state, p, acts, ["image"] * len(frames), options.recenter)]
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """Calibration: text prompt sets + neutral media -> activations -> a fitted `MarsState`.
 
 Steps (our formulation of MARS; README, "The formulation"):
-  1. seeded fit / held-out split of the harmful (U) and harmless (S) text sets; residuals of every layer;
+  1. seeded fit / held-out split of the harmful (U), harmless (S) and look-alike text sets (look-alikes are harmless
+     requests with alarming words; their fit half joins the safe side); residuals of every layer;
   2. behaviour filter: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the harmless
      prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
   3. centroids and refusal directions; thresholds tau by balanced accuracy on held-out text;
   4. modality offsets from K neutral solid-colour images (and videos) paired with safe fit prompts;
-  5. layer scores (separability, consistency, steerability, misalignment) and the layer choice;
+  5. layer scores (separability, consistency, steerability, misalignment) and the two layers: the detection layer
+     (best held-out separability: where the gate reads) and the push layer (best consistency x steerability among
+     layers whose separability reaches 90% of the best);
   6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level.
 
 Example:
@@ -45,6 +48,7 @@ SEED_HARMLESS = 1  # the harmless set's subsample and fit/held-out split (the ha
 SEED_NEUTRAL_VIDEOS = 1000  # neutral video k (fit, for the video offset) uses seed + 1000 + k
 SEED_HELDOUT_VIDEOS = 2000  # neutral video i for held-out misalignment uses seed + 2000 + i
 HELDOUT_COLOUR_SHIFT = 7  # held-out misalignment pairs prompt i with neutral colour i + 7: unlike the fit pairs
+SEED_LOOKALIKE = 3  # the look-alike set's fit/held-out split
 
 
 def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
@@ -54,9 +58,10 @@ def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
     return [prompts[i] for i in idx]
 
 
-def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None
-               ) -> dict[str, list[str]]:
-    """The exact fit / held-out prompt lists a calibration with `cfg` uses: keys u_fit, u_held, s_fit, s_held.
+def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
+               lookalike: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The exact fit / held-out prompt lists a calibration with `cfg` uses: keys u_fit, u_held, s_fit, s_held, and
+    la_fit, la_held (look-alikes: harmless requests with alarming words; empty when `cfg.lookalike` is off).
 
     Evaluations call this to measure on prompts the state was not fitted on.
     """
@@ -66,8 +71,14 @@ def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: 
         raise ValueError(f"need at least 4 harmful and 4 harmless prompts, got {len(harmful)} and {len(harmless)}")
     u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
     s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + SEED_HARMLESS)
-    return {"u_fit": u_fit, "u_held": u_held, "s_fit": s_fit, "s_held": s_held, "harmful": harmful,
-            "harmless": harmless}
+    la_fit: list[str] = []
+    la_held: list[str] = []
+    if cfg.lookalike:
+        looks = [p for p in (lookalike or builtin_prompts("lookalike")) if p not in set(harmless)]
+        if len(looks) >= 2:
+            la_fit, la_held = split(looks, cfg.lookalike_frac, cfg.seed + SEED_LOOKALIKE)
+    return {"u_fit": u_fit, "u_held": u_held, "s_fit": s_fit, "s_held": s_held, "la_fit": la_fit,
+            "la_held": la_held, "harmful": harmful, "harmless": harmless}
 
 
 def _stage(progress: CalibrationProgress | None, name: str):
@@ -170,13 +181,16 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     sets = split_sets(cfg, harmful, harmless)
     harmful, harmless = sets["harmful"], sets["harmless"]
     u_fit, u_held, s_fit, s_held = sets["u_fit"], sets["u_held"], sets["s_fit"], sets["s_held"]
+    la_fit = sets["la_fit"]
     bs = cfg.batch_size
 
     # 1. text activations --------------------------------------------------------------------------------------------
-    texts = u_fit + u_held + s_fit + s_held
+    texts = u_fit + u_held + s_fit + s_held + la_fit
     acts = collect_activations(backbone, [Query(p) for p in texts], bs, _stage(progress, "text activations"))
-    a, b, c = len(u_fit), len(u_fit) + len(u_held), len(u_fit) + len(u_held) + len(s_fit)
-    acts_u_fit, acts_u_held, acts_s_fit, acts_s_held = acts[:a], acts[a:b], acts[b:c], acts[c:]  # [n, L, d]
+    a, b, c, e = (len(u_fit), len(u_fit) + len(u_held), len(u_fit) + len(u_held) + len(s_fit),
+                  len(texts) - len(la_fit))
+    acts_u_fit, acts_u_held, acts_s_fit, acts_s_held = acts[:a], acts[a:b], acts[b:c], acts[c:e]  # [n, L, d]
+    acts_la_fit = acts[e:]
 
     # 2. behaviour filter ---------------------------------------------------------------------------------------------
     behaviour: dict = {"enabled": cfg.behaviour_filter}
@@ -202,14 +216,20 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
             s_keep = s_answered
         else:
             notes.append("behaviour filter: fewer than 2 harmless prompts were answered; the safe centroid uses all")
-    behaviour.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()))
+    behaviour.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()),
+                     lookalike_used=len(la_fit))
 
     # 3. centroids, directions, thresholds ----------------------------------------------------------------------------
+    # Look-alikes (harmless requests with alarming words) join the safe side by intent, whatever the model does with
+    # them: on the real 0.5B backbone this raised held-out separability at the best layer from 0.972 to 0.987 and
+    # cut the gate's false positives on plain harmless text from 0.105 to 0.026 (bench/detectors.py).
     mu_plus = G.mean_activation(acts_u_fit[u_keep])  # [L, d] float64
-    mu_minus = G.mean_activation(acts_s_fit[s_keep])
+    mu_minus = G.mean_activation(torch.cat([acts_s_fit[s_keep], acts_la_fit]))
     r, _ = G.refusal_direction(mu_plus, mu_minus)
     s_u_held, s_s_held = G.unsafety_score(acts_u_held, mu_minus, r), G.unsafety_score(acts_s_held, mu_minus, r)
     taus, bacc = G.balanced_accuracy_threshold(s_u_held, s_s_held)  # [L], [L]
+    fpr = (s_s_held > taus).double().mean(0)  # [L] gate opens on held-out harmless text
+    fnr = (s_u_held <= taus).double().mean(0)  # [L] gate stays closed on held-out harmful text
     s_u_fit = G.unsafety_score(acts_u_fit[u_keep], mu_minus, r)
     s_s_fit = G.unsafety_score(acts_s_fit[s_keep], mu_minus, r)
 
@@ -251,18 +271,17 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
                                  _stage(progress, "steerability"))
     steer = G.normalise_steerability(gains)
     sep, cons = G.auroc(s_u_held, s_s_held), G.consistency(acts_u_fit[u_keep], mu_minus, r)
-    combined = G.combined_score(sep, cons, steer)
+    combined = G.combined_score(cons, steer)
     scores = G.LayerScores(separability=sep, fisher=G.fisher_ratio(s_u_held, s_s_held), consistency=cons,
                            split_half=G.split_half_cosine(acts_u_fit[u_keep], acts_s_fit[s_keep], seed=cfg.seed),
                            steerability=steer, misalignment_before=mis_before, misalignment_after=mis_after,
                            combined=combined)
-    allowed = G.allowed_layer_range(backbone.num_layers, cfg.skip_first, cfg.skip_last)
-    if cfg.layer is not None:
-        if not 0 <= cfg.layer < backbone.num_layers:
-            raise ValueError(f"layer {cfg.layer} is out of range 0..{backbone.num_layers - 1}")
-        layer = cfg.layer
-    else:
-        layer = G.choose_layer(combined, allowed)
+    allowed = G.allowed_layer_range(sep, cfg.min_sep_frac)
+    for name, value in (("layer", cfg.layer), ("detect_layer", cfg.detect_layer)):
+        if value is not None and not 0 <= value < backbone.num_layers:
+            raise ValueError(f"{name} {value} is out of range 0..{backbone.num_layers - 1}")
+    layer = cfg.layer if cfg.layer is not None else G.choose_layer(combined, allowed)
+    detect = cfg.detect_layer if cfg.detect_layer is not None else G.choose_detect_layer(sep)
 
     # 6. target level t* ---------------------------------------------------------------------------------------------
     curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
@@ -283,6 +302,7 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     diagnostics = Diagnostics(
         layer_scores=scores, target_curve=curve, spread_unsafe=s_u_fit.std(dim=0, unbiased=False),
         spread_safe=s_s_fit.std(dim=0, unbiased=False), balanced_accuracy=[float(x) for x in bacc],
+        gate_fpr=[float(x) for x in fpr], gate_fnr=[float(x) for x in fnr],
         steerability_gain_nats=[float(x) for x in gains], allowed_layers=(allowed.start, allowed.stop),
         refusal_opening=opening, behaviour=behaviour,
         prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
@@ -290,4 +310,5 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video)
     return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
                      hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus, offsets=offsets, taus=taus,
-                     layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics)
+                     layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics,
+                     detect_layer=detect)

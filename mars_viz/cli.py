@@ -90,7 +90,7 @@ def _config_from_args(args):
 
     kw = {}
     for name in ("seed", "max_prompts", "k_neutral", "neutral_prompts", "curve_prompts", "steer_prompts", "margin",
-                 "batch_size", "layer", "tau", "filter_tokens"):
+                 "batch_size", "layer", "detect_layer", "tau", "filter_tokens"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -114,15 +114,22 @@ def _cmd_fit(args) -> int:
     state = calibrate(bb, cfg, harmful, harmless, progress=_progress_printer(args.quiet))
     out = state.save(args.out)
     meta = json.loads((out / "mars_state.json").read_text())
-    print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "tau", "target_level",
-                                           "target_curve")} | {"out": str(out), "behaviour": meta["behaviour"]}))
+    diag = state.diagnostics
+    gate = {"gate_fpr_heldout_harmless": diag.gate_fpr[state.detect_layer] if diag.gate_fpr else None,
+            "gate_fnr_heldout_harmful": diag.gate_fnr[state.detect_layer] if diag.gate_fnr else None,
+            "separability_at_detect_layer": float(diag.layer_scores.separability[state.detect_layer]),
+            "steerability_at_layer": float(diag.layer_scores.steerability[state.layer])}
+    print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "detect_layer", "tau",
+                                           "target_level", "target_curve")}
+                     | gate | {"out": str(out), "behaviour": meta["behaviour"]}))
     return 0
 
 
 def _human(row: dict) -> str:
     gate = "open" if row["gate_open"] else "closed"
     mark = {True: " (refused)", False: ""}
-    return (f"[{row['modality']}] s={row['score_recentred']:.3f} tau={row['tau']:.3f} gate={gate}\n"
+    return (f"[{row['modality']}] gate read at layer {row['detect_layer']}: s={row['score_gate']:.3f} "
+            f"tau={row['tau']:.3f} gate={gate}; push at layer {row['layer']} (s={row['score_recentred']:.3f})\n"
             f"  unsteered{mark[row['unsteered']['refused']]}: {row['unsteered']['text']}\n"
             f"  steered{mark[row['steered']['refused']]}:   {row['steered']['text']}")
 
@@ -142,7 +149,8 @@ def _cmd_run(args) -> int:
     images = (load_image(args.image),) if args.image else ()
     video = tuple(read_video(args.video, num_frames=args.frames).frames) if args.video else None
     options = SteerOptions(steer=not args.no_steer, strength=args.strength, layer=args.layer, tau=args.tau,
-                           recenter=not args.no_recenter, target_level=args.target_level)
+                           recenter=not args.no_recenter, target_level=args.target_level,
+                           detect_layer=args.detect_layer)
     state = MarsState.load(args.state)
     bb = _load(args)  # once for the whole file
     state.check_compatible(bb)
@@ -283,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-tokens", type=int, help="greedy tokens judged for refusal (default 12)")
     p.add_argument("--levels", help="comma-separated target-level grid (default 1,1.5,2,3,4,6,8)")
     p.add_argument("--margin", type=float, help="gate ramp margin m (default 0.1)")
-    p.add_argument("--layer", type=int, help="force the intervention layer")
+    p.add_argument("--layer", type=int, help="force the push (steering) layer")
+    p.add_argument("--detect-layer", type=int, help="force the layer the gate reads")
     p.add_argument("--tau", type=float, help="force the gate threshold")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
@@ -303,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--no-steer", action="store_true")
     p.add_argument("--strength", type=float, default=1.0, help="lambda (default 1)")
-    p.add_argument("--layer", type=int)
+    p.add_argument("--layer", type=int, help="override the push (steering) layer")
+    p.add_argument("--detect-layer", type=int, help="override the layer the gate reads")
     p.add_argument("--tau", type=float)
     p.add_argument("--target-level", type=float, help="override t*, the trust region's outer wall")
     p.add_argument("--no-recenter", action="store_true")

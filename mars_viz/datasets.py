@@ -28,11 +28,16 @@ __all__ = ["ASSETS", "STANDARD_SETS", "BenchRecord", "StandardSet", "builtin_pro
 _TEXT_KEYS = ("prompt", "instruction", "goal", "text", "question", "query", "behavior", "Behavior", "Goal")
 
 
+_BUILTIN = {"harmful": "harmful.txt", "harmless": "harmless.txt", "lookalike": "harmless_lookalike.txt",
+            "jailbreak": "harmful_jailbreak.txt"}
+
+
 def builtin_prompts(kind: str) -> list[str]:
-    """Our own instruction sets, written for this project: kind is 'harmful' or 'harmless'."""
-    if kind not in ("harmful", "harmless"):
-        raise ValueError(f"kind must be 'harmful' or 'harmless', got {kind!r}")
-    return load_prompts(ASSETS / "prompts" / f"{kind}.txt")
+    """Our own instruction sets, written for this project: 'harmful', 'harmless', 'lookalike' (XSTest-style benign
+    requests with alarming words) or 'jailbreak' (harmful requests in role-play / fiction framings)."""
+    if kind not in _BUILTIN:
+        raise ValueError(f"kind must be one of {', '.join(_BUILTIN)}, got {kind!r}")
+    return load_prompts(ASSETS / "prompts" / _BUILTIN[kind])
 
 
 def _from_record(rec: dict, where: str) -> str:

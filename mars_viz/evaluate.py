@@ -40,7 +40,7 @@ from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .media import neutral_images, neutral_video, typographic_image
 from .state import MarsState
-from .steering import SteerOptions, mars_edit, row_steering
+from .steering import SteerOptions, gate_scores, mars_edit, plan, row_steering
 
 __all__ = ["SETS", "EvalItem", "build_items", "evaluate", "items_from_benchmark", "summarise", "write_report"]
 
@@ -137,8 +137,7 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
     """
     from .activations import forward_last
 
-    layer = state.layer
-    h = forward_last(backbone, [it.query for it in chunk])[:, layer].double()  # [n, d]
+    acts = forward_last(backbone, [it.query for it in chunk]).double()  # [n, L, d]
     out = []
     for i, it in enumerate(chunk):
         per = []
@@ -146,10 +145,12 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
             if opt is None:
                 per.append(None)
                 continue
-            delta = state.offset(it.query.modality, layer) if opt.recenter else None
-            _, edit = mars_edit(state, opt, None if delta is None else delta[None].double())
+            p = plan(state, opt)
+            delta = state.offset(it.query.modality, p.layer) if opt.recenter else None
+            gate = {"s": gate_scores(state, p, acts[i:i + 1, p.detect_layer], [it.query.modality], opt.recenter)}
+            _, edit = mars_edit(state, opt, None if delta is None else delta[None].double(), gate)
             info: dict = {}
-            edit(h[i:i + 1], info)
+            edit(acts[i:i + 1, p.layer], info)
             per.append({k: (v[0].item() if torch.is_tensor(v) and v.dim() else v) for k, v in info.items()})
         out.append(per)
     return out
@@ -158,7 +159,7 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants, judge: RefusalJudge,
                max_new_tokens: int) -> list[dict]:
     probes = _probe(backbone, state, chunk, variants)
-    queries, specs, mods, where = [], [], [], {}
+    queries, specs, mods, gates, where = [], [], [], [], {}
     for i, it in enumerate(chunk):
         for j, (_, opt) in enumerate(variants):
             if opt is not None and probes[i][j]["displacement_norm"] == 0.0:
@@ -167,8 +168,9 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], vari
             queries.append(it.query)
             specs.append(opt)
             mods.append(it.query.modality)
+            gates.append(None if opt is None else probes[i][j]["s_gate"])
     batch = build_batch(backbone, queries)
-    with row_steering(backbone, state, specs, mods) as rec:
+    with row_steering(backbone, state, specs, mods, gates) as rec:
         gen = generate_batch(backbone, batch, max_new_tokens)
     verdicts = judge([t for _, t in gen])
     steered_rows = [k for k, opt in enumerate(specs) if opt is not None]

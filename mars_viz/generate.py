@@ -46,7 +46,7 @@ from .hooks import ResidualCapture, capture_residuals
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
-from .steering import SteerOptions, mars_steering
+from .steering import SteerOptions, mars_steering, plan, probe_gate
 
 __all__ = ["AUTO_MAX_RATIO", "PAIR_STRATEGIES", "Answer", "PairResult", "PairStrategy", "PairUpdate", "generate_batch",
            "greedy_texts", "measure_pair_cost", "resolve_strategy", "run_pairs", "stream_pair"]
@@ -72,10 +72,10 @@ class PairResult:
 
     prompt: str
     modality: str
-    layer: int
-    score_raw: float  # s of the raw activation
-    score_recentred: float  # s after subtracting the modality offset (what the gate sees)
-    tau: float
+    layer: int  # the push layer
+    score_raw: float  # s of the raw activation at the push layer
+    score_recentred: float  # s at the push layer after subtracting the modality offset (sets how far to push)
+    tau: float  # the gate's threshold, at detect_layer
     t_star: float
     gate_open: bool
     gate_weight: float
@@ -86,6 +86,16 @@ class PairResult:
     unsteered: Answer
     steered: Answer
     t_star_layer: int | None = None  # the layer t* was calibrated at (None: t* was given by the user)
+    detect_layer: int | None = None  # where the gate read its score (None: the push layer)
+    score_gate: float | None = None  # the re-centred score the gate read there
+
+    @property
+    def gate_layer(self) -> int:
+        return self.layer if self.detect_layer is None else self.detect_layer
+
+    @property
+    def gate_score(self) -> float:
+        return self.score_recentred if self.score_gate is None else self.score_gate
 
     @property
     def t_star_note(self) -> str | None:
@@ -97,6 +107,7 @@ class PairResult:
 
     def to_json(self) -> dict:
         out = {"prompt": self.prompt, "modality": self.modality, "layer": self.layer,
+               "detect_layer": self.gate_layer, "score_gate": self.gate_score,
                "score_raw": self.score_raw, "score_recentred": self.score_recentred, "tau": self.tau,
                "target_level": self.t_star, "target_level_layer": self.t_star_layer, "gate_open": self.gate_open,
                "gate_weight": self.gate_weight, "strength": self.strength, "recenter": self.recenter,
@@ -226,15 +237,18 @@ def _duplicated_rope_deltas(model: torch.nn.Module, rows: int, n: int) -> Iterat
 
 @torch.inference_mode()
 def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
-                     force_tokens: bool = False):
+                     force_tokens: bool = False, probe=None):
     """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
-    and the decode; `steering_ctx()` (opened only around the decode) edits the primed rows."""
+    and the decode; `steering_ctx(gate)` (opened only around the decode) edits the primed rows. `probe(cache, dec)`,
+    when the gate is read after the push layer, runs the last prompt position unsteered first (on a copy of the
+    prefix cache) and returns the gate's scores."""
     rows = batch["input_ids"].shape[0]
     with _kept_rope_deltas(backbone.model):
         cache, dec = _prefill_all_but_last(backbone, batch)
+        gate = None if probe is None else probe(cache, dec)
         cache.batch_repeat_interleave(2)
         dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
-        with _duplicated_rope_deltas(backbone.model, rows, 2), steering_ctx() as rec, \
+        with _duplicated_rope_deltas(backbone.model, rows, 2), steering_ctx(gate) as rec, \
                 _capturing(backbone, capture) as cap:
             out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
                                           **_gen_kwargs(backbone, max_new_tokens, force_tokens))
@@ -259,7 +273,8 @@ def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: S
         plain = _decode_rows(backbone, out_u, n_prompt)[0]
         info = probe.info
         if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
-            with mars_steering(backbone, state, options, [modality]) as rec:
+            # the gate read on the unsteered pass is the gate of the steered one (same input up to the push)
+            with mars_steering(backbone, state, options, [modality], gate=info["s_gate"]) as rec:
                 out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
             steered, info = _decode_rows(backbone, out_s, n_prompt)[0], rec.info
         else:
@@ -374,17 +389,28 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
         elif options.steer and strategy == "batched":
             rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
             streamer = None if stream is None else _RowStreamer(stream, (0, 1))
+            probe = None
+            if plan(state, options).reads_later:
+                def probe(cache, dec):  # the last prompt position, unsteered, on a copy of the prefix cache
+                    spare = copy.deepcopy(cache)
+                    return probe_gate(backbone, state, options, modalities, lambda: backbone.model.generate(
+                        **dec, cache=spare, **_gen_kwargs(backbone, 1)))
             gen, rec, acts = _generate_shared(
                 backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
-                lambda: mars_steering(backbone, state, options, modalities, rows=rows), capture, force_tokens)
+                lambda gate: mars_steering(backbone, state, options, modalities, rows=rows, gate=gate), capture,
+                force_tokens, probe)
             plain, steered, info = gen[0::2], gen[1::2], rec.info
         else:  # doubled: [q0, q1, ..., q0', q1', ...], or the plain rows alone when not steering
             doubled = chunk + chunk if options.steer else chunk
             rows = torch.tensor([False] * n + [True] * n) if options.steer else None
             streamer = None if stream is None else _RowStreamer(stream, (0, 1) if options.steer else (0,))
             batch = build_batch(backbone, doubled)
+            gate = None
+            if options.steer and plan(state, options).reads_later:  # the gate first: one unsteered prefill
+                plain_batch = build_batch(backbone, chunk)
+                gate = probe_gate(backbone, state, options, modalities, lambda: backbone.model(**plain_batch))
             # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
-            with mars_steering(backbone, state, options, modalities, rows=rows) as rec, \
+            with mars_steering(backbone, state, options, modalities, rows=rows, gate=gate) as rec, \
                     _capturing(backbone, capture) as cap:
                 gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
             acts = None if cap is None else cap.last()[:n]  # [n, L, d]
@@ -401,7 +427,8 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
             displacement_norm=float(info["displacement_norm"][i]),
             unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
             steered=Answer(steered[i][1], verdict[n + i], steered[i][0]),
-            t_star_layer=None if options.target_level is not None else state.layer))
+            t_star_layer=None if options.target_level is not None else state.layer,
+            detect_layer=int(info["detect_layer"]), score_gate=float(info["s_gate"][i])))
     return results, acts
 
 

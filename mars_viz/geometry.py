@@ -37,6 +37,7 @@ __all__ = [
     "allowed_layer_range",
     "auroc",
     "balanced_accuracy_threshold",
+    "choose_detect_layer",
     "choose_layer",
     "choose_target_level",
     "combined_score",
@@ -346,6 +347,7 @@ def trust_region_coefficient(
     strength: float = 1.0,
     margin: float = 0.1,
     gated: bool = True,
+    gate: Tensor | float | None = None,
 ) -> Tensor:
     """Coefficient ``c = strength * w * relu(t* - s)`` of the displacement ``c * r`` (float64).
 
@@ -357,6 +359,12 @@ def trust_region_coefficient(
     bit-identical. ``strength > 1`` deliberately overshoots ``t*``.
     ``gated=False`` drops the gate (``c = strength * relu(t* - s)`` for every
     input): the always-on baseline the gate improves on.
+
+    ``gate`` is the score the gate reads when it is read at another layer than
+    the push (conditional MARS: detect where the model separates best, push
+    where it steers best); then ``w = w(gate)`` and the gate is open iff
+    ``gate > tau``, while ``s`` (the push layer's score) still sets how far to
+    go. By default the gate reads ``s`` itself.
 
     >>> trust_region_coefficient(torch.tensor([0.2, 1.0, 4.0]), 0.5, 3.0)
     tensor([0., 2., 0.], dtype=torch.float64)
@@ -370,8 +378,9 @@ def trust_region_coefficient(
     t_star = _f64(t_star, device=s.device)
     if not gated:
         return strength * torch.relu(t_star - s)
-    c = strength * gate_weight(s, tau, margin) * torch.relu(t_star - s)
-    return torch.where(s > tau, c, torch.zeros((), dtype=_F64, device=s.device))
+    g = s if gate is None else _f64(gate, device=s.device)
+    c = strength * gate_weight(g, tau, margin) * torch.relu(t_star - s)
+    return torch.where(g > tau, c, torch.zeros((), dtype=_F64, device=s.device))
 
 
 @dataclass(frozen=True)
@@ -406,29 +415,34 @@ class MarsRule:
 class MarsResponse:
     """What MARS does to a batch of residuals ``h [..., d]`` (see ``mars_response``)."""
 
-    score: Tensor  # [...] float64: s of the judged (re-centred) activation
-    gate_weight: Tensor  # [...] float64: w(s)
-    gate_open: Tensor  # [...] bool: s > tau
+    score: Tensor  # [...] float64: s of the judged (re-centred) activation at the push layer
+    gate_score: Tensor  # [...] float64: the score the gate read (== score unless read at another layer)
+    gate_weight: Tensor  # [...] float64: w(gate_score)
+    gate_open: Tensor  # [...] bool: gate_score > tau
     push: Tensor  # [...] float64: c, how far along r the input is (or would be) moved, in score units
     planned_norm: Tensor  # [...] float64: ||c r||, the displacement these controls plan, even with steering off
     displacement: Tensor  # [..., d] in h's dtype: what is added to h (exactly zero when rule.steer is False)
 
 
 def _response(h: Tensor, mu_minus: Tensor, r: Tensor, tau: Tensor | float, t_star: Tensor | float,
-              strength: float, margin: float, gated: bool, steer: bool, delta: Tensor | None) -> MarsResponse:
+              strength: float, margin: float, gated: bool, steer: bool, delta: Tensor | None,
+              gate: Tensor | None = None) -> MarsResponse:
     h = torch.as_tensor(h)
     h_judged = h if delta is None else recentre(h, delta)  # [..., d]
     s = unsafety_score(h_judged, mu_minus, r)  # [...]
-    c = trust_region_coefficient(s, tau, t_star, strength, margin, gated)  # [...]
+    g = s if gate is None else _f64(gate, device=h.device)  # [...]
+    c = trust_region_coefficient(s, tau, t_star, strength, margin, gated, gate=g)  # [...]
     r64 = _f64(r, device=h.device)  # [d] or [L, d]
     planned = torch.where((c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=h.device))
     tau64 = _f64(tau, device=h.device)
-    return MarsResponse(score=s, gate_weight=gate_weight(s, tau64, margin), gate_open=s > tau64, push=c,
+    return MarsResponse(score=s, gate_score=g, gate_weight=gate_weight(g, tau64, margin), gate_open=g > tau64,
+                        push=c,
                         planned_norm=torch.linalg.vector_norm(planned, dim=-1),
                         displacement=(planned if steer else torch.zeros_like(planned)).to(h.dtype))
 
 
-def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta: Tensor | None = None) -> MarsResponse:
+def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta: Tensor | None = None,
+                  gate_score: Tensor | None = None) -> MarsResponse:
     """The one answer to "what does MARS do to this h": score, gate weight, push and displacement.
 
     The score is read on the re-centred activation ``h - delta`` (when ``delta`` is given), but the displacement is
@@ -439,6 +453,10 @@ def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta:
     With ``strength = 1`` an input with ``tau + margin < s < t*`` ends exactly at ``t*`` (as measured on the
     re-centred activation), never beyond; inputs with ``s <= tau`` or ``s >= t*`` get an exactly-zero displacement.
 
+    ``gate_score [...]``, when given, is what the gate reads instead of this layer's own score: the re-centred
+    score at the detection layer (conditional MARS). ``rule.tau`` is then that layer's threshold, while ``rule.t_star``
+    belongs to the push layer (``h``'s).
+
     Shapes: ``h [..., d]`` with ``mu_minus, r, delta [d]`` (one layer; the usual case inside a hook). Also works on
     all layers at once: ``h [N, L, d]``, ``r [L, d]`` (``rule.tau`` is then shared by every layer).
 
@@ -448,19 +466,22 @@ def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta:
     (tensor([1.], dtype=torch.float64), tensor([2.], dtype=torch.float64), tensor([[2., 0.]]))
     """
     return _response(h, mu_minus, r, rule.tau, rule.t_star, rule.strength, rule.margin, rule.gated, rule.steer,
-                     delta)
+                     delta, gate_score)
 
 
-def response_curve(s: Tensor | Sequence[float], rule: MarsRule) -> MarsResponse:
+def response_curve(s: Tensor | Sequence[float], rule: MarsRule, gate_score: float | None = None) -> MarsResponse:
     """``mars_response`` for inputs placed at scores ``s`` on the refusal axis (no model needed): for plots.
 
-    An input's push depends only on its score, so the curve is exact for every ``h``.
+    An input's push depends only on its score (and on ``gate_score`` when the gate is read at another layer: then
+    every point of the curve shares that gate), so the curve is exact for every ``h``.
 
     >>> response_curve([0.0, 1.0, 4.0], MarsRule(tau=0.5, t_star=3.0, strength=0.5)).push
     tensor([0., 1., 0.], dtype=torch.float64)
     """
     s = _f64(s).reshape(-1)  # [S]
-    return mars_response(s[:, None], torch.zeros(1, dtype=_F64), torch.ones(1, dtype=_F64), rule)  # h = s * r
+    gate = None if gate_score is None else torch.full_like(s, float(gate_score))
+    return mars_response(s[:, None], torch.zeros(1, dtype=_F64), torch.ones(1, dtype=_F64), rule,
+                         gate_score=gate)  # h = s * r
 
 
 def steer_displacement(
@@ -628,24 +649,22 @@ def normalise_steerability(gains: Tensor) -> Tensor:
     return (gains / top).clamp_min(0.0)
 
 
-def combined_score(separability: Tensor, consistency: Tensor, steerability: Tensor) -> Tensor:
-    """Layer score ``separability * max(consistency, 0) * steerability`` per layer (float64).
+def combined_score(consistency: Tensor, steerability: Tensor) -> Tensor:
+    """Steering-layer score ``max(consistency, 0) * steerability`` per layer (float64).
 
-    A product so that a layer must be good on all three: separability and
-    consistency alone peak at early layers where steering does nothing.
-    Negative consistency (r points away from the unsafe points) counts as 0.
+    Where the push should go: the refusal opening must gain the most (steerability) along a direction the unsafe
+    inputs actually point in (consistency). Separability is the detection layer's criterion, not this one's: it
+    only bounds the range (``allowed_layer_range``). Negative consistency counts as 0.
 
-    >>> one = torch.tensor([1.0, 1.0])
-    >>> combined_score(torch.tensor([1.0, 0.9]), torch.tensor([-0.5, 0.5]), one)
+    >>> combined_score(torch.tensor([-0.5, 0.5]), torch.tensor([1.0, 0.9]))
     tensor([0.0000, 0.4500], dtype=torch.float64)
     """
-    sep, con, steer = _f64(separability), _f64(consistency), _f64(steerability)
-    if not (sep.shape == con.shape == steer.shape):
+    con, steer = _f64(consistency), _f64(steerability)
+    if con.shape != steer.shape:
         raise ValueError(
-            f"separability {tuple(sep.shape)}, consistency {tuple(con.shape)} and steerability "
-            f"{tuple(steer.shape)} must all be [L] with the same L"
+            f"consistency {tuple(con.shape)} and steerability {tuple(steer.shape)} must both be [L] with the same L"
         )
-    return sep * con.clamp_min(0.0) * steer
+    return con.clamp_min(0.0) * steer
 
 
 # ---------------------------------------------------------------------------
@@ -653,28 +672,47 @@ def combined_score(separability: Tensor, consistency: Tensor, steerability: Tens
 # ---------------------------------------------------------------------------
 
 
-def allowed_layer_range(num_layers: int, skip_first: float = 0.1, skip_last: float = 0.2) -> range:
-    """Layers eligible for steering: all but the first and last few.
+def allowed_layer_range(separability: Tensor, min_frac: float = 0.9) -> range:
+    """Layers eligible for the push: from the first layer whose held-out separability reaches ``min_frac`` of the
+    best layer's, to the last layer.
 
-    Skips ``floor(L * skip_first)`` first and ``floor(L * skip_last)`` last layers.
+    Why this rule (measured on the real 0.5B backbone, 24 layers): up to layer 11 separability is near chance
+    (0.4-0.6) and so is steerability: r is not yet a feature of the input there, and pushing along it does nothing
+    useful. From the layer where r separates almost as well as anywhere, it is a real refusal feature, and the best
+    steering layer (steerability 1.0 at layer 21) lies inside. The rule follows the data of each model instead of
+    a fixed share of layers (an earlier "skip the last 20%" rule kept the best layers out). Never empty: the best
+    layer itself qualifies.
 
-    Early layers still encode tokens, the last ones are committed to the
-    output; neither steers refusal well. Never empty: if the skips would
-    leave nothing, all layers are allowed.
-
-    >>> allowed_layer_range(24)
-    range(2, 20)
+    >>> allowed_layer_range(torch.tensor([0.5, 0.6, 0.9, 0.95, 0.97]))
+    range(2, 5)
     """
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    for name, frac in (("skip_first", skip_first), ("skip_last", skip_last)):
-        if not 0 <= frac <= 1:
-            raise ValueError(f"{name} is a fraction of the layers in [0, 1], got {frac}")
-    start = math.floor(num_layers * skip_first)
-    stop = num_layers - math.floor(num_layers * skip_last)
-    if start >= stop:
-        return range(num_layers)
-    return range(start, stop)
+    sep = _f64(separability).reshape(-1)  # [L]
+    if sep.numel() == 0:
+        raise ValueError("separability is empty: compute layer scores first")
+    if not 0 <= min_frac <= 1:
+        raise ValueError(f"min_frac is a fraction of the best separability in [0, 1], got {min_frac}")
+    finite = torch.where(torch.isfinite(sep), sep, torch.full_like(sep, -math.inf))
+    first = int(torch.nonzero(finite >= min_frac * float(finite.max())).flatten()[0])
+    return range(first, sep.numel())
+
+
+def choose_detect_layer(separability: Tensor, tol: float = 0.005) -> int:
+    """The layer the gate reads: the best held-out separability over all layers.
+
+    Tie rule: among layers within ``tol`` of the best AUROC (a difference of one pair in ~40x40 held-out prompts is
+    0.0006; 0.005 is noise at these sizes), take the earliest, because a gate known earlier can be read in the
+    same forward pass as a later push, with no extra probe.
+
+    >>> choose_detect_layer(torch.tensor([0.5, 0.96, 0.972, 0.97]))
+    2
+    >>> choose_detect_layer(torch.tensor([0.5, 0.968, 0.972, 0.97]))
+    1
+    """
+    sep = _f64(separability).reshape(-1)  # [L]
+    if sep.numel() == 0:
+        raise ValueError("separability is empty: compute layer scores first")
+    finite = torch.where(torch.isfinite(sep), sep, torch.full_like(sep, -math.inf))
+    return int(torch.nonzero(finite >= float(finite.max()) - tol).flatten()[0])
 
 
 def choose_layer(combined: Tensor, allowed: range | None = None) -> int:
@@ -725,7 +763,7 @@ class LayerScores:
     steerability: Tensor  # [L] normalised refusal log-prob gain
     misalignment_before: Tensor  # [L] mean s of neutral media + safe text, raw
     misalignment_after: Tensor  # [L] same, after re-centring
-    combined: Tensor  # [L] separability * consistency+ * steerability
+    combined: Tensor  # [L] consistency+ * steerability: the steering-layer score
 
     def __post_init__(self) -> None:
         lengths = {}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position"]
+__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position", "read_position"]
 
 
 def count_hooks(module: nn.Module) -> int:
@@ -151,5 +151,29 @@ def edit_position(layer: nn.Module, edit: Callable[[torch.Tensor, dict], torch.T
     handle = layer.register_forward_hook(hook)
     try:
         yield rec
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def read_position(layer: nn.Module, read: Callable[[torch.Tensor], None], position: int = -1,
+                  rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Call `read(h [B', d])` with the residual after `layer` at one prompt position of the selected `rows`, during
+    the first forward call (prefill) only. Changes nothing; the handle is removed in `finally`."""
+    done = False
+
+    def hook(_module, _args, output):
+        nonlocal done
+        if done:
+            return None
+        done = True
+        h = _hidden(output)  # [batch, pos, d]
+        sel = torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if rows is None else rows.to(h.device)
+        read(h[sel, int(position) % h.shape[1], :].detach())
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
     finally:
         handle.remove()

@@ -22,6 +22,7 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "strength_sweep_figure",
     "figure_csv",
     "figure_html",
+    "plotly_js",
     "frame_scores_figure",
     "layer_scores_figure",
     "modality_offset_figure",
@@ -300,11 +302,21 @@ def modality_offset_figure(
     return fig
 
 
+@dataclass(frozen=True)
+class GateRead:
+    """Where the gate read its score when that is another layer than the plotted push layer (conditional MARS)."""
+
+    layer: int
+    tau: float  # that layer's threshold
+    score: float | None = None  # the current input's gate score there, if any
+
+
 def trust_region_figure(
     rule: MarsRule,
     scores: Mapping[str, float] | None = None,
     spreads: tuple[float, float] | None = None,
     layer: int | None = None,
+    gate: GateRead | None = None,
 ) -> go.Figure:
     """The unsafety axis s with the gate, the trust region and where the current input lands.
 
@@ -319,6 +331,11 @@ def trust_region_figure(
     again at t*). The axis is in re-centred coordinates: the gate reads the
     score after the modality offset is removed. ``scores`` keys are among
     "raw", "recentred", "steered"; an arrow shows re-centred -> steered.
+
+    ``gate`` (conditional MARS): the gate is read at another layer, on another
+    axis, so its threshold is not drawn on this one. The push curve then uses
+    the input's gate weight (or an open gate before any input), and a note says
+    where the gate read its score and what it decided.
 
     >>> from mars_viz.geometry import MarsRule
     >>> fig = trust_region_figure(MarsRule(tau=0.5, t_star=3.0), {"recentred": 1.0, "steered": 3.0})
@@ -336,23 +353,39 @@ def trust_region_figure(
     hi = max([t_star + 1.0, tau + margin + 0.25, 1 + 2 * sd_unsafe] + [v + 0.25 for v in vals])
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12, label="gate closed", label_pos="top left")
-    if t_star > tau:
-        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15, label="trust region")
-    _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45, label="ramp", label_pos="bottom center")
+    if gate is None:
+        _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12, label="gate closed",
+               label_pos="bottom left")
+        if t_star > tau:
+            _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15, label="trust region")
+        _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45, label="ramp", label_pos="bottom center")
+        _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=COLORS["safe"])
+    else:
+        _vrect(fig, lo, t_star, "trust region", COLORS["recentred"], 0.15, label="pushed up to t*",
+               label_pos="bottom center")
+        if gate.score is None:
+            note = f"gate read at layer {gate.layer} (τ = {tau:.2f} there)"
+        else:
+            state = "open" if gate.score > tau else "closed"
+            note = (f"gate read at layer {gate.layer}: s = {gate.score:.2f} "
+                    f"{'>' if gate.score > tau else '≤'} τ = {tau:.2f} → {state}")
+        fig.add_annotation(x=0.01, y=0.99, xref="x domain", yref="y domain", text=note, name="gate", showarrow=False,
+                           xanchor="left", yanchor="top", font=dict(size=11, color=COLORS["safe"]),
+                           bgcolor="rgba(255,255,255,0.8)")
     if t_star < hi:
-        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2, label="beyond t*", label_pos="top right")
-    _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=COLORS["safe"])
+        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2, label="beyond t*", label_pos="bottom right")
     _vline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
 
     # gate weight and push on the secondary axis; the kinks (tau, tau + m, t*) are exact grid points
     s = np.unique(np.concatenate([np.linspace(lo, hi, 401), [tau, tau + margin, t_star]]))
-    curve = response_curve(s, rule)
+    gate_at = None if gate is None else (math.inf if gate.score is None else gate.score)
+    curve = response_curve(s, rule, gate_score=gate_at)
     w = curve.gate_weight.numpy() if rule.gated else np.ones_like(s)
     push = curve.push.numpy()
-    fig.add_trace(go.Scatter(x=s.tolist(), y=w.tolist(), mode="lines", name="gate weight w(s)",
-                             line=dict(color=_LINE_GREY, width=2), hovertemplate="s=%{x:.3f}: w=%{y:.3f}"),
-                  secondary_y=True)
+    if gate is None:
+        fig.add_trace(go.Scatter(x=s.tolist(), y=w.tolist(), mode="lines", name="gate weight w(s)",
+                                 line=dict(color=_LINE_GREY, width=2), hovertemplate="s=%{x:.3f}: w=%{y:.3f}"),
+                      secondary_y=True)
     formula = "λ·w(s)·ReLU(t*−s)" if rule.gated else "λ·ReLU(t*−s), ungated"
     fig.add_trace(go.Scatter(x=s.tolist(), y=push.tolist(), mode="lines", name=f"push {formula}",
                              line=dict(color=COLORS["steered"], width=2, dash="dot"),
@@ -380,7 +413,10 @@ def trust_region_figure(
         fig.add_annotation(x=scores["steered"], y=0.5, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
                            axref="x", ayref="y", showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2,
                            arrowcolor=COLORS["steered"], text="", name="steering push")
-    title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
+    if gate is None:
+        title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
+    else:
+        title = f"Push at layer {'?' if layer is None else layer}, gate read at layer {gate.layer}"
     _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "")
     fig.update_xaxes(range=[lo, hi])
     fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
@@ -390,7 +426,7 @@ def trust_region_figure(
     return fig
 
 
-def target_curve_figure(curve: Mapping[float, float], t_star: float) -> go.Figure:
+def target_curve_figure(curve: Mapping[float, float], t_star: float, layer: int | None = None) -> go.Figure:
     """Refusal rate of held-out harmless text prompts steered to each target level t, with t* marked.
 
     This is how ``t*`` was chosen: refusal rises with t, then falls again once
@@ -419,7 +455,8 @@ def target_curve_figure(curve: Mapping[float, float], t_star: float) -> go.Figur
                              marker=dict(symbol="star", size=20, color=COLORS["steered"],
                                          line=dict(width=1.5, color="black")),
                              hovertemplate="t* = %{x:g}: refusal %{y:.2f}<extra></extra>"))
-    _layout(fig, "Target level t*: refusal rate vs push level", "target level t (multiples of ||r||)",
+    where = "" if layer is None else f" (pushed at layer {layer})"
+    _layout(fig, f"Target level t*: refusal rate vs push level{where}", "target level t (multiples of ||r||)",
             "refusal rate")
     fig.update_yaxes(range=[0, 1])
     return fig
@@ -466,7 +503,7 @@ _MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
     "separability": ("separability", "#457b9d", 1.5),
     "consistency": ("consistency", "#2a9d8f", 1.5),
     "steerability": ("steerability", "#e9c46a", 1.5),
-    "combined": ("combined", "#1d3557", 3.0),
+    "combined": ("steer score (consistency × steerability)", "#1d3557", 3.0),
 }
 _MISALIGNMENT = {
     "misalignment_before": ("misalignment before re-centring", "dash"),
@@ -478,14 +515,19 @@ def layer_scores_figure(
     scores: Mapping[str, Sequence[float]],
     chosen_layer: int,
     allowed: tuple[int, int] | range | None = None,
+    detect_layer: int | None = None,
+    inspected: int | None = None,
 ) -> go.Figure:
-    """Per-layer diagnostics that choose the intervention layer (defined in the README, "The formulation").
+    """Per-layer diagnostics that choose the two layers (defined in the README, "The formulation").
 
     Lines: separability (held-out AUROC of s), consistency (mean cosine of
     unsafe prompts with r_hat), steerability (normalised refusal log-prob gain)
-    and their product ``combined``, whose argmax within the allowed layers is
-    the chosen layer (dashed line). Layers outside ``allowed = (start, stop)``
-    (range semantics: start..stop-1, as ``geometry.allowed_layer_range``) are
+    and the steer score ``combined`` (consistency x steerability), whose argmax
+    within the allowed layers is the push layer ``chosen_layer`` (dashed line).
+    ``detect_layer`` (the best separability: where the gate reads) gets its own
+    line, and ``inspected`` (the layer inspector's) a dotted one. Layers outside
+    ``allowed = (start, stop)`` (range semantics, as
+    ``geometry.allowed_layer_range``: separability below 90% of the best) are
     shaded "excluded layers". If present, misalignment (mean s of neutral
     media + safe text) before/after re-centring is drawn on a secondary axis.
     Accepts ``LayerScores.to_dict()`` directly; other keys (fisher, split_half)
@@ -493,7 +535,7 @@ def layer_scores_figure(
 
     >>> fig = layer_scores_figure({"combined": [0.1, 0.5, 0.2]}, chosen_layer=1, allowed=(1, 3))
     >>> [(s.name, s.x0, s.x1) for s in fig.layout.shapes]
-    [('excluded layers', -0.5, 0.5), ('chosen layer', 1, 1)]
+    [('excluded layers', -0.5, 0.5), ('push layer', 1, 1)]
     """
     main = {k: _floats(scores[k], k) for k in _MAIN_SCORES if k in scores}
     mis = {k: _floats(scores[k], k) for k in _MISALIGNMENT if k in scores}
@@ -501,16 +543,18 @@ def layer_scores_figure(
         raise ValueError(f"no layer scores to plot: pass at least one of {list(_MAIN_SCORES) + list(_MISALIGNMENT)} "
                          "(e.g. state.layer_scores.to_dict())")
     num_layers = max(len(v) for v in (*main.values(), *mis.values()))
-    if not 0 <= chosen_layer < num_layers:
-        raise ValueError(f"chosen_layer {chosen_layer} is outside the {num_layers} plotted layers "
-                         f"(0..{num_layers - 1})")
+    for name, value in (("chosen_layer", chosen_layer), ("detect_layer", detect_layer), ("inspected", inspected)):
+        if value is not None and not 0 <= value < num_layers:
+            raise ValueError(f"{name} {value} is outside the {num_layers} plotted layers (0..{num_layers - 1})")
     fig = make_subplots(specs=[[{"secondary_y": True}]]) if mis else go.Figure()
     if allowed is not None:
         start, stop = (allowed.start, allowed.stop) if isinstance(allowed, range) else (int(allowed[0]),
                                                                                          int(allowed[1]))
         for x0, x1 in ((-0.5, min(start, num_layers) - 0.5), (max(stop, 0) - 0.5, num_layers - 0.5)):
             if x1 > x0:  # label only bands wide enough to hold it
-                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3, label="excluded" if x1 - x0 >= 4 else None)
+                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3,
+                       label="push excluded: separability < 90% of best" if x1 - x0 >= 8 else None,
+                       label_pos="bottom center")
     for key, ys in main.items():
         name, color, width = _MAIN_SCORES[key]
         trace = go.Scatter(x=list(range(len(ys))), y=ys, mode="lines+markers", name=name,
@@ -521,7 +565,17 @@ def layer_scores_figure(
         fig.add_trace(go.Scatter(x=list(range(len(ys))), y=ys, mode="lines", name=name,
                                  line=dict(color=COLORS["image"], dash=dash, width=1.5), hovertemplate="%{y:.3f}"),
                       secondary_y=True)
-    _vline(fig, chosen_layer, "chosen layer", text=f"chosen layer {chosen_layer}", color=COLORS["steered"])
+    _vline(fig, chosen_layer, "push layer", text=f"push {chosen_layer}", color=COLORS["steered"])
+    if detect_layer is not None and detect_layer != chosen_layer:
+        _vline(fig, detect_layer, "detect layer", color="#457b9d")
+        fig.add_annotation(x=detect_layer, y=0.9, xref="x", yref="y domain", text=f"gate {detect_layer}",
+                           name="detect layer", showarrow=False, xanchor="left", yanchor="top", xshift=3,
+                           font=dict(size=11, color="#457b9d"))
+    if inspected is not None and inspected not in (chosen_layer, detect_layer):
+        _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
+        fig.add_annotation(x=inspected, y=0.8, xref="x", yref="y domain", text=f"inspecting {inspected}",
+                           name="inspected layer", showarrow=False, xanchor="left", yanchor="top", xshift=3,
+                           font=dict(size=11, color=_LINE_GREY))
     _layout(fig, "Layer scores", "decoder layer", "score", hovermode="x unified")
     fig.update_xaxes(range=[-0.5, num_layers - 0.5])
     if mis:
@@ -536,8 +590,10 @@ def frame_scores_figure(
     tau: float,
     frame_indices: Sequence[int] | None = None,
     t_star: float | None = None,
+    layer: int | None = None,
 ) -> go.Figure:
-    """Re-centred unsafety score of each sampled video frame, with the gate threshold (and t*).
+    """Re-centred unsafety score of each sampled video frame, with the gate threshold (and t*, when the gate and
+    the push share a layer). ``layer`` is where the scores were read (named in the title).
 
     Bars above ``tau`` (gate would open) are drawn in the unsafe colour, the
     rest in the safe colour, so a single harmful frame in an otherwise benign
@@ -560,7 +616,8 @@ def frame_scores_figure(
     _hline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
     if t_star is not None:
         _hline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
-    _layout(fig, "Unsafety score per sampled frame", "sampled frame (index in file)", "unsafety score s (re-centred)")
+    title = "Gate score per sampled frame" + ("" if layer is None else f" (layer {layer})")
+    _layout(fig, title, "sampled frame (index in file)", "unsafety score s (re-centred)")
     fig.update_xaxes(type="category")
     return fig
 
@@ -570,9 +627,20 @@ def frame_scores_figure(
 # ---------------------------------------------------------------------------
 
 
-def figure_html(fig: go.Figure) -> str:
-    """A standalone HTML page of ``fig`` with plotly.js inlined (~4.5 MB), so it opens offline."""
-    return fig.to_html(full_html=True, include_plotlyjs=True, config=PLOT_CONFIG)
+PLOTLY_JS = "plotly.min.js"
+
+
+def figure_html(fig: go.Figure, shared_js: bool = False) -> str:
+    """A standalone HTML page of ``fig`` that opens offline: plotly.js inlined (~4.6 MB), or with ``shared_js``
+    loaded from ``plotly.min.js`` beside it (for a bundle of several figures: write it once, see ``plotly_js``)."""
+    return fig.to_html(full_html=True, include_plotlyjs="directory" if shared_js else True, config=PLOT_CONFIG)
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle that ``figure_html(..., shared_js=True)`` pages load from ``plotly.min.js``."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
 
 
 def _cell(v: Any) -> str:

@@ -47,9 +47,11 @@ class MarsConfig:
     level_tol: float = 0.05
     curve_prompts: int = 32  # held-out harmless prompts steered per level for t*
     steer_prompts: int = 16  # held-out harmless prompts for steerability
-    skip_first: float = 0.1
-    skip_last: float = 0.2
-    layer: int | None = None  # override the chosen layer
+    min_sep_frac: float = 0.9  # push layers: from the first whose separability reaches this share of the best
+    lookalike: bool = True  # a fit split of look-alike prompts joins the safe side (harmless_lookalike.txt)
+    lookalike_frac: float = 0.5  # share of the look-alikes held out for evaluation
+    layer: int | None = None  # override the push (steering) layer
+    detect_layer: int | None = None  # override the layer the gate reads
     tau: float | None = None  # override the gate threshold
     batch_size: int = 8
 
@@ -78,6 +80,8 @@ class Diagnostics:
     spread_unsafe: torch.Tensor  # [L] std of s over the unsafe fit set
     spread_safe: torch.Tensor  # [L] std of s over the safe fit set
     balanced_accuracy: list[float] = field(default_factory=list)  # [L] of the gate threshold on held-out text
+    gate_fpr: list[float] = field(default_factory=list)  # [L] gate opens on held-out harmless text (at taus[l])
+    gate_fnr: list[float] = field(default_factory=list)  # [L] gate stays closed on held-out harmful text
     steerability_gain_nats: list[float] = field(default_factory=list)  # [L] raw gains behind `steerability`
     allowed_layers: tuple[int, int] | None = None  # [start, stop) of the layer range the choice was made in
     misalignment_video_before: list[float] | None = None  # [L] like layer_scores.misalignment_*, for video
@@ -95,8 +99,8 @@ class Diagnostics:
 
     _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
                 "plane_points")
-    _JSON = ("balanced_accuracy", "steerability_gain_nats", "allowed_layers", "misalignment_video_before",
-             "misalignment_video_after")
+    _JSON = ("balanced_accuracy", "gate_fpr", "gate_fnr", "steerability_gain_nats", "allowed_layers",
+             "misalignment_video_before", "misalignment_video_after")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}
@@ -123,10 +127,15 @@ class MarsState:
     mu_minus: torch.Tensor  # [L, d] safe centroid
     offsets: dict[str, torch.Tensor]  # modality -> [L, d] modality offset delta_m
     taus: torch.Tensor  # [L] balanced-accuracy thresholds
-    layer: int  # chosen intervention layer
+    layer: int  # the push (steering) layer
     target_level: float  # t*, calibrated at `layer`
     config: MarsConfig
     diagnostics: Diagnostics
+    detect_layer: int = -1  # the layer the gate reads (its own tau and offsets); -1: the same as `layer`
+
+    def __post_init__(self) -> None:
+        if self.detect_layer < 0:
+            self.detect_layer = self.layer
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MarsState):
@@ -150,8 +159,8 @@ class MarsState:
 
     @property
     def tau(self) -> float:
-        """Gate threshold at the chosen layer (the config override wins)."""
-        return float(self.config.tau) if self.config.tau is not None else float(self.taus[self.layer])
+        """Gate threshold at the detection layer (the config override wins)."""
+        return float(self.config.tau) if self.config.tau is not None else float(self.taus[self.detect_layer])
 
     def fingerprint(self) -> str:
         """A short hash of what steers (model identity, centroids, offsets, thresholds, layers, t*).
@@ -160,7 +169,7 @@ class MarsState:
         being re-scored against whatever is loaded now.
         """
         h = hashlib.sha256(json.dumps([self.model_id, self.model_type, self.num_layers, self.hidden_size, self.layer,
-                                       self.tau, self.target_level, sorted(self.offsets)]).encode())
+                                       self.detect_layer, self.tau, self.target_level, sorted(self.offsets)]).encode())
         for t in (self.mu_plus, self.mu_minus, self.taus, *(self.offsets[m] for m in sorted(self.offsets))):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
@@ -196,7 +205,7 @@ class MarsState:
         meta = {
             "format_version": FORMAT_VERSION,
             "model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size, "layer": self.layer, "tau": self.tau,
+            "hidden_size": self.hidden_size, "layer": self.layer, "detect_layer": self.detect_layer, "tau": self.tau,
             "target_level": self.target_level,
             "target_curve": {_level_key(k): v for k, v in diag.target_curve.items()},
             "layer_scores": diag.layer_scores.to_dict(),
@@ -246,7 +255,8 @@ class MarsState:
                 hidden_size=int(meta["hidden_size"]), mu_plus=tensors["mu_plus"], mu_minus=tensors["mu_minus"],
                 offsets={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("offset.")},
                 taus=tensors["taus"], layer=int(meta["layer"]), target_level=float(meta["target_level"]),
-                config=MarsConfig.from_dict(meta.get("config", {})), diagnostics=diag)
+                config=MarsConfig.from_dict(meta.get("config", {})), diagnostics=diag,
+                detect_layer=int(meta.get("detect_layer", meta["layer"])))  # single-layer states: detect = push
         except KeyError as e:
             raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None
         shape = (state.num_layers, state.hidden_size)
@@ -255,16 +265,20 @@ class MarsState:
                              f"vs num_layers x hidden_size {shape}")
         return state
 
-    def with_overrides(self, *, layer: int | None = None, tau: float | None = None) -> MarsState:
-        """A copy with the chosen layer and/or gate threshold overridden (the fitted values are kept)."""
+    def with_overrides(self, *, layer: int | None = None, tau: float | None = None,
+                       detect_layer: int | None = None) -> MarsState:
+        """A copy with the push layer, the detection layer and/or the gate threshold overridden (fitted values are
+        kept; t* stays the one calibrated at the fitted push layer)."""
         import copy
 
         new = copy.copy(self)
-        if layer is not None:
-            if not -self.num_layers <= layer < self.num_layers:
-                raise ValueError(f"layer {layer} is out of range: the model has {self.num_layers} layers (0.."
+        for name, value in (("layer", layer), ("detect_layer", detect_layer)):
+            if value is None:
+                continue
+            if not -self.num_layers <= value < self.num_layers:
+                raise ValueError(f"{name} {value} is out of range: the model has {self.num_layers} layers (0.."
                                  f"{self.num_layers - 1})")
-            new.layer = layer % self.num_layers
+            setattr(new, name, value % self.num_layers)
         if tau is not None:
             if not math.isfinite(tau):
                 raise ValueError("tau must be a finite number")

@@ -21,7 +21,7 @@ from . import plots as P
 from .analysis import Analysis
 from .projection import plane_coords, project, project_onto
 from .state import MarsState
-from .steering import SteerOptions, rule_for
+from .steering import SteerOptions, gate_scores, plan
 
 __all__ = ["LayerView", "build_figures", "rescore", "state_figures"]
 
@@ -30,8 +30,10 @@ __all__ = ["LayerView", "build_figures", "rescore", "state_figures"]
 class LayerView:
     """The current input at one layer: raw / re-centred / steered residuals and their scores."""
 
-    layer: int
-    rule: G.MarsRule  # tau, t*, margin, strength, gated, steer: what was applied at this layer
+    layer: int  # the push layer this view shows
+    detect_layer: int  # where the gate read its score
+    rule: G.MarsRule  # tau (of the detection layer), t*, margin, strength, gated, steer
+    s_gate: float  # the score the gate read (re-centred, at detect_layer)
     s_raw: float
     s_recentred: float
     s_steered: float  # score (re-centred) after the displacement
@@ -50,25 +52,30 @@ class LayerView:
         return self.rule.t_star
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, **asdict(self.rule), **{k: getattr(self, k) for k in (
-            "s_raw", "s_recentred", "s_steered", "gate_open", "displacement_norm")}}
+        return {"layer": self.layer, "detect_layer": self.detect_layer, **asdict(self.rule), **{
+            k: getattr(self, k) for k in ("s_gate", "s_raw", "s_recentred", "s_steered", "gate_open",
+                                          "displacement_norm")}}
 
 
 def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerOptions,
             layer: int | None = None) -> LayerView:
-    """Score and steer the captured residuals `acts [L, d]` at `layer` (default: the options' / state's layer).
+    """Score and steer the captured (unsteered) residuals `acts [L, d]` with the push at `layer` (default: the
+    options' / state's) and the gate read at the detection layer, as the hook does.
 
     Pure maths through `geometry.mars_response`, so it honours strength, mode and steer exactly as the hook does.
     """
     opts = options if layer is None else replace(options, layer=layer)
-    layer, rule = rule_for(state, opts)
+    p = plan(state, opts)
+    layer, rule = p.layer, p.rule
     h = acts[layer].double()  # [d]
     mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
     delta = state.offset(modality, layer) if opts.recenter else None
-    out = G.mars_response(h, mu_minus, r, rule, delta)
+    s_gate = gate_scores(state, p, acts[p.detect_layer][None].double(), [modality], opts.recenter)  # [1]
+    out = G.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
     h_rec = h if delta is None else G.recentre(h, delta)  # [d]
     h_steered = h_rec + out.displacement  # [d]
-    return LayerView(layer=layer, rule=rule, s_raw=float(G.unsafety_score(h, mu_minus, r)),
+    return LayerView(layer=layer, detect_layer=p.detect_layer, rule=rule, s_gate=float(s_gate[0]),
+                     s_raw=float(G.unsafety_score(h, mu_minus, r)),
                      s_recentred=float(out.score), s_steered=float(G.unsafety_score(h_steered, mu_minus, r)),
                      gate_open=bool(out.gate_open), displacement_norm=float(out.displacement.norm()),
                      h_raw=h.float(), h_recentred=h_rec.float(), h_steered=h_steered.float())
@@ -122,14 +129,19 @@ def state_figures(state: MarsState, layer: int | None = None, view: LayerView | 
         before["video"], after["video"] = diag.misalignment_video_before, diag.misalignment_video_after
     allowed = diag.allowed_layers or (0, state.num_layers)
     scores = None if view is None else {"raw": view.s_raw, "recentred": view.s_recentred, "steered": view.s_steered}
-    rule = view.rule if view is not None else rule_for(state, SteerOptions(layer=layer))[1]
+    p = plan(state, SteerOptions(layer=layer))
+    rule = view.rule if view is not None else p.rule
+    gate = None
+    if p.detect_layer != layer:
+        gate = P.GateRead(layer=p.detect_layer, tau=rule.tau, score=None if view is None else view.s_gate)
     figs = {
         "centroids": _centroid_fig(state, layer, view, method),
         "modality_offset": P.modality_offset_figure(ratio, before, after, layer),
         "trust_region": P.trust_region_figure(rule, scores, (float(diag.spread_safe[layer]),
-                                                             float(diag.spread_unsafe[layer])), layer),
-        "target_curve": P.target_curve_figure(diag.target_curve, state.target_level),
-        "layer_scores": P.layer_scores_figure(ls, layer, allowed),
+                                                             float(diag.spread_unsafe[layer])), layer, gate),
+        "target_curve": P.target_curve_figure(diag.target_curve, state.target_level, state.layer),
+        "layer_scores": P.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.detect_layer,
+                                              inspected=None if layer == state.layer else layer),
     }
     plane = _plane_fig(state, layer, view)
     if plane is not None:
@@ -147,5 +159,5 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
     figs = state_figures(state, layer, view, method)
     if analysis is not None and analysis.frame_scores is not None:
         figs["frames"] = P.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
-                                               analysis.frame_indices, state.target_level)
+                                               analysis.frame_indices, None, view.detect_layer if view else None)
     return figs, view

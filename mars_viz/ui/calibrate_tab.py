@@ -29,11 +29,14 @@ def state_summary(session: Session) -> dict:
     if s is None:
         out["state"] = "not fitted yet: press Fit (or run an input in Explore, which fits with the defaults)"
         return out
-    out["state"] = {"source": session.state_source, "layer": s.layer, "tau": round(s.tau, 4),
-                    "target_level": s.target_level, "target_curve": {f"{k:g}": v
-                                                                     for k, v in s.diagnostics.target_curve.items()},
-                    "separability_at_layer": round(float(s.diagnostics.layer_scores.separability[s.layer]), 4),
-                    "steerability_at_layer": round(float(s.diagnostics.layer_scores.steerability[s.layer]), 4),
+    d = s.diagnostics
+    out["state"] = {"source": session.state_source, "layer": s.layer, "detect_layer": s.detect_layer,
+                    "tau": round(s.tau, 4), "target_level": s.target_level,
+                    "target_curve": {f"{k:g}": v for k, v in d.target_curve.items()},
+                    "separability_at_detect_layer": round(float(d.layer_scores.separability[s.detect_layer]), 4),
+                    "gate_fpr_heldout_harmless": round(d.gate_fpr[s.detect_layer], 4) if d.gate_fpr else None,
+                    "gate_fnr_heldout_harmful": round(d.gate_fnr[s.detect_layer], 4) if d.gate_fnr else None,
+                    "steerability_at_layer": round(float(d.layer_scores.steerability[s.layer]), 4),
                     "refusal_opening": s.diagnostics.refusal_opening, "behaviour_filter": s.diagnostics.behaviour,
                     "modalities": sorted(s.offsets), "config": s.config.to_dict()}
     return out
@@ -61,7 +64,8 @@ def build(session: Session) -> None:
             with gr.Row():
                 margin = gr.Number(value=0.1, label="Gate ramp margin m")
                 levels = gr.Textbox(value="1,1.5,2,3,4,6,8", label="Target-level grid")
-                layer = gr.Textbox(value="", label="Force layer (empty = auto)")
+                layer = gr.Textbox(value="", label="Force push layer (empty = auto)")
+                detect_layer = gr.Textbox(value="", label="Force gate (detection) layer (empty = auto)")
             behaviour = gr.Checkbox(value=True, label="Behaviour filter (refused harmful / answered harmless only)")
             fit = gr.Button("Fit", variant="primary", elem_id="fit")
             gr.Markdown("### Save or load a state")
@@ -86,11 +90,12 @@ def build(session: Session) -> None:
     @user_errors("fit")
     def do_fit(harmful=None, harmless=None, max_prompts: int = 128, k_neutral: int = 16, neutral_prompts: int = 32,
                margin: float = 0.1, levels: str = "1,1.5,2,3,4,6,8", layer: str = "", behaviour_filter: bool = True,
-               progress=gr.Progress()):
+               detect_layer: str = "", progress=gr.Progress()):
         cfg = MarsConfig(max_prompts=None if int(max_prompts or 0) == 0 else int(max_prompts),
                          k_neutral=int(k_neutral), neutral_prompts=int(neutral_prompts), margin=float(margin),
                          levels=tuple(float(x) for x in str(levels).split(",") if x.strip()),
-                         layer=int(layer) if str(layer).strip() else None, behaviour_filter=bool(behaviour_filter))
+                         layer=int(layer) if str(layer).strip() else None, behaviour_filter=bool(behaviour_filter),
+                         detect_layer=int(detect_layer) if str(detect_layer).strip() else None)
         hp = load_prompts(_path(harmful)) if harmful else None
         sp = load_prompts(_path(harmless)) if harmless else None
         with session.lock:
@@ -101,8 +106,8 @@ def build(session: Session) -> None:
             gr.Warning(note)
         return state_summary(session)
 
-    fit.click(do_fit, [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour],
-              summary, api_name="fit")
+    fit.click(do_fit, [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour,
+                       detect_layer], summary, api_name="fit")
 
     @user_errors("save_state")
     def do_save():

@@ -38,23 +38,28 @@ class ExploreTab:
 def verdict_markdown(a: Analysis) -> str:
     r = a.result
     verdict = lambda refused: "**refused**" if refused else "answered"  # noqa: E731
+    s, where = r.gate_score, f"layer {r.gate_layer}"
+    push = ("" if r.gate_layer == r.layer else f" at layer {r.layer} (there s = {r.score_recentred:.3f})")
     if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
-        gate = (f"Gate **open** (s = {r.score_recentred:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
-                f"beyond t* = {r.t_star:g}, the trust region's outer wall: no push.")
+        gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
+                f"beyond t* = {r.t_star:g}{push}, the trust region's outer wall: no push.")
     elif r.gate_open and not r.steer:
-        gate = (f"Gate **open**: s = {r.score_recentred:.3f} > τ = {r.tau:.3f} → would be pushed toward "
+        gate = (f"Gate **open** at {where}: s = {s:.3f} > τ = {r.tau:.3f} → would be pushed{push} toward "
                 f"t* = {r.t_star:g} with λ = {r.strength:g} (steering is off, so nothing was changed).")
     elif r.gate_open:
-        gate = (f"Gate **open**: s = {r.score_recentred:.3f} > τ = {r.tau:.3f} → pushed toward t* = {r.t_star:g} "
+        gate = (f"Gate **open** at {where}: s = {s:.3f} > τ = {r.tau:.3f} → pushed{push} toward t* = {r.t_star:g} "
                 f"with λ = {r.strength:g} (‖Δh‖ = {r.displacement_norm:.3g}).")
     else:
-        gate = f"Gate **closed**: s = {r.score_recentred:.3f} ≤ τ = {r.tau:.3f} → no displacement, identical output."
+        gate = (f"Gate **closed** at {where}: s = {s:.3f} ≤ τ = {r.tau:.3f} → no displacement, identical "
+                "output.")
     shift = ("" if r.modality == "text" or not r.recenter else
              f" Raw score {r.score_raw:.3f}; the {r.modality} offset accounts for "
              f"{r.score_raw - r.score_recentred:+.3f} of it (removed by re-centring).")
     steer = "" if r.steer else " (steering is off: scores only)"
     notes = "".join(f"\n\n> {n}" for n in a.notes + ([r.t_star_note] if r.t_star_note else []))
-    return (f"**Layer {r.layer}** · {r.modality} input{steer}. {gate}{shift}\n\n"
+    layers = (f"Layer {r.layer}" if r.gate_layer == r.layer else
+              f"Gate read at layer {r.gate_layer}, push at layer {r.layer}")
+    return (f"**{layers}** · {r.modality} input{steer}. {gate}{shift}\n\n"
             f"Unsteered: {verdict(r.unsteered.refused)} · MARS: {verdict(r.steered.refused)}"
             f"{' · answers identical' if r.steered.text == r.unsteered.text else ''}{notes}")
 
@@ -91,7 +96,10 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                 strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Strength λ", elem_id="strength")
                 recenter = gr.Checkbox(value=True, label="Re-centre (remove the modality offset)", elem_id="recenter")
                 layer = gr.Dropdown(["auto"] + [str(i) for i in range(session.backbone.num_layers)], value="auto",
-                                    label="Layer (auto = chosen by calibration)", elem_id="layer")
+                                    label="Push layer (auto = chosen by calibration)", elem_id="layer")
+                detect_layer = gr.Dropdown(["auto"] + [str(i) for i in range(session.backbone.num_layers)],
+                                           value="auto", label="Gate (detection) layer (auto = calibrated)",
+                                           elem_id="detect_layer")
                 tau = gr.Textbox(label="τ override (empty = fitted)", value="", elem_id="tau")
                 frames = gr.Slider(1, 32, value=8, step=1, label="Frames sampled from a video")
                 max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
@@ -144,9 +152,10 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
     @user_errors("explore")
     def do_run(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
                layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
-               toggle: str = "MARS-steered", method: str = "PCA", progress=gr.Progress()):
+               toggle: str = "MARS-steered", method: str = "PCA", detect_layer: str = "auto",
+               progress=gr.Progress()):
         query, notes, indices = build_query(prompt, image, video, frames)
-        options = steer_options(steer, strength, layer, tau, recenter)
+        options = steer_options(steer, strength, layer, tau, recenter, detect_layer)
         for n in notes:
             gr.Info(n)
         shown = list(query.images) + list(query.video or ())
@@ -170,7 +179,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
 
     run.click(do_run, [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle,
-                       method],
+                       method, detect_layer],
               [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
                *plots],
               api_name="explore", concurrency_limit=4)

@@ -21,8 +21,12 @@ INTRO = """
    unsafe one. Only when s > τ does the ReLU gate open; the input is then moved along r to the target level t*
    (where the model refuses), never beyond: h′ = h + λ · w · ReLU(t* − s) · r, with w = clip((s − τ)/m, 0, 1).
    With s ≤ τ the displacement is exactly zero, so benign inputs give bit-identical answers.
-4. **Pick the layer, act once.** The layer maximises separability × consistency × steerability; the edit touches
-   only the last prompt position during prefill, i.e. the first generated token.
+4. **Two layers, act once.** The layer that *detects* best need not be the one that *steers* best. The gate reads
+   its score at the layer where held-out harmful and harmless text separate best (often one of the last layers,
+   where the model has already decided); the push goes where moving along r changes the answer most (steerability
+   × consistency), among layers where r already separates well. When the gate's layer comes after the push layer,
+   the last prompt position is run once unsteered to read the gate first. Either way the edit touches only the last
+   prompt position during prefill, i.e. the first generated token.
 
 Pick an example below: it is loaded into **Explore**; press **Run** there and read the plots in this order:
 *Trust region* (where the input lands), *Modality offset* (what re-centring removed), *Centroids*, *Layer scores*.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import zipfile
@@ -61,9 +62,9 @@ def test_view_api_names_the_parameters(client):
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
     assert names("/analyze") == ["prompt", "image", "video", "strength", "layer", "tau", "recenter", "steer",
-                                 "max_new_tokens", "frames"]
+                                 "max_new_tokens", "frames", "detect_layer"]
     assert names("/explore") == ["prompt", "image", "video", "frames", "steer", "strength", "layer", "tau",
-                                 "recenter", "max_new_tokens", "toggle", "method"]
+                                 "recenter", "max_new_tokens", "toggle", "method", "detect_layer"]
     assert names("/inspect_layer") == names("/projection") == names("/export") == ["layer", "method"]
     assert names("/toggle") == ["toggle"] and names("/example") == ["example"]
     assert names("/evaluate") == ["sets", "limit", "strengths", "max_new_tokens"]
@@ -117,10 +118,14 @@ def test_example_endpoint_fills_inputs(client):
 def test_export_zip_has_html_csv_json(client):
     explore(client)
     path = client.predict(0, "PCA", api_name="/export")
+    assert os.path.getsize(path) < 2_000_000  # plotly.js once, not once per figure
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
-        assert {"centroids.html", "centroids.csv", "layer_scores.csv", "result.json"} <= names
-        assert b"plotly" in z.read("trust_region.html").lower()
+        assert {"centroids.html", "centroids.csv", "layer_scores.csv", "result.json", "plotly.min.js"} <= names
+        page = z.read("trust_region.html").decode()
+        # offline once unpacked: the page loads the bundled file beside it, and nothing from the network
+        assert 'src="plotly.min.js"' in page and "https://cdn" not in page
+        assert len(z.read("plotly.min.js")) > 1_000_000
 
 
 def test_bad_inputs_are_clear_errors_and_server_stays_up(client, tmp_path):
@@ -275,3 +280,13 @@ def test_rejected_inputs_log_one_line_and_bugs_keep_their_traceback(client, tmp_
         client.predict(prompt="hi", api_name="/analyze")
     err = capfd.readouterr().err
     assert "Traceback" in err and "RuntimeError: a real bug" in err
+
+
+def test_two_layers_in_the_verdict_the_json_and_the_plots(client):
+    out = explore(client, layer="1", detect_layer="3", tau="-100")
+    verdict, result = out[3], out[5]
+    assert "Gate read at layer 3, push at layer 1" in verdict and "Gate **open** at layer 3" in verdict
+    assert result["detect_layer"] == 3 and result["layer"] == 1
+    r = client.predict(prompt="What colour is this?", image=handle_file(RED), detect_layer=2, layer=2,
+                       max_new_tokens=2, api_name="/analyze")
+    assert r["detect_layer"] == r["layer"] == 2

@@ -59,6 +59,7 @@ def test_hook_touches_only_last_prompt_position_of_prefill(arch, tiny_backbones,
     batch = build_batch(bb, [q])
     seq = batch["input_ids"].shape[1]
     all_pos = torch.arange(seq).unsqueeze(0)
+    state = state.with_overrides(detect_layer=state.layer)  # single-layer MARS (two layers: test_pair_strategies)
     layer = state.layer
     with torch.no_grad():
         with capture_residuals([bb.layers[layer]], positions=all_pos) as plain:
@@ -202,6 +203,7 @@ def test_shared_prefill_pair_equals_two_separate_generations(arch, tiny_backbone
     opts = SteerOptions(tau=-100.0, target_level=50.0)
     queries = [Query("Tell me about the sea", images=tuple(neutral_images(1, seed=4, size=40))),
                Query("Name three birds, please", images=tuple(neutral_images(1, seed=5, size=40)))]
+    state = state.with_overrides(detect_layer=state.layer)  # single-layer MARS (two layers: test_pair_strategies)
     pair = run_pairs(bb, state, queries, opts, max_new_tokens=6, strategy="batched")  # rows [q0, q0', q1, q1']
     single = run_pairs(bb, state, queries, opts, max_new_tokens=6, batch_size=1, strategy="gate_first")
     assert [r.steered.token_ids for r in single] == [r.steered.token_ids for r in pair]

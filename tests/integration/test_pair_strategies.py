@@ -20,7 +20,7 @@ from mars_viz.generate import (
 from mars_viz.hooks import count_hooks
 from mars_viz.inputs import Query, build_batch
 from mars_viz.media import neutral_images
-from mars_viz.steering import SteerOptions, mars_steering
+from mars_viz.steering import SteerOptions, gate_scores, mars_steering, plan, probe_gate
 
 from ..conftest import ARCHS
 
@@ -37,6 +37,17 @@ def _rope_state(bb) -> list:
     return [o.rope_deltas for o in G._rope_owners(bb.model)]
 
 
+def steered_reference(bb, state, options: SteerOptions, q: Query) -> list[int]:
+    """One full steered generation, on its own: the gate probed first by a plain forward when it is read after the
+    push layer (what every strategy must reproduce token for token)."""
+    gate = None
+    if plan(state, options).reads_later:
+        batch = build_batch(bb, [q])
+        gate = probe_gate(bb, state, options, [q.modality], lambda: bb.model(**batch))
+    with mars_steering(bb, state, options, [q.modality], gate=gate):
+        return generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
+
+
 @pytest.fixture(scope="module")
 def separate(tiny_backbones, fitted):
     """(arch, prompt, seed) -> token ids of two independent full generations: plain, and inside `mars_steering`."""
@@ -47,9 +58,7 @@ def separate(tiny_backbones, fitted):
         if key not in cache:
             bb, state = tiny_backbones(arch), fitted(arch)
             plain = generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
-            with mars_steering(bb, state, OPEN, [q.modality]):
-                steered = generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
-            cache[key] = (plain, steered)
+            cache[key] = (plain, steered_reference(bb, state, OPEN, q))
         return cache[key]
 
     return get
@@ -161,3 +170,40 @@ def test_unknown_strategy_is_refused_clearly(tiny_backbones, fitted):
     with pytest.raises(ValueError, match="unknown pair strategy"):
         list(stream_pair(bb, state, Query("hi"), OPEN, max_new_tokens=2, strategy="fast"))
     assert _no_hook_of_ours(bb, hooks_before)
+
+
+RELATIONS = {"detect<push": 1, "detect=push": 2, "detect>push": 3}  # push at layer 2 of the tiny models' 4
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+def test_two_layer_gate_on_every_strategy(strategy, arch, relation, tiny_backbones, fitted, separate):
+    """Conditional MARS: the gate read before, at or after the push layer. Closed: bit-identical answers. Open:
+    exactly the tokens of a separate steered generation, the gate probed first where it comes after the push."""
+    bb = tiny_backbones(arch)
+    state = fitted(arch).with_overrides(layer=2, detect_layer=RELATIONS[relation])
+    q = _image_query()
+    plain = separate(arch, q)[0]
+    closed = _stream(bb, state, q, CLOSED, strategy)[-1].result
+    assert not closed.gate_open and closed.steered.token_ids == closed.unsteered.token_ids == plain
+    assert (closed.layer, closed.gate_layer) == (2, RELATIONS[relation])
+    final = _stream(bb, state, q, OPEN, strategy)[-1]
+    opened = final.result
+    assert opened.gate_open and opened.unsteered.token_ids == plain
+    # the gate's score is the detection layer's, read from the unsteered input (captured in the same run)
+    p = plan(state, OPEN)
+    expect = gate_scores(state, p, final.acts[p.detect_layer][None], [q.modality], True)
+    assert opened.gate_score == pytest.approx(float(expect[0]), rel=1e-4, abs=1e-4)
+    assert opened.steered.token_ids == steered_reference(bb, state, OPEN, q)
+    assert opened.to_json()["detect_layer"] == RELATIONS[relation]
+
+
+def test_a_later_gate_must_be_known_before_the_push(tiny_backbones, fitted):
+    bb = tiny_backbones("llava")
+    state = fitted("llava").with_overrides(layer=1, detect_layer=3)
+    q = _image_query()
+    with pytest.raises(ValueError, match="read it first"):
+        with mars_steering(bb, state, OPEN, [q.modality]):
+            pass
+    assert sum(_ours(layer) for layer in bb.layers) == 0

@@ -18,6 +18,7 @@ from mars_viz.geometry import (
     allowed_layer_range,
     auroc,
     balanced_accuracy_threshold,
+    choose_detect_layer,
     choose_layer,
     choose_target_level,
     combined_score,
@@ -437,30 +438,37 @@ def test_normalise_steerability():
 
 
 def test_combined_score_clips_consistency():
-    out = combined_score(
-        torch.tensor([1.0, 0.9, 0.8], dtype=F64),
-        torch.tensor([-0.5, 0.5, 1.0], dtype=F64),
-        torch.tensor([1.0, 1.0, 0.5], dtype=F64),
-    )
-    assert torch.allclose(out, torch.tensor([0.0, 0.45, 0.4], dtype=F64), rtol=0, atol=1e-12)
+    out = combined_score(torch.tensor([-0.5, 0.5, 1.0], dtype=F64), torch.tensor([1.0, 1.0, 0.5], dtype=F64))
+    assert torch.allclose(out, torch.tensor([0.0, 0.5, 0.5], dtype=F64), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="same L"):
-        combined_score(torch.ones(3), torch.ones(2), torch.ones(3))
+        combined_score(torch.ones(2), torch.ones(3))
 
 
-def test_allowed_layer_range():
-    assert allowed_layer_range(24) == range(2, 20)
-    assert allowed_layer_range(10) == range(1, 8)
-    assert allowed_layer_range(2) == range(2)
-    assert allowed_layer_range(4, skip_first=0.5, skip_last=0.5) == range(4)  # would be empty
-    with pytest.raises(ValueError, match="num_layers"):
-        allowed_layer_range(0)
+def test_allowed_layer_range_follows_separability():
+    # the real 0.5B backbone's held-out separability per layer (24 layers, bench/detectors.py)
+    sep = torch.tensor([0.46, 0.40, 0.40, 0.45, 0.59, 0.61, 0.54, 0.50, 0.49, 0.53, 0.57, 0.57, 0.73, 0.72, 0.86,
+                        0.91, 0.90, 0.90, 0.91, 0.92, 0.95, 0.97, 0.97, 0.97])
+    assert allowed_layer_range(sep) == range(15, 24)  # >= 0.9 * 0.97: the layers 20-23 are no longer excluded
+    assert allowed_layer_range(sep, min_frac=0.0) == range(24)
+    assert allowed_layer_range(torch.tensor([0.3, math.nan, 0.9])) == range(2, 3)  # NaN never qualifies
+    with pytest.raises(ValueError, match="min_frac"):
+        allowed_layer_range(sep, min_frac=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        allowed_layer_range(torch.zeros(0))
+
+
+def test_choose_detect_layer_takes_the_earliest_near_best():
+    assert choose_detect_layer(torch.tensor([0.5, 0.9, 0.97, 0.972, 0.95])) == 2  # 0.97 is within 0.005 of 0.972
+    assert choose_detect_layer(torch.tensor([0.5, 0.9, 0.96, 0.972, 0.95])) == 3
+    assert choose_detect_layer(torch.tensor([0.5, 0.9, 0.96, 0.972]), tol=0.02) == 2
+    assert choose_detect_layer(torch.tensor([math.nan, 0.6, 0.5])) == 1
 
 
 def test_choose_layer_respects_allowed_range():
     combined = torch.tensor([9.0, 0.2, 0.5, 0.1, 7.0, 0.3])
     assert choose_layer(combined) == 0
     assert choose_layer(combined, allowed=range(1, 4)) == 2
-    assert choose_layer(combined, allowed=allowed_layer_range(6, 0.2, 0.2)) == 4
+    assert choose_layer(combined, allowed=range(3, 6)) == 4
     assert choose_layer(torch.tensor([math.nan, 0.1, 0.3])) == 2
     with pytest.raises(ValueError, match="allowed"):
         choose_layer(combined, allowed=range(10, 12))

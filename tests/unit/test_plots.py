@@ -240,22 +240,37 @@ SCORES = {
 }
 
 
+STEER = "steer score (consistency × steerability)"
+
+
 def test_layer_scores_figure():
     fig = layer_scores_figure(SCORES, chosen_layer=3, allowed=(1, 5))
     common(fig)
     for key in ("separability", "consistency", "steerability", "combined"):
-        t = trace(fig, key)
+        t = trace(fig, STEER if key == "combined" else key)
         assert list(t.x) == list(range(6)) and list(t.y) == SCORES[key]
     assert "fisher" not in [t.name for t in fig.data]
-    (chosen,) = shapes(fig, "chosen layer")
+    (chosen,) = shapes(fig, "push layer")
     assert chosen.x0 == chosen.x1 == 3
-    assert "chosen layer 3" in [a.text for a in fig.layout.annotations]
+    assert "push 3" in [a.text for a in fig.layout.annotations]
+    assert shapes(fig, "detect layer") == [] and shapes(fig, "inspected layer") == []
     excluded = sorted((s.x0, s.x1) for s in shapes(fig, "excluded layers"))
     assert excluded == [(-0.5, 0.5), (4.5, 5.5)]  # layers 0 and 5 are outside range(1, 5)
     assert all(s.type == "rect" for s in shapes(fig, "excluded layers"))
     assert fig.layout.xaxis.title.text == "decoder layer"
     assert fig.layout.hovermode == "x unified"
-    assert "%{y" in trace(fig, "combined").hovertemplate
+    assert "%{y" in trace(fig, STEER).hovertemplate
+
+
+def test_layer_scores_figure_marks_gate_push_and_inspected_layers():
+    fig = layer_scores_figure(SCORES, chosen_layer=3, allowed=(1, 6), detect_layer=5, inspected=1)
+    assert [s.x0 for s in shapes(fig, "push layer")] == [3]
+    assert [s.x0 for s in shapes(fig, "detect layer")] == [5]
+    assert [s.x0 for s in shapes(fig, "inspected layer")] == [1]
+    texts = [a.text for a in fig.layout.annotations]
+    assert "push 3" in texts and "gate 5" in texts and "inspecting 1" in texts
+    with pytest.raises(ValueError, match="detect_layer 6 is outside"):
+        layer_scores_figure(SCORES, chosen_layer=3, detect_layer=6)
 
 
 def test_layer_scores_figure_misalignment_and_range():
@@ -263,7 +278,7 @@ def test_layer_scores_figure_misalignment_and_range():
     fig = layer_scores_figure(scores, chosen_layer=2, allowed=range(2, 6))
     before = trace(fig, "misalignment before re-centring")
     after = trace(fig, "misalignment after re-centring")
-    assert before.yaxis == after.yaxis == "y2" and trace(fig, "combined").yaxis == "y"
+    assert before.yaxis == after.yaxis == "y2" and trace(fig, STEER).yaxis == "y"
     assert list(before.y) == scores["misalignment_before"] and list(after.y) == [0.0] * 6
     assert sorted((s.x0, s.x1) for s in shapes(fig, "excluded layers")) == [(-0.5, 1.5)]
     # no allowed range: nothing shaded
@@ -316,8 +331,8 @@ def test_figure_html_and_config():
     assert "<html>" in html[:100] and html.rstrip().endswith("</html>")
     assert "plotly" in html and len(html) > 1_000_000  # plotly.js inlined: works offline
     assert not re.search(r'<script[^>]*src="https?://', html)  # no CDN script tag
-    for name in ("separability", "consistency", "steerability", "combined"):
-        assert f'"name":"{name}"' in html
+    for name in ("separability", "consistency", "steerability", "steer score"):
+        assert f"\"name\":\"{name}" in html
     assert '"toImageButtonOptions": {"format": "png", "scale": 2' in html
     assert PLOT_CONFIG["toImageButtonOptions"] == {"format": "png", "scale": 2, "filename": "mars_viz"}
 

@@ -14,7 +14,7 @@ import torch
 
 from mars_viz import geometry as G
 from mars_viz.state import STATE_JSON, Diagnostics, MarsConfig, MarsState
-from mars_viz.steering import SteerOptions, mars_edit
+from mars_viz.steering import SteerOptions, gate_scores, mars_edit, plan
 from mars_viz.views import rescore, state_figures
 
 L, D = 4, 8
@@ -62,16 +62,19 @@ def test_rescore_and_hook_agree_for_every_mode():
     state = planted_state()
     acts = torch.stack([at_score(state, i, 1.2) for i in range(L)]).float() + 0.3 * state.r.float()  # [L, d]
     for opts in (SteerOptions(), SteerOptions(strength=0.5), SteerOptions(mode="ungated"), SteerOptions(steer=False),
-                 SteerOptions(recenter=False), SteerOptions(layer=1)):
+                 SteerOptions(recenter=False), SteerOptions(layer=1), SteerOptions(layer=3, detect_layer=0)):
         view = rescore(state, acts, "image", opts)
         deltas = state.offsets["image"][view.layer][None] if opts.recenter else None
+        p = plan(state, opts)
+        gate = {"s": gate_scores(state, p, acts[p.detect_layer][None], ["image"], opts.recenter)}
         info: dict = {}
-        _, edit = mars_edit(state, opts, deltas)
+        _, edit = mars_edit(state, opts, deltas, gate)
         h = acts[view.layer][None].double()
         moved = edit(h.clone(), info) - h
         assert float(moved.norm()) == pytest.approx(view.displacement_norm, rel=1e-9, abs=1e-12)
         assert float(info["s_recentred"][0]) == pytest.approx(view.s_recentred)
         assert bool(info["gate_open"][0]) == view.gate_open
+        assert float(info["s_gate"][0]) == pytest.approx(view.s_gate) and view.detect_layer == p.detect_layer
 
 
 def test_ungated_moves_a_safe_input_the_gate_leaves_alone():
@@ -107,3 +110,20 @@ def test_old_state_with_untyped_extra_loads(tmp_path):
     assert again.diagnostics.allowed_layers == (1, 3)
     assert again.diagnostics.misalignment_video_before == [0.1] * L
     assert torch.equal(again.mu_plus, state.mu_plus)
+
+
+def test_two_layer_gate_reads_the_detection_layer_and_pushes_at_the_other():
+    state = planted_state()
+    state.detect_layer = 3
+    # at the detection layer the input is clearly unsafe; at the push layer it sits at the safe centroid
+    acts = torch.stack([at_score(state, i, 2.0 if i == 3 else 0.0) for i in range(L)]).float()
+    view = rescore(state, acts, "text", SteerOptions(recenter=False))
+    assert view.layer == 2 and view.detect_layer == 3 and view.gate_open
+    assert view.s_gate == pytest.approx(2.0) and view.s_recentred == pytest.approx(0.0, abs=1e-6)
+    assert view.s_steered == pytest.approx(3.0)  # pushed to t* along the push layer's own axis
+    assert view.rule.tau == float(state.taus[3])
+    # the same input, gate read at the push layer (single-layer MARS): closed, no push
+    assert not rescore(state, acts, "text", SteerOptions(recenter=False, detect_layer=2)).gate_open
+    fig = state_figures(state, 2, view)["trust_region"]
+    assert "gate read at layer 3" in fig.layout.title.text
+    assert any("s = 2.00 > τ" in (a.text or "") for a in fig.layout.annotations)
