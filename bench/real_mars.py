@@ -47,9 +47,11 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--limit", type=int, default=0, help="cap prompts per held-out set (0 = all)")
+    ap.add_argument("--detect-layer", type=int, help="override the state's detection layer")
+    ap.add_argument("--layer", type=int, help="override the state's push layer (t* stays the fitted one)")
     args = ap.parse_args()
     t0 = time.time()
-    state = MarsState.load(args.state)
+    state = MarsState.load(args.state).with_overrides(layer=args.layer, detect_layer=args.detect_layer)
     bb = load_backbone(args.model)
     state.check_compatible(bb)
     cfg = state.config
