@@ -85,6 +85,19 @@ class Backbone:
         return self.model.get_input_embeddings().weight.dtype
 
     @property
+    def is_demo(self) -> bool:
+        """A tiny random model built by `demo_models` (its folder holds `mars_demo.json`): mechanics, no behaviour."""
+        return (Path(self.model_id).expanduser() / "mars_demo.json").is_file()
+
+    @property
+    def display_name(self) -> str:
+        """What to call the model in a header: its hub id or folder name, or plainly a random demo model."""
+        if self.is_demo:
+            return f"built-in tiny random {self.model_type} demo model"
+        path = Path(self.model_id).expanduser()
+        return path.name if path.is_dir() else self.model_id
+
+    @property
     def placement(self) -> tuple[str, str]:
         """(device, dtype) as strings, e.g. ("cpu", "float32"): what a speed measurement depends on."""
         return str(self.input_device), str(self.dtype).removeprefix("torch.")

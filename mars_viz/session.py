@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -105,8 +106,12 @@ def open_session(model: str | None = None, *, fallback: bool = True, **load_kwar
         if explicit or not fallback:
             raise
         path = _fallback_model()
-        notice = (f"The default model {DEFAULT_MODEL} could not be loaded ({e}). Using the built-in tiny "
-                  f"{FALLBACK_ARCH} demo model instead: it has random weights, so its answers are gibberish. "
-                  "Start with --model PATH_OR_ID for a real model.")
+        logging.getLogger("mars_viz").warning("default model %s could not be loaded: %s", DEFAULT_MODEL, e)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = ("it is not in the local Hugging Face cache and the hub is offline" if offline else
+               "it could not be loaded")
+        notice = (f"The default model {DEFAULT_MODEL} is not available ({why}; details in the server log). Using the "
+                  f"built-in tiny {FALLBACK_ARCH} demo model instead: it has random weights, so its answers are "
+                  "gibberish. Start with --model PATH_OR_ID for a real model.")
         return Session(backbone=load_backbone(path, **{k: v for k, v in load_kwargs.items() if k != "layers_path"}),
                        notice=notice)

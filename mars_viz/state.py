@@ -174,6 +174,26 @@ class MarsState:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def credibility_warnings(self) -> list[str]:
+        """Why this state's scores, gates and answers would not be meaningful, if they would not (else []).
+
+        A random model refuses nothing, so its "refusal direction" is noise: the fit then falls back to all harmful
+        prompts and separability sits near chance. A dashboard must say so instead of showing confident verdicts.
+        """
+        diag, out = self.diagnostics, []
+        refused = diag.behaviour.get("harmful_refused")
+        if refused == 0:
+            out.append("the model refused none of the harmful calibration prompts, so there is no refusal behaviour "
+                       "to find a direction for")
+        elif diag.behaviour.get("fallback"):
+            out.append("the behaviour filter fell back (too few refusals): the unsafe centroid mixes refused and "
+                       "answered prompts")
+        sep = float(diag.layer_scores.separability[self.detect_layer])
+        if sep < 0.6:
+            out.append(f"held-out separability at the gate's layer {self.detect_layer} is {sep:.2f}, near chance "
+                       "(0.5): the gate cannot tell harmful from harmless text")
+        return out
+
     def offset(self, modality: str, layer: int | None = None) -> torch.Tensor | None:
         """delta for `modality` at `layer` (`[d]`), or None for text."""
         if modality == "text":

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..session import Session
 from . import api, calibrate_tab, evaluate_tab, explore, learn
-from .common import stale_banner
+from .common import credibility_banner, stale_banner
 
 __all__ = ["create_app", "launch_kwargs"]
 
@@ -18,13 +18,14 @@ def create_app(session: Session) -> gr.Blocks:
     bb = session.backbone
     with gr.Blocks(title="mars_viz") as demo:
         gr.Markdown(f"# mars_viz — Modality-Agnostic Refusal Steering\n"
-                    f"Model **{bb.model_id}** (`{bb.model_type}`, {bb.num_layers} layers, d={bb.hidden_size}, "
+                    f"Model **{bb.display_name}** (`{bb.model_type}`, {bb.num_layers} layers, d={bb.hidden_size}, "
                     f"inputs: {', '.join(bb.modalities)}). A refusal direction from text, re-centred for images and "
                     "video, applied only past a threshold and only inside a trust region.")
         if session.notice:
             gr.Markdown(f"> ⚠️ {session.notice}", elem_id="notice")
         # The model and state are shared by every page: a swap in any page's Calibrate tab is announced on all of them.
         banner = gr.Markdown(visible=False, elem_id="stale_banner")
+        credibility = gr.Markdown(visible=False, elem_id="credibility")
         generation = gr.State(None)  # Session.generation of this page's last results (set on load and on each run)
         with gr.Tab("Explore", id="explore"):
             tab = explore.build(session, generation)
@@ -37,8 +38,10 @@ def create_app(session: Session) -> gr.Blocks:
         api.build(session)
         demo.load(tab.on_load, None, tab.plots, api_name=False)
         demo.load(lambda: session.generation, None, generation, api_name=False)
-        gr.Timer(STALE_POLL_S).tick(lambda seen: stale_banner(session, seen), generation, banner, queue=False,
-                                     api_visibility="private", show_progress="hidden")
+        demo.load(lambda: credibility_banner(session), None, credibility, api_name=False)
+        gr.Timer(STALE_POLL_S).tick(lambda seen: (stale_banner(session, seen), credibility_banner(session)),
+                                     generation, [banner, credibility], queue=False, api_visibility="private",
+                                     show_progress="hidden")
     return demo
 
 

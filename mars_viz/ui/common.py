@@ -19,8 +19,8 @@ from ..plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from ..session import Session
 from ..steering import SteerOptions
 
-__all__ = ["build_query", "export_zip", "gr_progress", "parse_layer", "parse_tau", "stale_banner", "steer_options",
-           "user_errors"]
+__all__ = ["build_query", "credibility_banner", "export_zip", "gr_progress", "parse_layer", "parse_tau", "stale_banner",
+           "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
 
@@ -61,6 +61,22 @@ def user_errors(endpoint: str):
         return call
 
     return wrap
+
+
+def credibility_banner(session: Session):
+    """Update for the page's persistent warning: shown while the loaded model is a random demo model or the fitted
+    state is degenerate, so nobody reads a random model's verdicts as meaningful."""
+    reasons = []
+    if session.backbone.is_demo:
+        reasons.append("this is a built-in tiny model with random weights (no real model could be loaded)")
+    if session.state is not None:
+        reasons += session.state.credibility_warnings()
+    if not reasons:
+        return gr.update(visible=False, value="")
+    return gr.update(visible=True, value=(
+        "⚠️ **Scores, gates and answers on this page are not meaningful**: " + "; ".join(reasons) + ". The mechanics "
+        "(hooks, re-centring, the gate) still run, but read nothing into the verdicts. Load a real safety-tuned MLLM "
+        "in the Calibrate tab, or start with `./run.sh app --model Qwen/Qwen2-VL-2B-Instruct` (or a local folder)."))
 
 
 def stale_banner(session: Session, seen: int | None):

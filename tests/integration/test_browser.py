@@ -92,3 +92,15 @@ def test_a_state_swap_is_announced_on_an_open_page(browser, app_server):
         with session.lock:
             session.set_state(original, source)
         page.close()
+
+
+def test_random_demo_model_carries_a_persistent_warning(browser, app_server):
+    """The shared test server runs a tiny random model: the page must say its verdicts mean nothing, and keep
+    saying so (not a toast) after a run."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(app_server["url"])
+    banner = page.locator("#credibility")
+    banner.get_by_text("not meaningful").first.wait_for(timeout=30_000)
+    assert "random weights" in banner.inner_text()
+    assert "demo model" in page.locator("h1").first.evaluate("e => e.parentElement.innerText")
+    page.close()

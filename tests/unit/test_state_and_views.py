@@ -127,3 +127,14 @@ def test_two_layer_gate_reads_the_detection_layer_and_pushes_at_the_other():
     fig = state_figures(state, 2, view)["trust_region"]
     assert "gate read at layer 3" in fig.layout.title.text
     assert any("s = 2.00 > τ" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_credibility_warnings_name_what_is_wrong():
+    state = planted_state()
+    state.diagnostics.behaviour = {"harmful_refused": 30, "fallback": False}
+    state.diagnostics.layer_scores.separability[state.detect_layer] = 0.97
+    assert state.credibility_warnings() == []
+    state.diagnostics.behaviour = {"harmful_refused": 0, "fallback": True}
+    state.diagnostics.layer_scores.separability[state.detect_layer] = 0.35
+    warnings = state.credibility_warnings()
+    assert len(warnings) == 2 and "refused none" in warnings[0] and "0.35" in warnings[1]
