@@ -266,8 +266,12 @@ def modality_offset_figure(
     the refusal direction's length (above ~1 it is larger than the whole
     safe-to-unsafe distance). Right: the unsafety score that neutral media
     (solid colours) add to safe prompts (misalignment), before re-centring
-    (dashed, often > 0: benign images look unsafe) and after (solid, ~0 by
-    construction). A dashed vertical line marks the chosen layer.
+    (dashed, often > 0: benign images look unsafe) and after (solid). "After"
+    is measured on held-out prompts, not the ones the offset was fitted on, so
+    it is near 0 but not exactly 0: an honest estimate of what re-centring
+    leaves. The offset norms use a log axis (layer 0 often spikes far above
+    the rest) and a dotted line, so they are not mistaken for the shifts.
+    A dashed vertical line marks the chosen layer.
 
     Each dict maps a modality ("image", "video") to one value per layer.
 
@@ -276,12 +280,13 @@ def modality_offset_figure(
     ['image offset', 'image before re-centring', 'image after re-centring']
     """
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=("offset norm / ||r_l||", "spurious score shift"))
+                        subplot_titles=("offset norm / ||r_l|| (log)", "spurious score shift (held-out)"))
     for m, values in offset_ratio.items():
         ys = _floats(values, f"offset_ratio[{m!r}]")
         fig.add_trace(go.Scatter(
             x=list(range(len(ys))), y=ys, mode="lines+markers", name=f"{m} offset",
-            line=dict(color=COLORS.get(m, _LINE_GREY)), hovertemplate="layer %{x}: %{y:.3f}",
+            line=dict(color=COLORS.get(m, _LINE_GREY), dash="dot"), marker=dict(symbol="diamond"),
+            hovertemplate="layer %{x}: %{y:.3f}",
         ), row=1, col=1)
     for stage, data, dash in (("before", shift_before, "dash"), ("after", shift_after, "solid")):
         for m, values in data.items():
@@ -297,7 +302,8 @@ def modality_offset_figure(
     fig.update_layout(template=TEMPLATE, title="Modality offset per layer", height=HEIGHT,
                       margin=dict(l=55, r=20, t=60, b=45), legend=dict(font=dict(size=10)))
     fig.update_xaxes(title_text="decoder layer")
-    fig.update_yaxes(title_text="||δ_m|| / ||r||", row=1, col=1)
+    positive = all(v > 0 for vals in offset_ratio.values() for v in _floats(vals, "offset_ratio"))
+    fig.update_yaxes(title_text="||δ_m|| / ||r||", row=1, col=1, type="log" if positive and offset_ratio else None)
     fig.update_yaxes(title_text="Δ unsafety score s", row=1, col=2)
     return fig
 

@@ -105,7 +105,8 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                 max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
             run = gr.Button("Run", variant="primary", elem_id="run")
         with gr.Column(scale=5):
-            seen = gr.Gallery(label="What the model sees", columns=8, height=120, elem_id="seen")
+            seen = gr.Gallery(label="What the model sees", columns=8, height=260, object_fit="contain",
+                              elem_id="seen")
             verdict = gr.Markdown("Run an input to see the gate decision.", elem_id="verdict")
             with gr.Row():
                 unsteered_box = gr.Textbox(label="Unsteered answer", lines=4, interactive=False, elem_id="unsteered")
@@ -142,7 +143,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
 
     def pick_example(example: str):
         if not example or example == "(none)":
-            return gr.update(), gr.update(), gr.update()
+            return gr.update(), None, None  # keep the prompt, drop the previous example's file
         e = example_by_name(example)
         return e.prompt, e.path() if e.image else None, e.path() if e.video else None
 
@@ -159,6 +160,10 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
         for n in notes:
             gr.Info(n)
         shown = list(query.images) + list(query.video or ())
+        # the gallery is sent once: re-sending it with every streamed token rewrote its files while the browser was
+        # still fetching them (broken thumbnails, h11 "Too much data for declared Content-Length")
+        first = "the first run calibrates MARS for this model, then it is cached" if session.state is None else ""
+        yield {seen: shown, verdict: f"Running…{' (' + first + ')' if first else ''}"}
         with session.lock:
             if session.state is None:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
@@ -169,12 +174,12 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                                      frame_indices=indices, notes=notes, strategy=session.pair_strategy)
             for upd in updates:
                 if upd.analysis is None:
-                    yield {unsteered_box: upd.unsteered, steered_box: upd.steered, seen: shown}
+                    yield {unsteered_box: upd.unsteered, steered_box: upd.steered}
                     continue
                 a = upd.analysis
         figs = _figures(state, a, a.result.layer, method)
         chosen = a.result.steered.text if toggle == "MARS-steered" else a.result.unsteered.text
-        yield {unsteered_box: a.result.unsteered.text, steered_box: a.result.steered.text, seen: shown,
+        yield {unsteered_box: a.result.unsteered.text, steered_box: a.result.steered.text,
                verdict: verdict_markdown(a), active: chosen, result_json: a.to_json(), st_analysis: a,
                generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
 

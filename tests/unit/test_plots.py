@@ -117,7 +117,9 @@ def test_modality_offset_figure():
     zero = shapes(fig, "zero")
     assert len(zero) == 1 and zero[0].y0 == zero[0].y1 == 0 and zero[0].yref == "y2"
     titles = [a.text for a in fig.layout.annotations]
-    assert "offset norm / ||r_l||" in titles and "spurious score shift" in titles
+    assert "offset norm / ||r_l|| (log)" in titles and "spurious score shift (held-out)" in titles
+    assert fig.layout.yaxis.type == "log"  # a layer-0 spike must not flatten the other layers
+    assert trace(fig, "image offset").line.dash == "dot"  # never the same style as "after re-centring"
     assert fig.layout.xaxis.title.text == fig.layout.xaxis2.title.text == "decoder layer"
     assert shapes(modality_offset_figure(ratio, before, after, None), "chosen layer") == []
 
