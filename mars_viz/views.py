@@ -99,8 +99,10 @@ def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: 
     if view is not None:
         p = fn(torch.stack([view.h_raw, view.h_recentred, view.h_steered]))
         cur = {"raw": tuple(p[0]), "recentred": tuple(p[1]), "steered": tuple(p[2])}
-    return P.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
-                             method=name)
+    fig = P.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
+                            method=name)
+    note = f" — UMAP is fitted at layer {state.layer} only" if method == "umap" and name != "UMAP" else ""
+    return fig.update_layout(title_text=f"Calibration activations at layer {layer} ({name}){note}")
 
 
 def _plane_fig(state: MarsState, layer: int, view: LayerView | None) -> go.Figure | None:

@@ -27,14 +27,15 @@ def create_app(session: Session) -> gr.Blocks:
         banner = gr.Markdown(visible=False, elem_id="stale_banner")
         credibility = gr.Markdown(visible=False, elem_id="credibility")
         generation = gr.State(None)  # Session.generation of this page's last results (set on load and on each run)
-        with gr.Tab("Explore", id="explore"):
-            tab = explore.build(session, generation)
-        with gr.Tab("Evaluate", id="evaluate"):
-            evaluate_tab.build(session, generation)
-        with gr.Tab("Calibrate", id="calibrate"):
-            calibrate_tab.build(session)
-        with gr.Tab("Learn", id="learn"):
-            learn.build(tab)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Explore", id="explore"):
+                tab = explore.build(session, generation)
+            with gr.Tab("Evaluate", id="evaluate"):
+                evaluate_tab.build(session, generation)
+            with gr.Tab("Calibrate", id="calibrate"):
+                calibrate_tab.build(session)
+            with gr.Tab("Learn", id="learn"):
+                learn.build(tab, tabs)
         api.build(session)
         demo.load(tab.on_load, None, tab.plots, api_name=False)
         demo.load(lambda: session.generation, None, generation, api_name=False)

@@ -33,10 +33,16 @@ Pick an example below: it is loaded into **Explore**; press **Run** there and re
 """
 
 
-def build(explore: ExploreTab) -> None:
+def build(explore: ExploreTab, tabs: gr.Tabs) -> None:
+    """`tabs`: the app's tab container; a Load button switches it to Explore with the example in place."""
     gr.Markdown(INTRO)
     for e in EXAMPLES:
         with gr.Row():
             btn = gr.Button(f"Load: {e.name}", scale=1, elem_id=f"learn_{EXAMPLES.index(e)}")
             gr.Markdown(f"*{e.kind}* — {e.lesson or e.prompt}")
-        btn.click(lambda name=e.name: name, None, explore.example)
+
+        def load(name: str = e.name):
+            gr.Info(f"Loaded “{name}” into Explore: press Run there.")
+            return name, gr.Tabs(selected="explore")
+
+        btn.click(load, None, [explore.example, tabs], api_name=False)

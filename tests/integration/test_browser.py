@@ -104,3 +104,17 @@ def test_random_demo_model_carries_a_persistent_warning(browser, app_server):
     assert "random weights" in banner.inner_text()
     assert "demo model" in page.locator("h1").first.evaluate("e => e.parentElement.innerText")
     page.close()
+
+
+def test_learn_load_switches_to_explore_with_the_example(browser, app_server):
+    from mars_viz.examples import EXAMPLES
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(app_server["url"])
+    page.get_by_role("tab", name="Learn").click()
+    page.locator("#learn_0").click()
+    page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)  # Explore is the visible tab again
+    page.wait_for_function("v => document.querySelector('#prompt textarea').value === v", arg=EXAMPLES[0].prompt,
+                           timeout=30_000)
+    assert page.get_by_text("into Explore: press Run").first.is_visible()
+    page.close()

@@ -138,3 +138,14 @@ def test_credibility_warnings_name_what_is_wrong():
     state.diagnostics.layer_scores.separability[state.detect_layer] = 0.35
     warnings = state.credibility_warnings()
     assert len(warnings) == 2 and "refused none" in warnings[0] and "0.35" in warnings[1]
+
+
+def test_centroid_plot_says_its_layer_and_when_umap_falls_back_to_pca():
+    state = planted_state()
+    state.diagnostics.calib_points = None  # no UMAP points: the fallback must say so, not pretend
+    state.diagnostics.proj_mean = torch.zeros(L, D)
+    state.diagnostics.proj_basis = torch.eye(D)[:2].repeat(L, 1, 1)
+    state.diagnostics.proj_points = torch.zeros(6, L, 2)
+    title = state_figures(state, 1, None, method="umap")["centroids"].layout.title.text
+    assert "layer 1 (PCA)" in title and "UMAP is fitted at layer 2 only" in title
+    assert state_figures(state, 1, None, method="pca")["centroids"].layout.title.text.endswith("layer 1 (PCA)")
