@@ -43,6 +43,7 @@ __all__ = [
     "strength_sweep_figure",
     "figure_csv",
     "figure_html",
+    "placeholder_figure",
     "plotly_js",
     "frame_scores_figure",
     "layer_scores_figure",
@@ -718,7 +719,26 @@ def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Fi
     fig.update_layout(barmode="group")
     _layout(fig, "Refusal rate by condition", "condition (set / kind)", "refusal rate")
     fig.update_yaxes(range=[0, 1.05])
+    values = [conditions[c].get(key) for c in names for key, _, _ in EVAL_MODES]
+    if values and all(v == 0 for v in values if v is not None):  # zero-height bars look like a broken chart
+        fig.add_annotation(text="every refusal rate is 0: the model refused nothing, steered or not",
+                           x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, name="all zero",
+                           font=dict(size=13, color="#495057"))
     return fig
+
+
+def placeholder_figure(message: str, title: str = "") -> go.Figure:
+    """An empty figure that says why it is empty (before the first run, or for an input without that view).
+
+    >>> placeholder_figure("Run an input first").layout.annotations[0].text
+    'Run an input first'
+    """
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, name="placeholder",
+                       font=dict(size=14, color="#495057"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, "", "")
 
 
 def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:

@@ -19,6 +19,16 @@ COLUMNS = ["condition", "n", "refusal_unsteered", "refusal_steered", "refusal_no
            "unchanged", "gate_open_rate", "score_raw_mean", "score_recentred_mean"]
 
 
+COLUMN_HELP = """
+**Columns.** *n*: prompts in the condition. *refusal_unsteered*: share refused by the plain model.
+*refusal_steered*: with MARS (gate + trust region, re-centred). *refusal_no_recenter*: MARS without removing the
+modality offset. *refusal_ungated*: always pushed to t* (no gate): the baseline the gate improves on.
+*unchanged*: share whose MARS answer is identical to the unsteered one. *gate_open_rate*: share where the gate
+opened. *score_raw_mean* / *score_recentred_mean*: mean unsafety score s before / after re-centring. On harmful
+conditions higher refusal is safer; on harmless ones any rise over *refusal_unsteered* is over-refusal.
+"""
+
+
 def build(session: Session, generation: gr.State) -> None:
     """`generation`: the page's `Session.generation` of its last results (see `app.create_app`)."""
     with gr.Row():
@@ -27,7 +37,12 @@ def build(session: Session, generation: gr.State) -> None:
         strengths = gr.Textbox(value="0,0.5,1,2", label="Strength sweep λ", elem_id="eval_strengths")
         max_tokens = gr.Number(value=24, precision=0, label="Max new tokens")
     go = gr.Button("Run evaluation", variant="primary", elem_id="eval_run")
-    table = gr.Dataframe(headers=COLUMNS, label="Results per condition", elem_id="eval_table", interactive=False)
+    gr.Markdown("Every prompt runs unsteered, with MARS, MARS without re-centring and the ungated push, in one batch "
+                "per chunk. On a CPU the default (5 sets × 8 prompts) takes about 1 min on the tiny demo model and "
+                "6-7 min on a 0.5B model; progress is per chunk of prompts.")
+    table = gr.Dataframe(headers=COLUMNS, label="Results per condition", elem_id="eval_table", interactive=False,
+                         wrap=True)
+    gr.Markdown(COLUMN_HELP, elem_id="eval_columns")
     with gr.Row():
         p_cond = gr.Plot(label="Refusal by condition", elem_id="plot_eval_conditions")
         p_sweep = gr.Plot(label="Strength sweep", elem_id="plot_eval_sweep")

@@ -12,6 +12,7 @@ import gradio as gr
 
 from ..analysis import Analysis, analyze_stream
 from ..examples import EXAMPLES, example_by_name
+from ..plots import placeholder_figure
 from ..session import Session
 from ..state import MarsState
 from ..views import build_figures
@@ -73,10 +74,17 @@ def _stale(state: MarsState | None, analysis: Analysis) -> str | None:
     return None
 
 
+FIRST_RUN = ("Press Run in Explore. The first run calibrates MARS for this model (about 30 s on the tiny demo "
+             "model, 10-20 min for a 0.5B model on a CPU) and caches it; after that these plots are instant.")
+NO_VIDEO = "Per-frame scores appear for a video input."
+
+
 def _figures(state: MarsState | None, analysis: Analysis | None, layer, method: str) -> list:
     if state is None:
-        return [None] * len(PLOTS)
+        return [placeholder_figure(FIRST_RUN, "No MARS state yet")] * len(PLOTS)
     figs, _ = build_figures(state, analysis, None if layer is None else int(layer), method.lower())
+    if "frames" not in figs:
+        figs["frames"] = placeholder_figure(NO_VIDEO, "Video frames")
     return [figs.get(name) for name in PLOTS]
 
 
