@@ -219,6 +219,9 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
 
     inspect.release(user_errors("inspect_layer")(do_inspect), [inspect, method, st_analysis], plots,
                     api_name="inspect_layer")
+    # a number typed into the slider's box fires `input`, not `release`; only the last of a burst is drawn
+    inspect.input(user_errors("inspect_layer")(do_inspect), [inspect, method, st_analysis], plots, api_name=False,
+                  trigger_mode="always_last")
     method.change(user_errors("projection")(do_inspect), [inspect, method, st_analysis], plots, api_name="projection")
 
     @user_errors("export")
