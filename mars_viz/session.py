@@ -95,9 +95,40 @@ def _fallback_model() -> Path:
     return path
 
 
+def cached_mllms(cache: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """Supported multimodal models already in the local Hugging Face cache: (repo id, snapshot folder), newest
+    first. What an offline user can run without downloading anything."""
+    import json
+
+    from huggingface_hub import constants, scan_cache_dir
+
+    from .backbone import DECODER_LAYERS_FALLBACK
+
+    cache = cache or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE  # the env var wins, read now
+    try:
+        info = scan_cache_dir(cache)
+    except Exception:  # noqa: BLE001 - no cache folder, or not a cache: nothing to offer
+        return []
+    found = []
+    for repo in sorted(info.repos, key=lambda r: r.last_modified, reverse=True):
+        if repo.repo_type != "model":
+            continue
+        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            config = Path(rev.snapshot_path) / "config.json"
+            try:
+                model_type = json.loads(config.read_text()).get("model_type")
+            except (OSError, ValueError):
+                continue
+            if model_type in DECODER_LAYERS_FALLBACK:
+                found.append((repo.repo_id, Path(rev.snapshot_path)))
+                break
+    return found
+
+
 def open_session(model: str | None = None, *, fallback: bool = True, **load_kwargs) -> Session:
-    """Load `model` (default: DEFAULT_MODEL). If that fails and `fallback`, load the built-in tiny demo model and
-    say so plainly in `Session.notice`; an explicitly requested model that fails raises ValueError."""
+    """Load `model` (default: DEFAULT_MODEL). If that fails and `fallback`, use a supported MLLM from the local
+    Hugging Face cache, else the built-in tiny demo model, and say so plainly in `Session.notice`; an explicitly
+    requested model that fails raises ValueError."""
     explicit = model is not None
     target = model or DEFAULT_MODEL
     try:
@@ -105,6 +136,16 @@ def open_session(model: str | None = None, *, fallback: bool = True, **load_kwar
     except ValueError as e:
         if explicit or not fallback:
             raise
+        for repo_id, snapshot in cached_mllms():
+            try:
+                backbone = load_backbone(snapshot, **load_kwargs)
+            except ValueError as err:
+                logging.getLogger("mars_viz").warning("cached model %s could not be loaded: %s", repo_id, err)
+                continue
+            backbone.model_id = repo_id  # name it as the user knows it
+            return Session(backbone=backbone, notice=(
+                f"The default model {DEFAULT_MODEL} is not available; using {repo_id}, found in the local Hugging "
+                "Face cache. Start with --model PATH_OR_ID to choose another."))
         path = _fallback_model()
         logging.getLogger("mars_viz").warning("default model %s could not be loaded: %s", DEFAULT_MODEL, e)
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
