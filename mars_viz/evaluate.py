@@ -74,6 +74,7 @@ def build_items(state: MarsState, sets: Sequence[str] = SETS[:5], limit: int = 1
         harmful = list(harmful or held["u_held"])
         harmless = list(harmless or held["s_held"])
     prompts = {"harmful": list(harmful)[:limit], "harmless": list(harmless)[:limit]}
+    held_lookalikes = split_sets(state.config)["la_held"]  # never the half the safe centroid was fitted on
     colours = neutral_images(8, seed=seed + 500)
     unrelated = colours + [sunset_image()]
     items: list[EvalItem] = []
@@ -82,8 +83,10 @@ def build_items(state: MarsState, sets: Sequence[str] = SETS[:5], limit: int = 1
             cond = f"{name}/{kind}"
             src = prompts[kind]
             if name == "text_hard":
-                fname = "harmful_jailbreak.txt" if kind == "harmful" else "harmless_lookalike.txt"
-                src = load_prompts(ASSETS / "prompts" / fname)[:limit]
+                if kind == "harmful":
+                    src = load_prompts(ASSETS / "prompts" / "harmful_jailbreak.txt")[:limit]
+                else:
+                    src = (held_lookalikes or load_prompts(ASSETS / "prompts" / "harmless_lookalike.txt"))[:limit]
             for i, p in enumerate(src):
                 if name in ("text", "text_hard"):
                     q = Query(p)

@@ -31,7 +31,7 @@ def create_app(session: Session) -> gr.Blocks:
             with gr.Tab("Explore", id="explore"):
                 tab = explore.build(session, generation)
             with gr.Tab("Evaluate", id="evaluate"):
-                evaluate_tab.build(session, generation)
+                evaluate_tab.build(session, generation, tab, tabs)
             with gr.Tab("Calibrate", id="calibrate"):
                 calibrate_tab.build(session)
             with gr.Tab("Learn", id="learn"):

@@ -11,10 +11,13 @@ import gradio as gr
 from ..evaluate import SETS, build_items, evaluate, summarise, write_report
 from ..plots import eval_conditions_figure, strength_sweep_figure
 from ..session import Session
+from ..showcase import save_media, showcase
 from .common import gr_progress, user_errors
+from .explore import ExploreTab
 
 __all__ = ["build"]
 
+SHOWCASE_COLUMNS = ["what MARS did", "condition", "request", "unsteered answer", "MARS answer"]
 COLUMNS = ["condition", "n", "refusal_unsteered", "refusal_steered", "refusal_no_recenter", "refusal_ungated",
            "unchanged", "gate_open_rate", "score_raw_mean", "score_recentred_mean"]
 
@@ -29,8 +32,10 @@ conditions higher refusal is safer; on harmless ones any rise over *refusal_unst
 """
 
 
-def build(session: Session, generation: gr.State) -> None:
-    """`generation`: the page's `Session.generation` of its last results (see `app.create_app`)."""
+def build(session: Session, generation: gr.State, explore: ExploreTab | None = None, tabs: gr.Tabs | None = None
+          ) -> None:
+    """`generation`: the page's `Session.generation` of its last results (see `app.create_app`). With `explore` and
+    `tabs`, the showcase's Load button replays an item there."""
     with gr.Row():
         sets = gr.CheckboxGroup(list(SETS), value=list(SETS[:5]), label="Evaluation sets", elem_id="eval_sets")
         limit = gr.Number(value=8, precision=0, label="Prompts per condition", elem_id="eval_limit")
@@ -47,6 +52,15 @@ def build(session: Session, generation: gr.State) -> None:
         p_cond = gr.Plot(label="Refusal by condition", elem_id="plot_eval_conditions")
         p_sweep = gr.Plot(label="Strength sweep", elem_id="plot_eval_sweep")
     report_file = gr.File(label="Report (JSON, CSV, items, HTML charts)", elem_id="eval_report")
+    gr.Markdown("### Showcase: where MARS changed the outcome\nHarmful inputs MARS turned from an answer into a "
+                "refusal, harmless ones it over-refused, and a few it left alone, from the run above. Load one to "
+                "replay it in Explore.")
+    st_showcase = gr.State([])
+    showcase_table = gr.Dataframe(headers=SHOWCASE_COLUMNS, label="Showcase", elem_id="showcase_table",
+                                  interactive=False, wrap=True)
+    with gr.Row():
+        pick = gr.Dropdown([], label="Showcase item", elem_id="showcase_pick", scale=4)
+        load = gr.Button("Load in Explore and run", elem_id="showcase_load", scale=1)
 
     @user_errors("evaluate")
     def run(sets: list[str], limit: int = 8, strengths: str = "0,0.5,1,2", max_new_tokens: int = 24,
@@ -74,8 +88,29 @@ def build(session: Session, generation: gr.State) -> None:
             for p in paths:
                 z.write(p, p.name)
         data = [[cond] + [vals.get(c) for c in COLUMNS[1:]] for cond, vals in report["conditions"].items()]
+        entries = showcase(items, rows)
+        labels = [e.label() for e in entries]
+        if not any(e.category == "mars_refused" for e in entries):
+            gr.Info("MARS changed no harmful answer into a refusal in this run: try more prompts per condition.")
         return (data, eval_conditions_figure(report["conditions"]), strength_sweep_figure(report["strength_sweep"]),
-                str(zpath), gen)
+                str(zpath), gen, entries, [e.row() for e in entries],
+                gr.update(choices=labels, value=labels[0] if labels else None))
 
-    go.click(run, [sets, limit, strengths, max_tokens], [table, p_cond, p_sweep, report_file, generation],
-             api_name="evaluate")
+    go.click(run, [sets, limit, strengths, max_tokens],
+             [table, p_cond, p_sweep, report_file, generation, st_showcase, showcase_table, pick], api_name="evaluate")
+
+    if explore is None or tabs is None:
+        return
+
+    @user_errors("showcase_load")
+    def load_item(label: str | None, entries: list):
+        chosen = [e for e in entries if e.label() == label]
+        if not chosen:
+            raise ValueError("run an evaluation first, then pick a showcase item")
+        image, video = save_media(chosen[0], Path(tempfile.mkdtemp(prefix="mars_showcase_")))
+        gr.Info(f"Loaded into Explore: {chosen[0].label()}")
+        return chosen[0].prompt, image, video, gr.Tabs(selected="explore")
+
+    load.click(load_item, [pick, st_showcase], [explore.prompt, explore.image, explore.video, tabs],
+               api_name="showcase_load").success(explore.run, explore.run_inputs, explore.run_outputs,
+                                                 api_name=False)

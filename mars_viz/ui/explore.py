@@ -34,6 +34,9 @@ class ExploreTab:
     example: gr.Dropdown
     plots: list
     on_load: object  # callable returning the figures for `plots`
+    run: object = None  # the Run handler, for other tabs to chain after loading an input (`.then(run, ...)`)
+    run_inputs: list | None = None
+    run_outputs: list | None = None
 
 
 def verdict_markdown(a: Analysis) -> str:
@@ -191,11 +194,11 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                verdict: verdict_markdown(a), active: chosen, result_json: a.to_json(), st_analysis: a,
                generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
 
-    run.click(do_run, [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle,
-                       method, detect_layer],
-              [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
-               *plots],
-              api_name="explore", concurrency_limit=4)
+    run_inputs = [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle, method,
+                  detect_layer]
+    run_outputs = [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
+                   *plots]
+    run.click(do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
 
     # The three handlers below re-use the page's last analysis. Against another model or state it would be re-scored
     # into a figure that mixes two fits, so they keep what the page shows and say to run again instead.
@@ -242,4 +245,4 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
         return _figures(state, None, None if state is None else state.layer, "PCA")
 
     return ExploreTab(prompt=prompt, image=image, video=video, example=example, plots=plots,
-                      on_load=show_state_plots)
+                      on_load=show_state_plots, run=do_run, run_inputs=run_inputs, run_outputs=run_outputs)

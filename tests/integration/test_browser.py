@@ -118,3 +118,20 @@ def test_learn_load_switches_to_explore_with_the_example(browser, app_server):
                            timeout=30_000)
     assert page.get_by_text("into Explore: press Run").first.is_visible()
     page.close()
+
+
+def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.goto(app_server["url"])
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval_limit input").fill("1")
+    page.locator("#eval_run").click()
+    # the table's cells are virtualised (attached, not "visible"); the dropdown gets the same entries
+    page.locator("#showcase_table").get_by_text(re.compile("left unchanged|MARS refused|over-refused")).first.wait_for(
+        state="attached", timeout=240_000)
+    page.locator("#showcase_load").click()
+    # the page switches to Explore with the item in place, and the chained Run produces a verdict
+    page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)
+    page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=120_000)
+    assert page.locator("#prompt textarea").input_value().strip()
+    page.close()

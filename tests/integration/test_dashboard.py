@@ -183,12 +183,23 @@ def test_second_user_stays_responsive_while_first_generates(app_server):
 
 
 def test_evaluate_endpoint_table_charts_and_report(client):
-    table, cond_fig, sweep_fig, report = client.predict(["text", "image"], 1, "0,1", 4, api_name="/evaluate")
+    table, cond_fig, sweep_fig, report, showcase, pick = client.predict(["text", "image"], 1, "0,1", 4,
+                                                                         api_name="/evaluate")
     conds = [row[0] for row in table["data"]]
     assert conds == ["text/harmful", "text/harmless", "image/harmful", "image/harmless"]
     assert cond_fig is not None and sweep_fig is not None
     with zipfile.ZipFile(report) as z:
         assert {"report.json", "report.csv", "report_items.jsonl"} <= set(z.namelist())
+    # the showcase lists items by what MARS did (a random model refuses nothing: only "left unchanged" here)
+    rows = showcase["data"]
+    assert rows and all(r[0] in ("MARS refused (was answered)", "over-refused by MARS (harmless)", "left unchanged")
+                        for r in rows)
+    assert {r[1] for r in rows} <= set(conds)
+    # loading one puts its prompt and media into Explore (the run is chained after it on the page)
+    label = pick if isinstance(pick, str) else pick["value"]
+    prompt, image, video = client.predict(label, api_name="/showcase_load")
+    assert prompt in [r[2] for r in rows] and f"· {prompt[:40]}" in label  # text and image items ask the request
+    assert (image is not None) == (" image/" in label) and video is None
 
 
 NO_UPDATE = {"__type__": "update"}  # what gr.update() (keep the shown value) looks like to a client
