@@ -462,9 +462,8 @@ def target_curve_figure(curve: Mapping[float, float], t_star: float, layer: int 
                              marker=dict(symbol="star", size=20, color=COLORS["steered"],
                                          line=dict(width=1.5, color="black")),
                              hovertemplate="t* = %{x:g}: refusal %{y:.2f}<extra></extra>"))
-    where = "" if layer is None else f" (pushed at layer {layer})"
-    _layout(fig, f"Target level t*: refusal rate vs push level{where}", "target level t (multiples of ||r||)",
-            "refusal rate")
+    where = "" if layer is None else f", layer {layer}"
+    _layout(fig, f"t*: refusal vs push level{where}", "target level t (multiples of ||r||)", "refusal rate")
     fig.update_yaxes(range=[0, 1])
     return fig
 
