@@ -21,6 +21,7 @@ from .activations import forward_last
 from .backbone import Backbone
 from .generate import PairResult, PairStrategy, stream_pair
 from .inputs import Query
+from .maps import InputMap, input_map
 from .state import MarsState
 from .steering import SteerOptions, gate_scores, plan
 
@@ -37,14 +38,18 @@ class Analysis:
     frame_scores: list[float] | None = None  # video: re-centred score of each sampled frame at the chosen layer
     frame_indices: list[int] | None = None
     notes: list[str] = field(default_factory=list)
+    input_map: InputMap | None = None  # per-position scores at the detection layer, placed on the input (maps.py)
 
-    def to_json(self) -> dict:
+    def to_json(self, maps: bool = False) -> dict:
+        """The `run --json` object; `maps=True` adds the per-position scores and grids (`run --json --maps`)."""
         out = self.result.to_json()
         if self.frame_scores is not None:
             out["frame_scores"] = self.frame_scores
             out["frame_indices"] = self.frame_indices
         if self.notes:
             out["notes"] = self.notes
+        if maps and self.input_map is not None:
+            out["maps"] = self.input_map.to_json()
         return out
 
     def check_state(self, state: MarsState | None) -> None:
@@ -74,16 +79,27 @@ class StreamUpdate:
 
 def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
                    max_new_tokens: int = 64, frame_indices: list[int] | None = None,
-                   notes: list[str] | None = None, strategy: PairStrategy = "auto") -> Iterator[StreamUpdate]:
-    """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video)."""
-    for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy):
+                   notes: list[str] | None = None, strategy: PairStrategy = "auto",
+                   maps: bool = True) -> Iterator[StreamUpdate]:
+    """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video and, with `maps`, the
+    per-position scores of the same prefill placed on the input: `Analysis.input_map`)."""
+    seq_layers = [plan(state, options).detect_layer] if maps else None
+    for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy,
+                           seq_layers=seq_layers):
         if not upd.done:
             yield StreamUpdate(upd.unsteered, upd.steered)
             continue
+        imap, map_note = None, None
+        if upd.seq is not None:
+            try:
+                imap = input_map(backbone, state, options, query, upd.seq)
+            except (ValueError, RuntimeError, KeyError, IndexError) as e:  # the answers stand without the map
+                map_note = f"the per-position map could not be built ({type(e).__name__}: {e})"
         fs = None
         if query.video:
             fs = frame_scores(backbone, state, query.prompt, query.video, options)
         analysis = Analysis(query=query, options=options, result=upd.result, acts=upd.acts,
                             state_fingerprint=state.fingerprint(), frame_scores=fs,
-                            frame_indices=frame_indices, notes=list(notes or []))
+                            frame_indices=frame_indices, notes=list(notes or []) + ([map_note] if map_note else []),
+                            input_map=imap)
         yield StreamUpdate(upd.unsteered, upd.steered, analysis)

@@ -33,6 +33,7 @@ from .generate import generate_batch, greedy_texts
 from .hooks import edit_position
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
+from .maps import neutral_position_offsets
 from .media import neutral_images, neutral_video
 from .projection import pca_basis, plane_basis, plane_coords
 from .state import Diagnostics, MarsConfig, MarsState
@@ -288,6 +289,17 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
                           cfg.filter_tokens, bs, _stage(progress, "target level"))
     t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)
 
+    # 7. per-position offsets for the "Where in the input" maps, at the detection layer (neutral media, fit prompts)
+    map_stats: dict = {}
+    if cfg.map_neutral > 0:
+        k = cfg.map_neutral
+        map_queries = {"image": [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(n_prompts[:k])]}
+        if acts_vid is not None:
+            map_queries["video"] = [Query(p, video=tuple(videos[i % len(videos)])) for i, p in enumerate(n_prompts[:k])]
+        cells, tokens = neutral_position_offsets(backbone, map_queries, detect, mu_minus[detect],
+                                                 _stage(progress, "map offsets"))
+        map_stats = dict(map_layer=detect, map_cells=cells, map_tokens=tokens)
+
     # points for the centroid and plane plots: raw at the chosen layer (for UMAP), 2-D PCA at every layer
     every = [acts, acts_img] + ([acts_vid] if acts_vid is not None else [])
     all_acts = torch.cat(every)  # [N, L, d]
@@ -307,7 +319,8 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         refusal_opening=opening, behaviour=behaviour,
         prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
         calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
-        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video)
+        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video,
+        **map_stats)
     return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
                      hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus, offsets=offsets, taus=taus,
                      layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics,

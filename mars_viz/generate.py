@@ -42,7 +42,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
-from .hooks import ResidualCapture, capture_residuals
+from .hooks import ResidualCapture, capture_residuals, capture_sequence
 from .inputs import Query, build_batch
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
@@ -168,6 +168,34 @@ def _capturing(backbone: Backbone, capture: bool) -> Iterator[ResidualCapture | 
         yield cap
 
 
+@contextlib.contextmanager
+def _seq_capturing(backbone: Backbone, seq: dict | None, rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Every position of the first forward call at the layers `seq["layers"]` (the per-position maps), written to
+    `seq["h"]` (layer -> `[B, T, d]`); nothing when `seq` is None. Costs T x d floats per layer, no extra forward."""
+    if seq is None:
+        yield
+        return
+    with capture_sequence(backbone.layers, seq["layers"], rows=rows) as cap:
+        yield
+    seq["h"] = {i: cap[i] for i in cap.layers}
+
+
+def _finish_seq(seq: dict | None, batch, acts: torch.Tensor | None, n: int) -> None:
+    """Complete a sequence capture: a shared prefill saw prompt[:-1], so the last position comes from `acts`
+    (`[n, L, d]`, the unsteered rows' residuals there); keep the unsteered rows' ids, mask and media metadata."""
+    if seq is None:
+        return
+    ids = batch["input_ids"][:n]
+    for i, h in seq["h"].items():
+        if h.shape[1] == ids.shape[1] - 1:
+            seq["h"][i] = torch.cat([h[:n], acts[:, i][:, None]], dim=1)
+        else:
+            seq["h"][i] = h[:n]
+    seq["input_ids"], seq["attention_mask"] = ids.cpu(), batch["attention_mask"][:n].cpu()
+    seq["meta"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()
+                   if k not in ("input_ids", "attention_mask") and not k.startswith("pixel_values")}
+
+
 @torch.inference_mode()
 def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
                    force_tokens: bool = False) -> list[tuple[list[int], str]]:
@@ -237,14 +265,15 @@ def _duplicated_rope_deltas(model: torch.nn.Module, rows: int, n: int) -> Iterat
 
 @torch.inference_mode()
 def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
-                     force_tokens: bool = False, probe=None):
+                     force_tokens: bool = False, probe=None, seq: dict | None = None):
     """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
     and the decode; `steering_ctx(gate)` (opened only around the decode) edits the primed rows. `probe(cache, dec)`,
     when the gate is read after the push layer, runs the last prompt position unsteered first (on a copy of the
     prefix cache) and returns the gate's scores."""
     rows = batch["input_ids"].shape[0]
     with _kept_rope_deltas(backbone.model):
-        cache, dec = _prefill_all_but_last(backbone, batch)
+        with _seq_capturing(backbone, seq):
+            cache, dec = _prefill_all_but_last(backbone, batch)
         gate = None if probe is None else probe(cache, dec)
         cache.batch_repeat_interleave(2)
         dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
@@ -258,11 +287,13 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
 
 @torch.inference_mode()
 def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modality: str,
-                         max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False):
+                         max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False,
+                         seq: dict | None = None):
     """One query: shared prefill, the unsteered answer (reading the gate on the way), then the steered answer only
     if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0)."""
     with _kept_rope_deltas(backbone.model):
-        cache, dec = _prefill_all_but_last(backbone, batch)
+        with _seq_capturing(backbone, seq):
+            cache, dec = _prefill_all_but_last(backbone, batch)
         spare = copy.deepcopy(cache)
         kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
         n_prompt = dec["input_ids"].shape[1]
@@ -365,11 +396,16 @@ def resolve_strategy(backbone: Backbone, strategy: str = "auto") -> str:
 
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
                max_new_tokens: int, stream: queue.Queue | None = None, capture: bool = False,
-               strategy: PairStrategy = "auto", force_tokens: bool = False
+               strategy: PairStrategy = "auto", force_tokens: bool = False, seq: dict | None = None
                ) -> tuple[list[PairResult], torch.Tensor | None]:
     """Both answers for a chunk of queries with one strategy. `stream` (one query only) receives the tokens of
-    each answer slot as `_RowStreamer` posts them. `options.steer=False` runs one plain batch whatever the strategy."""
+    each answer slot as `_RowStreamer` posts them. `options.steer=False` runs one plain batch whatever the strategy.
+    `seq` (one query only; `{"layers": [...]}`) receives the prefill's residuals at every position at those layers
+    (`seq["h"]`, `[1, T, d]` each), with the input ids and media metadata: the per-position maps."""
     n = len(chunk)
+    if seq is not None and n != 1:
+        raise ValueError(f"per-position capture takes one query, got {n}")
+    capture = capture or seq is not None
     if stream is not None and n != 1:
         raise ValueError(f"streaming takes one query, got {n}")
     modalities = [q.modality for q in chunk]
@@ -383,8 +419,9 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
     with _kept_rope_deltas(backbone.model):
         if options.steer and strategy == "gate_first":
             streamers = (None, None) if stream is None else (_RowStreamer(stream, (0,)), _RowStreamer(stream, (1,)))
-            gen, info, acts = _generate_gate_first(backbone, state, build_batch(backbone, chunk), options,
-                                                   modalities[0], max_new_tokens, streamers, capture, force_tokens)
+            batch = build_batch(backbone, chunk)
+            gen, info, acts = _generate_gate_first(backbone, state, batch, options, modalities[0], max_new_tokens,
+                                                   streamers, capture, force_tokens, seq)
             plain, steered = gen[:1], gen[1:]
         elif options.steer and strategy == "batched":
             rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
@@ -395,10 +432,11 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
                     spare = copy.deepcopy(cache)
                     return probe_gate(backbone, state, options, modalities, lambda: backbone.model.generate(
                         **dec, cache=spare, **_gen_kwargs(backbone, 1)))
+            batch = build_batch(backbone, chunk)
             gen, rec, acts = _generate_shared(
-                backbone, build_batch(backbone, chunk), max_new_tokens, streamer,
+                backbone, batch, max_new_tokens, streamer,
                 lambda gate: mars_steering(backbone, state, options, modalities, rows=rows, gate=gate), capture,
-                force_tokens, probe)
+                force_tokens, probe, seq)
             plain, steered, info = gen[0::2], gen[1::2], rec.info
         else:  # doubled: [q0, q1, ..., q0', q1', ...], or the plain rows alone when not steering
             doubled = chunk + chunk if options.steer else chunk
@@ -411,11 +449,12 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
                 gate = probe_gate(backbone, state, options, modalities, lambda: backbone.model(**plain_batch))
             # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
             with mars_steering(backbone, state, options, modalities, rows=rows, gate=gate) as rec, \
-                    _capturing(backbone, capture) as cap:
+                    _capturing(backbone, capture) as cap, _seq_capturing(backbone, seq):
                 gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
             acts = None if cap is None else cap.last()[:n]  # [n, L, d]
             plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
             info = rec.info
+    _finish_seq(seq, batch, acts, n)
     verdict = judge([t for _, t in plain] + [t for _, t in steered])
     results = []
     for i, q in enumerate(chunk):
@@ -487,14 +526,16 @@ class PairUpdate:
     done: bool = False
     result: PairResult | None = None
     acts: torch.Tensor | None = None  # [L, d] raw residuals of the input at the last prompt position
+    seq: dict | None = None  # with `seq_layers`: {"h": {layer: [T, d]}, "input_ids": [T], "meta": {...}}
 
 
 def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
-                judge: RefusalJudge | None = None, max_new_tokens: int = 64, strategy: PairStrategy = "auto"
-                ) -> Iterator[PairUpdate]:
+                judge: RefusalJudge | None = None, max_new_tokens: int = 64, strategy: PairStrategy = "auto",
+                seq_layers: Sequence[int] | None = None) -> Iterator[PairUpdate]:
     """Stream both answers for one query as they are generated (by `strategy`, see module doc), then the result.
 
-    The residuals of every layer are captured from the same prefill, so the dashboard needs no extra forward.
+    The residuals of every layer are captured from the same prefill, so the dashboard needs no extra forward; with
+    `seq_layers`, every prompt position at those layers too (the per-position maps, `PairUpdate.seq`).
     Errors inside generation (and an unknown strategy) are re-raised in the caller's thread.
     """
     judge = judge or default_judge()
@@ -503,9 +544,14 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
 
     def work() -> None:
         try:
+            seq = None if not seq_layers else {"layers": list(seq_layers)}
             res, acts = _run_chunk(backbone, state, [query], options, judge, max_new_tokens, q, capture=True,
-                                   strategy=strategy)
-            q.put(("done", (res[0], acts[0])))
+                                   strategy=strategy, seq=seq)
+            if seq is not None:  # one query: drop the batch dimension and the (absent) left padding
+                keep = seq["attention_mask"][0].bool()
+                seq = {"h": {i: h[0][keep] for i, h in seq["h"].items()}, "input_ids": seq["input_ids"][0][keep],
+                       "meta": seq["meta"]}
+            q.put(("done", (res[0], acts[0], seq)))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             q.put(("error", e))
 
@@ -523,8 +569,8 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
             elif kind == "error":
                 raise payload[0]
             else:
-                res, acts = payload[0]
-                yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts)
+                res, acts, seq = payload[0]
+                yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts, seq=seq)
                 return
     finally:
         # Even when the consumer stops early (a closed browser tab), the generation and its hooks must finish

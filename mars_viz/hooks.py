@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["EditRecord", "ResidualCapture", "capture_residuals", "count_hooks", "edit_position", "read_position"]
+__all__ = ["EditRecord", "ResidualCapture", "SequenceCapture", "capture_residuals", "capture_sequence", "count_hooks",
+           "edit_position", "read_position"]
 
 
 def count_hooks(module: nn.Module) -> int:
@@ -96,6 +97,56 @@ def capture_residuals(layers: Sequence[nn.Module], positions: torch.Tensor | Non
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_hook(make(i)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class SequenceCapture:
+    """What `capture_sequence` recorded: every position of the first forward call, at a few layers."""
+
+    layers: tuple[int, ...]
+    _seq: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, pos, d]
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        """float32 `[batch, pos, d]` on CPU: the residual after `layer` at every position of the first call."""
+        if layer not in self._seq:
+            raise RuntimeError(f"no sequence captured at layer {layer}: did the forward pass run?")
+        return self._seq[layer]
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self._seq
+
+
+@contextlib.contextmanager
+def capture_sequence(layers: Sequence[nn.Module], at: Sequence[int], rows: torch.Tensor | None = None
+                     ) -> Iterator[SequenceCapture]:
+    """Record the residual after each layer in `at` at *every* position (`resid_post.{l}`, `[batch, pos, d]`) of the
+    first forward call only (the prefill), for the selected `rows` (bool `[batch]`, default all).
+
+    T x d floats per layer and row, never T x L x d: what the per-position maps need. float32 copies on CPU; the
+    handles are removed in `finally`.
+    """
+    cap = SequenceCapture(layers=tuple(int(i) % len(layers) for i in at))
+    handles = []
+
+    def make(i: int):
+        def hook(_module, _args, output):
+            if i in cap._seq:
+                return None
+            h = _hidden(output)  # [batch, pos, d]
+            if rows is not None:
+                h = h[rows.to(h.device)]
+            cap._seq[i] = h.detach().to(device="cpu", dtype=torch.float32)
+            return None
+
+        return hook
+
+    try:
+        for i in dict.fromkeys(cap.layers):
+            handles.append(layers[i].register_forward_hook(make(i)))
         yield cap
     finally:
         for h in handles:

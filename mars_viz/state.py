@@ -41,6 +41,7 @@ class MarsConfig:
     k_neutral: int = 16  # random solid-colour neutral images (and videos)
     neutral_prompts: int = 32  # safe fit prompts paired with neutral inputs (cycling through the K colours)
     neutral_video_frames: int = 4
+    map_neutral: int = 8  # neutral inputs per modality for the maps' per-position offsets (0: none)
     neutral_size: int = 224
     margin: float = 0.1  # ReLU gate ramp m
     levels: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -96,14 +97,22 @@ class Diagnostics:
     proj_points: torch.Tensor | None = None  # [N, L, 2] calibration points in that PCA plane
     plane_pc: torch.Tensor | None = None  # [L, d] top PC of residuals orthogonal to r (trust-region plane)
     plane_points: torch.Tensor | None = None  # [N, L, 2] calibration points in (score along r_hat, plane PC) coords
+    # "Where in the input" maps (`maps.neutral_position_offsets`): per-position offsets at `map_layer` measured on the
+    # neutral inputs, minus mu_minus there. States fitted before the maps have none (the maps then say so).
+    map_layer: int | None = None
+    map_cells: dict[str, torch.Tensor] = field(default_factory=dict)  # "image.patches" -> [rows, cols, d] per cell
+    map_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [d] over all its media tokens
 
     _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
                 "plane_points")
     _JSON = ("balanced_accuracy", "gate_fpr", "gate_fnr", "steerability_gain_nats", "allowed_layers",
-             "misalignment_video_before", "misalignment_video_after")
+             "misalignment_video_before", "misalignment_video_after", "map_layer")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}
+        out.update({f"map_cells.{k}": v for k, v in self.map_cells.items()})
+        out.update({f"map_tokens.{k}": v for k, v in self.map_tokens.items()})
+        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Diagnostics):
@@ -269,6 +278,8 @@ class MarsState:
                 refusal_opening=meta.get("refusal_opening", ""), behaviour=meta.get("behaviour", {}),
                 prompt_hashes=meta.get("prompt_hashes", {}), calib_labels=list(meta.get("calib_labels", [])),
                 **{n: tensors.get(n) for n in Diagnostics._TENSORS if n not in ("spread_unsafe", "spread_safe")},
+                map_cells={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("map_cells.")},
+                map_tokens={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("map_tokens.")},
                 **typed)
             state = cls(
                 model_id=meta["model"], model_type=meta["model_type"], num_layers=int(meta["num_layers"]),
