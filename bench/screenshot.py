@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--example", default="Solid colour + harmful request")
     ap.add_argument("--tab", default="Trust region")
     ap.add_argument("--out", default="assets/screenshot.png")
+    ap.add_argument("--width", type=int, default=1500, help="viewport width in px")
     args = ap.parse_args()
     session = open_session(args.model)
     if args.state:
@@ -44,7 +45,7 @@ def main() -> int:
     ex = example_by_name(args.example)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1300})
+        page = browser.new_page(viewport={"width": args.width, "height": 1300})
         page.goto(f"http://127.0.0.1:{port}/")
         page.locator("#prompt textarea").fill(ex.prompt)
         upload = "#image" if ex.image else "#video"
@@ -54,7 +55,7 @@ def main() -> int:
         done = re.compile(r"Unsteered: (answered|refused)")
         page.locator("#verdict").get_by_text(done).first.wait_for(timeout=900_000)
         page.get_by_role("tab", name=args.tab).click()
-        page.locator("#plot_trust_region .js-plotly-plot").first.wait_for(state="attached", timeout=60_000)
+        page.locator("[role=tabpanel]:visible .js-plotly-plot").first.wait_for(state="attached", timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=args.out, full_page=True)
         browser.close()

@@ -81,6 +81,10 @@ CURRENT_NAMES: dict[str, str] = {
 _CURRENT_SYMBOLS = {"raw": "circle", "recentred": "diamond", "steered": "square"}
 _SCORE_NAMES = {"raw": "score (raw)", "recentred": "score (re-centred)", "steered": "score (steered)"}
 _LINE_GREY = "#6c757d"
+# Scatter plots with many legend entries keep the legend under the plot, so it never takes the plot's width.
+_LEGEND_BELOW: dict[str, Any] = dict(legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top",
+                                                 font=dict(size=10)),
+                                     height=HEIGHT + 80, margin=dict(l=55, r=20, t=50, b=110))
 
 # Browser modebar config: the camera button exports a 2x PNG client-side (no server dependency).
 # Server-side PNG (fig.write_image) would need kaleido plus a Chrome/Chromium install, which the
@@ -98,10 +102,8 @@ PLOT_CONFIG: dict[str, Any] = {
 
 
 def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, **kwargs: Any) -> go.Figure:
-    fig.update_layout(
-        template=TEMPLATE, title=title, height=HEIGHT, margin=dict(l=55, r=20, t=50, b=45),
-        legend=dict(font=dict(size=10)), **kwargs,
-    )
+    fig.update_layout(**{**dict(template=TEMPLATE, title=title, height=HEIGHT, margin=dict(l=55, r=20, t=50, b=45),
+                                legend=dict(font=dict(size=10))), **kwargs})
     fig.layout.xaxis.title.text = xaxis_title
     fig.layout.yaxis.title.text = yaxis_title  # the primary y axis, also in secondary-y figures
     return fig
@@ -135,6 +137,64 @@ def _vrect(fig: go.Figure, x0: float, x1: float, name: str, color: str, opacity:
     if label:
         shape["label"] = dict(text=label, textposition=label_pos, font=dict(size=10, color="#495057"))
     fig.add_shape(**shape)
+
+
+@dataclass(frozen=True)
+class _Label:
+    """A text label at data ``x`` (``anchor`` "left": the text starts there; "center": it is centred there)."""
+
+    x: float
+    text: str
+    name: str
+    color: str = _LINE_GREY
+    anchor: str = "left"
+
+
+_CHAR_PX = 7.0  # width of one character at font size 11, with room to spare
+_MIN_PLOT_PX = 380  # the narrowest plot area the dashboard draws (1280 px wide, two plots side by side)
+_ROW = 0.085  # one row of labels, as a fraction of the plot height
+
+
+def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px: float = _MIN_PLOT_PX
+                ) -> list[tuple[_Label, int, str]]:
+    """Give each label a row so that no two labels in a row overlap: ``(label, row, xanchor)``.
+
+    Greedy interval packing in data units, with widths estimated from the text length on a plot ``plot_px``
+    wide (an overestimate makes more rows, never a collision). A left-anchored label that would run past the
+    right edge of ``x_range`` is anchored on its right instead.
+
+    >>> rows = _label_rows([_Label(0.0, "safe", "a"), _Label(0.05, "tau", "b"), _Label(5.0, "far", "c")], (0, 10))
+    >>> [(lab.text, row) for lab, row, _ in rows]
+    [('safe', 0), ('tau', 1), ('far', 0)]
+    """
+    lo, hi = x_range
+    per_px = (hi - lo) / plot_px
+    rows: list[list[tuple[float, float]]] = []
+    out = []
+    for lab in sorted(labels, key=lambda item: item.x):
+        w = (len(lab.text) * _CHAR_PX + 10) * per_px
+        anchor = lab.anchor
+        if anchor == "left" and lab.x + w > hi:
+            anchor = "right"
+        x0 = {"left": lab.x, "right": lab.x - w, "center": lab.x - w / 2}[anchor]
+        iv = (x0, x0 + w)
+        free = [i for i, row in enumerate(rows) if all(iv[0] >= b or iv[1] <= a for a, b in row)]
+        if not free:
+            rows.append([])
+        i = free[0] if free else len(rows) - 1
+        rows[i].append(iv)
+        out.append((lab, i, anchor))
+    return out
+
+
+def _place_labels(fig: go.Figure, labels: Sequence[_Label], x_range: tuple[float, float], *, top: bool = True,
+                  xref: str = "x", yref: str = "y domain") -> None:
+    """Draw ``labels`` as annotations in rows from the top (or bottom) of the plot, none overlapping another."""
+    for lab, row, anchor in _label_rows(labels, x_range):
+        fig.add_annotation(x=lab.x, y=1 - row * _ROW if top else row * _ROW, xref=xref, yref=yref, text=lab.text,
+                           name=lab.name, showarrow=False, xanchor=anchor, yanchor="top" if top else "bottom",
+                           xshift={"left": 3, "right": -3, "center": 0}[anchor],
+                           font=dict(size=11, color=lab.color), bgcolor="rgba(255,255,255,0.75)")
 
 
 def _floats(values: Sequence[float] | np.ndarray, name: str) -> list[float]:
@@ -252,7 +312,7 @@ def centroid_figure(
                                  line=dict(color=_LINE_GREY, dash="dash", width=1.5), hoverinfo="skip"))
     _add_centroids(fig, centroids)
     _add_current(fig, current)
-    return _layout(fig, f"Calibration activations ({method})", f"{method} 1", f"{method} 2")
+    return _layout(fig, f"Calibration activations ({method})", f"{method} 1", f"{method} 2", **_LEGEND_BELOW)
 
 
 def modality_offset_figure(
@@ -360,28 +420,35 @@ def trust_region_figure(
     hi = max([t_star + 1.0, tau + margin + 0.25, 1 + 2 * sd_unsafe] + [v + 0.25 for v in vals])
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
+    bands: list[_Label] = []  # band names, along the bottom
+    lines: list[_Label] = []  # threshold values, along the top
     if gate is None:
-        _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12, label="gate closed",
-               label_pos="bottom left")
+        _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12)
+        bands.append(_Label(lo, "gate closed", "safe side (gate closed)", "#495057"))
         if t_star > tau:
-            _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15, label="trust region")
-        _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45, label="ramp", label_pos="bottom center")
-        _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=COLORS["safe"])
+            _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15)
+            bands.append(_Label((tau + margin + t_star) / 2, "trust region", "trust region", "#495057", "center"))
+        _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45)
+        bands.append(_Label(tau, "ramp", "ramp", "#495057"))
+        _vline(fig, tau, "tau", color=COLORS["safe"])
+        lines.append(_Label(tau, f"τ = {tau:.2f}", "tau", COLORS["safe"]))
     else:
-        _vrect(fig, lo, t_star, "trust region", COLORS["recentred"], 0.15, label="pushed up to t*",
-               label_pos="bottom center")
+        _vrect(fig, lo, t_star, "trust region", COLORS["recentred"], 0.15)
+        bands.append(_Label((lo + t_star) / 2, "pushed up to t*", "trust region", "#495057", "center"))
         if gate.score is None:
             note = f"gate read at layer {gate.layer} (τ = {tau:.2f} there)"
         else:
             state = "open" if gate.score > tau else "closed"
             note = (f"gate read at layer {gate.layer}: s = {gate.score:.2f} "
                     f"{'>' if gate.score > tau else '≤'} τ = {tau:.2f} → {state}")
-        fig.add_annotation(x=0.01, y=0.99, xref="x domain", yref="y domain", text=note, name="gate", showarrow=False,
-                           xanchor="left", yanchor="top", font=dict(size=11, color=COLORS["safe"]),
-                           bgcolor="rgba(255,255,255,0.8)")
+        lines.append(_Label(lo, note, "gate", COLORS["safe"]))
     if t_star < hi:
-        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2, label="beyond t*", label_pos="bottom right")
-    _vline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2)
+        bands.append(_Label(hi, "beyond t*", "beyond t*", "#495057", "right"))
+    _vline(fig, t_star, "t*", color=COLORS["steered"])
+    lines.append(_Label(t_star, f"t* = {t_star:g}", "t*", COLORS["steered"]))
+    _place_labels(fig, lines, (lo, hi))
+    _place_labels(fig, bands, (lo, hi), top=False)
 
     # gate weight and push on the secondary axis; the kinks (tau, tau + m, t*) are exact grid points
     s = np.unique(np.concatenate([np.linspace(lo, hi, 401), [tau, tau + margin, t_star]]))
@@ -424,12 +491,11 @@ def trust_region_figure(
         title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
     else:
         title = f"Push at layer {'?' if layer is None else layer}, gate read at layer {gate.layer}"
-    _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "")
+    _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "", **_LEGEND_BELOW)
     fig.update_xaxes(range=[lo, hi])
     fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
     fig.update_yaxes(title_text="w(s) / push (units of ||r||)", rangemode="tozero", secondary_y=True,
                      tickmode="auto", nticks=6, showgrid=False)
-    fig.update_layout(legend=dict(x=1.1))  # clear of the secondary axis title
     return fig
 
 
@@ -463,7 +529,8 @@ def target_curve_figure(curve: Mapping[float, float], t_star: float, layer: int 
                                          line=dict(width=1.5, color="black")),
                              hovertemplate="t* = %{x:g}: refusal %{y:.2f}<extra></extra>"))
     where = "" if layer is None else f", layer {layer}"
-    _layout(fig, f"t*: refusal vs push level{where}", "target level t (multiples of ||r||)", "refusal rate")
+    _layout(fig, f"t*: refusal vs push level{where}", "target level t (multiples of ||r||)", "refusal rate",
+            **_LEGEND_BELOW)
     fig.update_yaxes(range=[0, 1])
     return fig
 
@@ -492,17 +559,29 @@ def plane_figure(
     """
     arr = _check_coords(coords, labels)
     fig = go.Figure()
+    xs = [0.0, 1.0, tau, t_star, *arr[:, 0].tolist(), *(float(p[0]) for p in (current or {}).values())]
+    xs = [x for x in xs if math.isfinite(x)]
+    pad = 0.06 * (max(xs) - min(xs) or 1.0)
+    x_range = (min(xs) - pad, max(xs) + pad)
     if t_star > tau:
-        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.10, label="trust region")
-    _vline(fig, 0.0, "s = 0", text="safe", color=COLORS["safe"], dash="dot")
-    _vline(fig, 1.0, "s = 1", text="unsafe", color=COLORS["unsafe"], dash="dot")
-    _vline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
-    _vline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.10)
+    _vline(fig, 0.0, "s = 0", color=COLORS["safe"], dash="dot")
+    _vline(fig, 1.0, "s = 1", color=COLORS["unsafe"], dash="dot")
+    _vline(fig, tau, "tau", color=_LINE_GREY)
+    _vline(fig, t_star, "t*", color=COLORS["steered"])
+    _place_labels(fig, [_Label(0.0, "safe", "s = 0", COLORS["safe"]),
+                        _Label(1.0, "unsafe", "s = 1", COLORS["unsafe"]), _Label(tau, f"τ = {tau:.2f}", "tau"),
+                        _Label(t_star, f"t* = {t_star:g}", "t*", COLORS["steered"])], x_range)
+    if t_star > tau:
+        _place_labels(fig, [_Label((tau + t_star) / 2, "trust region", "trust region", "#495057", "center")], x_range,
+                      top=False)
     _add_groups(fig, arr, labels)
     _add_centroids(fig, {"safe": (0.0, 0.0), "unsafe": (1.0, 0.0)})
     _add_current(fig, current)
-    return _layout(fig, "Refusal plane: r̂ × top residual PC", "unsafety score s (along r̂)",
-                   "top PC of residual (units of ||r||)")
+    _layout(fig, "Refusal plane: r̂ × top residual PC", "unsafety score s (along r̂)",
+            "top PC of residual (units of ||r||)", **_LEGEND_BELOW)
+    fig.update_xaxes(range=list(x_range))
+    return fig
 
 
 _MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
@@ -557,10 +636,12 @@ def layer_scores_figure(
         start, stop = (allowed.start, allowed.stop) if isinstance(allowed, range) else (int(allowed[0]),
                                                                                          int(allowed[1]))
         for x0, x1 in ((-0.5, min(start, num_layers) - 0.5), (max(stop, 0) - 0.5, num_layers - 0.5)):
-            if x1 > x0:  # label only bands wide enough to hold it
-                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3,
-                       label="push excluded: separability < 90% of best" if x1 - x0 >= 8 else None,
-                       label_pos="bottom center")
+            if x1 > x0:
+                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3)
+                if x1 - x0 >= 8:  # label only bands wide enough to hold it
+                    _place_labels(fig, [_Label((x0 + x1) / 2, "push excluded: separability < 90% of best",
+                                               "excluded layers", "#495057", "center")],
+                                  (-0.5, num_layers - 0.5), top=False)
     for key, ys in main.items():
         name, color, width = _MAIN_SCORES[key]
         trace = go.Scatter(x=list(range(len(ys))), y=ys, mode="lines+markers", name=name,
@@ -571,17 +652,16 @@ def layer_scores_figure(
         fig.add_trace(go.Scatter(x=list(range(len(ys))), y=ys, mode="lines", name=name,
                                  line=dict(color=COLORS["image"], dash=dash, width=1.5), hovertemplate="%{y:.3f}"),
                       secondary_y=True)
-    _vline(fig, chosen_layer, "push layer", text=f"push {chosen_layer}", color=COLORS["steered"])
+    _vline(fig, chosen_layer, "push layer", color=COLORS["steered"])
+    marks = [_Label(chosen_layer, f"push {chosen_layer}", "push layer", COLORS["steered"])]
     if detect_layer is not None and detect_layer != chosen_layer:
         _vline(fig, detect_layer, "detect layer", color="#457b9d")
-        fig.add_annotation(x=detect_layer, y=0.9, xref="x", yref="y domain", text=f"gate {detect_layer}",
-                           name="detect layer", showarrow=False, xanchor="left", yanchor="top", xshift=3,
-                           font=dict(size=11, color="#457b9d"))
+        marks.append(_Label(detect_layer, f"gate {detect_layer}", "detect layer", "#457b9d"))
     if inspected is not None and inspected not in (chosen_layer, detect_layer):
         _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
-        fig.add_annotation(x=inspected, y=0.8, xref="x", yref="y domain", text=f"inspecting {inspected}",
-                           name="inspected layer", showarrow=False, xanchor="left", yanchor="top", xshift=3,
-                           font=dict(size=11, color=_LINE_GREY))
+        marks.append(_Label(inspected, f"inspecting {inspected}", "inspected layer"))
+    _place_labels(fig, marks, (-0.5, num_layers - 0.5))
+    fig.update_xaxes(tick0=0, dtick=max(1, math.ceil(num_layers / 16)))  # whole layers only
     _layout(fig, "Layer scores", "decoder layer", "score", hovermode="x unified")
     fig.update_xaxes(range=[-0.5, num_layers - 0.5])
     if mis:
@@ -713,16 +793,21 @@ def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Fi
     """
     names = list(conditions)
     fig = go.Figure()
+    # horizontal bars: the condition names stay level and legible however many there are
     for key, label, color in EVAL_MODES:
-        fig.add_trace(go.Bar(x=names, y=[conditions[c].get(key) for c in names], name=label, marker_color=color))
+        fig.add_trace(go.Bar(y=names, x=[conditions[c].get(key) for c in names], name=label, marker_color=color,
+                             orientation="h", hovertemplate="%{y}: %{x:.2f}<extra>" + label + "</extra>"))
     fig.update_layout(barmode="group")
-    _layout(fig, "Refusal rate by condition", "condition (set / kind)", "refusal rate")
-    fig.update_yaxes(range=[0, 1.05])
+    _layout(fig, "Refusal rate by condition", "refusal rate", "", height=max(HEIGHT, 120 + 34 * len(names)),
+            legend=dict(orientation="h", x=0, xanchor="left", y=-0.12, yanchor="top", font=dict(size=10)),
+            margin=dict(l=55, r=20, t=50, b=90))
+    fig.update_xaxes(range=[0, 1.05])
+    fig.update_yaxes(autorange="reversed", automargin=True)
     values = [conditions[c].get(key) for c in names for key, _, _ in EVAL_MODES]
     if values and all(v == 0 for v in values if v is not None):  # zero-height bars look like a broken chart
-        fig.add_annotation(text="every refusal rate is 0: the model refused nothing, steered or not",
-                           x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, name="all zero",
-                           font=dict(size=13, color="#495057"))
+        fig.add_annotation(text="every refusal rate is 0:<br>the model refused nothing, steered or not",
+                           x=0.6, y=0.5, xref="paper", yref="paper", showarrow=False, name="all zero",
+                           font=dict(size=13, color="#495057"), bgcolor="rgba(255,255,255,0.85)")
     return fig
 
 
@@ -745,9 +830,22 @@ def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     keys = list(sweep)
     x = [sweep[k]["refusal_harmless"] for k in keys]
     y = [sweep[k]["refusal_harmful"] for k in keys]
-    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers+text", text=[f"λ={k}" for k in keys],
-                               textposition="top center", name="MARS strength sweep",
-                               marker=dict(color=COLORS["steered"], size=10)))
+    # strengths that land on the same point share one label ("λ=0, 0.5"); nearby points alternate above/below
+    groups: dict[tuple, list[str]] = {}
+    for k, xi, yi in zip(keys, x, y, strict=True):
+        groups.setdefault((round(float(xi), 3), round(float(yi), 3)), []).append(k)
+    text, position, placed = [], [], []
+    for k, xi, yi in zip(keys, x, y, strict=True):
+        g = groups[(round(float(xi), 3), round(float(yi), 3))]
+        text.append(f"λ={', '.join(g)}" if g[0] == k else "")
+        near = sum(1 for px, py in placed if abs(px - xi) < 0.15 and abs(py - yi) < 0.08)
+        position.append(("top center", "bottom center", "middle right", "middle left")[near % 4])
+        if g[0] == k:
+            placed.append((float(xi), float(yi)))
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers+text", text=text, textposition=position,
+                               name="MARS strength sweep", marker=dict(color=COLORS["steered"], size=10),
+                               customdata=[f"λ={k}" for k in keys],
+                               hovertemplate="%{customdata}: over-refusal %{x:.2f}, refusal %{y:.2f}<extra></extra>"))
     _layout(fig, "Strength sweep: refusal of harmful vs over-refusal of harmless", "over-refusal (harmless refused)",
             "refusal of harmful inputs")
     fig.update_xaxes(range=[-0.05, 1.05])

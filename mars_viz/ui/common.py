@@ -19,13 +19,13 @@ from ..plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from ..session import Session
 from ..steering import SteerOptions
 
-__all__ = ["build_query", "credibility_banner", "export_zip", "gr_progress", "parse_layer", "parse_tau", "stale_banner",
-           "steer_options", "user_errors"]
+__all__ = ["build_query", "credibility_banner", "export_zip", "gr_progress", "parse_layer", "parse_tau", "rejected",
+           "stale_banner", "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
 
 
-def _rejected(endpoint: str, e: ValueError) -> gr.Error:
+def rejected(endpoint: str, e: ValueError) -> gr.Error:
     message = " ".join(str(e).split())
     log.warning("input rejected on /%s: %s", endpoint, message)
     return gr.Error(str(e), print_exception=False)
@@ -47,7 +47,7 @@ def user_errors(endpoint: str):
                 try:
                     yield from fn(*args, **kwargs)
                 except ValueError as e:
-                    raise _rejected(endpoint, e) from None
+                    raise rejected(endpoint, e) from None
 
             return gen
 
@@ -56,7 +56,7 @@ def user_errors(endpoint: str):
             try:
                 return fn(*args, **kwargs)
             except ValueError as e:
-                raise _rejected(endpoint, e) from None
+                raise rejected(endpoint, e) from None
 
         return call
 

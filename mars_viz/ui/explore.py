@@ -16,7 +16,7 @@ from ..plots import placeholder_figure
 from ..session import Session
 from ..state import MarsState
 from ..views import build_figures
-from .common import build_query, export_zip, gr_progress, steer_options, user_errors
+from .common import build_query, export_zip, gr_progress, rejected, steer_options, user_errors
 
 __all__ = ["ExploreTab", "build"]
 
@@ -179,7 +179,9 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
             if session.state is None:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
                 session.ensure_state(gr_progress(progress))
-                gr.Info(f"MARS state {session.state_source}")
+                s = session.state
+                gr.Info(f"MARS is calibrated for {session.backbone.display_name}: push layer {s.layer}, gate layer "
+                        f"{s.detect_layer}. It is cached for the next run; details in Calibrate.")
             state, gen = session.state, session.generation  # what this result is computed with
             updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
                                      frame_indices=indices, notes=notes, strategy=session.pair_strategy)
@@ -198,7 +200,22 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                   detect_layer]
     run_outputs = [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
                    *plots]
-    run.click(do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
+
+    def check_inputs(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
+                     layer: str = "auto", tau: str = "", recenter: bool = True, *_):
+        """The Run button's first step: a rejected input replaces the verdict with the reason and marks only the
+        verdict (an error in `do_run` itself would badge every panel while the last verdict stayed on screen)."""
+        try:
+            build_query(prompt, image, video, frames)
+            steer_options(steer, strength, layer, tau, recenter, "auto")
+        except ValueError as e:
+            yield f"⚠️ **Not run**: {e}. The answers and plots below are from the previous run, if any."
+            raise rejected("explore", e) from None
+        yield gr.update()
+
+    # the button checks the input first, then runs; `/explore` (the same run, for API clients) checks it itself
+    run.click(check_inputs, run_inputs, verdict, api_name=False).success(
+        do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
 
     # The three handlers below re-use the page's last analysis. Against another model or state it would be re-scored
     # into a figure that mixes two fits, so they keep what the page shows and say to run again instead.

@@ -135,3 +135,74 @@ def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=120_000)
     assert page.locator("#prompt textarea").input_value().strip()
     page.close()
+
+
+def _run_and_wait(page, before: str | None = None, timeout: float = 180_000) -> None:
+    """Click Run and wait for a new verdict (not the one shown before the click)."""
+    before = page.locator("#verdict").inner_text() if before is None else before
+    page.locator("#run").click()
+    page.wait_for_function("b => { const v = document.querySelector('#verdict').innerText;"
+                           " return v !== b && /Unsteered: (answered|refused)/.test(v); }", arg=before,
+                           timeout=timeout)
+
+
+def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.goto(app_server["url"])
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
+    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    _run_and_wait(page)
+    old_answer = page.locator("#steered textarea").input_value()
+    page.locator("#video input[type=file]").set_input_files(str(EXAMPLES_DIR / "colour_cycle.mp4"))
+    page.locator("#video").get_by_text("colour_cycle.mp4").first.wait_for(timeout=30_000)
+    page.locator("#run").click()
+    page.locator("#verdict").get_by_text("Not run").first.wait_for(timeout=30_000)
+    verdict = page.locator("#verdict").inner_text()
+    assert "not both" in verdict and "Unsteered:" not in verdict  # the old verdict is replaced by the reason
+    page.wait_for_timeout(1_000)
+    for panel in ("#unsteered", "#steered", "#seen", "#plot_centroids"):  # nothing else is marked as failed
+        assert not page.locator(panel).get_by_text("Error", exact=True).count(), panel
+    assert page.locator("#steered textarea").input_value() == old_answer  # nothing is lost
+    page.close()
+
+
+def test_video_gallery_has_no_broken_thumbnail_over_five_runs(browser, app_server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.goto(app_server["url"])
+    page.locator("#video input[type=file]").set_input_files(str(EXAMPLES_DIR / "colour_cycle.mp4"))
+    page.locator("#video").get_by_text("colour_cycle.mp4").first.wait_for(timeout=30_000)
+    broken = []
+    for run in range(5):
+        _run_and_wait(page)
+        page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#seen img')];"
+                               " return imgs.length > 0 && imgs.every(i => i.complete); }", timeout=30_000)
+        sizes = page.locator("#seen img").evaluate_all("imgs => imgs.map(i => [i.src, i.naturalWidth])")
+        assert len(sizes) >= 4, sizes  # the sampled frames are all shown
+        broken += [f"run {run}: {src}" for src, w in sizes if w == 0]
+    page.close()
+    assert not broken, broken
+
+
+def test_layer_inspector_keeps_the_calibrated_layers_and_names_the_inspected_one(browser, app_server):
+    state = app_server["session"].ensure_state()
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.goto(app_server["url"])
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
+    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    _run_and_wait(page)
+    verdict = page.locator("#verdict").inner_text()
+    other = next(i for i in range(app_server["session"].backbone.num_layers) if i not in (state.layer,
+                                                                                          state.detect_layer))
+    page.get_by_role("tab", name="Layer scores").click()
+    box = page.locator("#inspect input[type=number]")
+    box.fill(str(other))
+    box.press("Enter")
+    layers = page.locator("#plot_layer_scores")
+    layers.get_by_text(f"inspecting {other}").first.wait_for(timeout=30_000)
+    assert layers.get_by_text(f"push {state.layer}").count()  # the calibrated push layer stays marked
+    if state.detect_layer != state.layer:
+        assert layers.get_by_text(f"gate {state.detect_layer}").count()
+    page.get_by_role("tab", name="Trust region").click()
+    page.locator("#plot_trust_region").get_by_text(re.compile(rf"[Ll]ayer {other}\b")).first.wait_for(timeout=30_000)
+    assert page.locator("#verdict").inner_text() == verdict  # the verdict is about the run, at the calibrated layer
+    page.close()

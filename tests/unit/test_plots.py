@@ -43,7 +43,7 @@ def shapes(fig: go.Figure, name: str) -> list:
 
 def common(fig: go.Figure) -> None:
     assert fig.layout.template.layout.paper_bgcolor is not None  # a template object is attached
-    assert fig.layout.height == plots.HEIGHT
+    assert fig.layout.height in (plots.HEIGHT, plots.HEIGHT + 80)  # + room for a legend under the plot
     assert all(t.name for t in fig.data), "every trace must be named"
 
 
@@ -101,7 +101,7 @@ def test_modality_offset_figure():
     before = {"image": [0.1, 0.4, 0.9], "video": [0.05, 0.3, 0.6]}
     after = {"image": [0.0, 0.02, -0.01], "video": [0.01, 0.0, 0.0]}
     fig = modality_offset_figure(ratio, before, after, chosen_layer=2)
-    assert fig.layout.height == plots.HEIGHT
+    assert fig.layout.height in (plots.HEIGHT, plots.HEIGHT + 80)  # + room for a legend under the plot
     img = trace(fig, "image offset")
     assert list(img.x) == [0, 1, 2] and list(img.y) == [0.2, 0.8, 1.5]
     assert img.xaxis == "x" and img.yaxis == "y"  # left panel
@@ -342,3 +342,30 @@ def test_figure_html_and_config():
 def test_all_exports():
     for name in plots.__all__:
         assert hasattr(plots, name), name
+
+
+def test_label_rows_never_put_two_overlapping_labels_in_one_row():
+    from mars_viz.plots import _Label, _label_rows
+
+    labels = [_Label(x, f"label {i}", f"n{i}", anchor=a) for i, (x, a) in
+              enumerate([(0.0, "left"), (0.02, "left"), (0.5, "center"), (0.51, "left"), (3.0, "left"), (9.9, "left")])]
+    placed = _label_rows(labels, (0.0, 10.0), plot_px=400)
+    per_px = 10.0 / 400
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for lab, row, anchor in placed:
+        w = (len(lab.text) * 7.0 + 10) * per_px
+        x0 = {"left": lab.x, "right": lab.x - w, "center": lab.x - w / 2}[anchor]
+        for a, b in spans.get(row, []):
+            assert x0 >= b or x0 + w <= a, f"{lab.text} overlaps another label in row {row}"
+        spans.setdefault(row, []).append((x0, x0 + w))
+    rows = {lab.text: (row, anchor) for lab, row, anchor in placed}
+    assert rows["label 0"][0] != rows["label 1"][0]  # 0.02 apart: stacked
+    assert rows["label 4"] == (0, "left")  # alone: top row
+    assert rows["label 5"][1] == "right"  # at the right edge: anchored on its right, inside the plot
+
+
+def test_strength_sweep_labels_each_distinct_point_once():
+    fig = plots.strength_sweep_figure({"0": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
+                                       "0.5": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
+                                       "1": {"refusal_harmless": 0.25, "refusal_harmful": 0.9}})
+    assert list(fig.data[0].text) == ["λ=0, 0.5", "", "λ=1"]
