@@ -25,7 +25,7 @@ from .maps import InputMap, input_map
 from .state import MarsState
 from .steering import SteerOptions, gate_scores, plan
 
-__all__ = ["Analysis", "StreamUpdate", "analyze_stream", "frame_scores"]
+__all__ = ["Analysis", "StreamUpdate", "analyze_stream", "frame_scores", "gate_scorer"]
 
 
 @dataclass
@@ -68,6 +68,18 @@ def frame_scores(backbone: Backbone, state: MarsState, prompt: str, frames, opti
     p = plan(state, options)
     acts = forward_last(backbone, [Query(prompt, images=(f,)) for f in frames])[:, p.detect_layer]  # [F, d]
     return [float(x) for x in gate_scores(state, p, acts, ["image"] * len(frames), options.recenter)]
+
+
+def gate_scorer(backbone: Backbone, state: MarsState, options: SteerOptions):
+    """`queries -> [the gate's score of each]` (re-centred, at the detection layer): the occlusion check's scorer."""
+    p = plan(state, options)
+
+    @torch.inference_mode()
+    def score(queries) -> list[float]:
+        acts = forward_last(backbone, list(queries))[:, p.detect_layer]  # [B, d]
+        return [float(x) for x in gate_scores(state, p, acts, [q.modality for q in queries], options.recenter)]
+
+    return score
 
 
 @dataclass
