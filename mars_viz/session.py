@@ -44,6 +44,7 @@ class Session:
     generation: int = 0  # bumped when the model or the state is replaced; each page compares it with its last run
     change: str = ""  # what the last bump replaced, in words (shown in the pages' "run again" banner)
     pair_strategy: str = "auto"  # how both answers are computed: auto, gate_first, batched or doubled (generate.py)
+    showcase: list = field(default_factory=list)  # `showcase.ShowcaseEntry`s of the last evaluation (Learn shows them)
 
     def set_state(self, state: MarsState | None, source: str) -> None:
         """Install `state` (call with `lock` held). Replacing a state by a different one bumps `generation`."""
@@ -55,6 +56,7 @@ class Session:
     def _changed(self, what: str) -> None:
         self.generation += 1
         self.change = what
+        self.showcase = []  # drawn from the old model or state's behaviour
 
     def ensure_state(self, progress=None) -> MarsState:
         """The fitted state; fits (or loads from the per-model cache) on first use. Call with `lock` held."""

@@ -34,8 +34,8 @@ def create_app(session: Session) -> gr.Blocks:
                 evaluate_tab.build(session, generation, tab, tabs)
             with gr.Tab("Calibrate", id="calibrate"):
                 calibrate_tab.build(session)
-            with gr.Tab("Learn", id="learn"):
-                learn.build(tab, tabs)
+            with gr.Tab("Learn", id="learn") as learn_tab:
+                learn.build(session, tab, tabs, learn_tab)
         api.build(session)
         demo.load(tab.on_load, None, tab.plots, api_name=False)
         demo.load(lambda: session.generation, None, generation, api_name=False)

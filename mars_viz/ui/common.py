@@ -20,7 +20,7 @@ from ..session import Session
 from ..steering import SteerOptions
 
 __all__ = ["build_query", "credibility_banner", "export_zip", "gr_progress", "parse_layer", "parse_tau", "rejected",
-           "stale_banner", "steer_options", "user_errors"]
+           "showcase_to_explore", "stale_banner", "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
 
@@ -144,8 +144,9 @@ def gr_progress(progress: gr.Progress):
     return cb
 
 
-def export_zip(figures: dict, result: dict | None, session: Session) -> str:
-    """A zip of every figure (interactive HTML + CSV data) and the result JSON; returns its path.
+def export_zip(figures: dict, result: dict | None, session: Session, files: dict[str, bytes] | None = None) -> str:
+    """A zip of every figure (interactive HTML + CSV data) and the result JSON; returns its path. `files` (name ->
+    bytes) go in as they are (the maps' PNGs and per-position CSV: `views.map_files`).
 
     plotly.js is written once (`plotly.min.js`) and every page loads it from beside itself, so the zip stays ~1 MB
     instead of embedding 4.6 MB per figure, and the pages still open offline once unpacked."""
@@ -156,8 +157,23 @@ def export_zip(figures: dict, result: dict | None, session: Session) -> str:
         for name, fig in figures.items():
             z.writestr(f"{name}.html", figure_html(fig, shared_js=True))
             z.writestr(f"{name}.csv", figure_csv(fig))
+        for name, data in (files or {}).items():
+            z.writestr(name, data)
         meta = {"model": session.backbone.describe(), "state": session.state_source}
         if result is not None:
             meta["result"] = result
         z.writestr("result.json", json.dumps(meta, indent=2, ensure_ascii=False))
     return str(path)
+
+
+def showcase_to_explore(label: str | None, entries: list) -> tuple:
+    """Explore's (prompt, image, video) for the showcase entry labelled `label`, its media written to files, and the
+    update that switches the page to Explore. Evaluate and Learn both load items through this."""
+    from ..showcase import save_media
+
+    chosen = [e for e in entries if e.label() == label]
+    if not chosen:
+        raise ValueError("run an evaluation first (Evaluate tab), then pick a showcase item")
+    image, video = save_media(chosen[0], Path(tempfile.mkdtemp(prefix="mars_showcase_")))
+    gr.Info(f"Loaded into Explore: {chosen[0].label()}")
+    return chosen[0].prompt, image, video, gr.Tabs(selected="explore")

@@ -11,8 +11,8 @@ import gradio as gr
 from ..evaluate import SETS, build_items, evaluate, summarise, write_report
 from ..plots import eval_conditions_figure, strength_sweep_figure
 from ..session import Session
-from ..showcase import save_media, showcase
-from .common import gr_progress, user_errors
+from ..showcase import showcase
+from .common import gr_progress, showcase_to_explore, user_errors
 from .explore import ExploreTab
 
 __all__ = ["build"]
@@ -89,6 +89,9 @@ def build(session: Session, generation: gr.State, explore: ExploreTab | None = N
                 z.write(p, p.name)
         data = [[cond] + [vals.get(c) for c in COLUMNS[1:]] for cond, vals in report["conditions"].items()]
         entries = showcase(items, rows)
+        with session.lock:
+            if session.generation == gen:  # the Learn tab's walkthrough draws on this model's own behaviour
+                session.showcase = entries
         labels = [e.label() for e in entries]
         if not any(e.category == "mars_refused" for e in entries):
             gr.Info("MARS changed no harmful answer into a refusal in this run: try more prompts per condition.")
@@ -104,12 +107,7 @@ def build(session: Session, generation: gr.State, explore: ExploreTab | None = N
 
     @user_errors("showcase_load")
     def load_item(label: str | None, entries: list):
-        chosen = [e for e in entries if e.label() == label]
-        if not chosen:
-            raise ValueError("run an evaluation first, then pick a showcase item")
-        image, video = save_media(chosen[0], Path(tempfile.mkdtemp(prefix="mars_showcase_")))
-        gr.Info(f"Loaded into Explore: {chosen[0].label()}")
-        return chosen[0].prompt, image, video, gr.Tabs(selected="explore")
+        return showcase_to_explore(label, entries)
 
     load.click(load_item, [pick, st_showcase], [explore.prompt, explore.image, explore.video, tabs],
                api_name="showcase_load").success(explore.run, explore.run_inputs, explore.run_outputs,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..examples import EXAMPLES
+from ..session import Session
+from .common import showcase_to_explore, user_errors
 from .explore import ExploreTab
 
 __all__ = ["build"]
@@ -33,9 +35,42 @@ Pick an example below: it is loaded into **Explore**; press **Run** there and re
 """
 
 
-def build(explore: ExploreTab, tabs: gr.Tabs) -> None:
-    """`tabs`: the app's tab container; a Load button switches it to Explore with the example in place."""
+NO_SHOWCASE = ("*No evaluation of this model yet.* Run one in the **Evaluate** tab (a few prompts per condition is "
+               "enough): the inputs where MARS changed **this model's** answer then appear here, the best demo of the "
+               "method, drawn from the model's real behaviour rather than from bundled examples.")
+
+
+def _showcase_view(session: Session):
+    """The walkthrough's first section: this model's own showcase (Evaluate's last run), harmful answered -> refused
+    first, or a pointer to Evaluate when there is none."""
+    entries = session.showcase
+    if not entries:
+        return gr.update(value=NO_SHOWCASE), gr.update(choices=[], value=None), gr.update(interactive=False)
+    flipped = sum(e.category == "mars_refused" for e in entries)
+    text = (f"From this model's last evaluation: **{flipped}** harmful input(s) it answered and MARS turned into a "
+            "refusal, listed first. Load one and compare the two answers; then read the *Trust region* plot: the "
+            "gate opened, and the push stopped at t*." if flipped else
+            "This model's last evaluation has no harmful input that MARS turned into a refusal (it refused them "
+            "already, or the gate stayed closed); the items below show what MARS left alone or over-refused.")
+    labels = [e.label() for e in entries]
+    return gr.update(value=text), gr.update(choices=labels, value=labels[0]), gr.update(interactive=True)
+
+
+def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | None = None) -> None:
+    """`tabs`: the app's tab container; a Load button switches it to Explore with the example in place. `tab`: the
+    Learn tab itself; selecting it refreshes the showcase section from the session."""
     gr.Markdown(INTRO)
+    gr.Markdown("### Where MARS changed this model's answer")
+    note = gr.Markdown(NO_SHOWCASE, elem_id="learn_showcase_note")
+    with gr.Row():
+        pick = gr.Dropdown([], label="Showcase item", elem_id="learn_showcase_pick", scale=4)
+        load = gr.Button("Load in Explore and run", elem_id="learn_showcase_load", scale=1, interactive=False)
+    if tab is not None:
+        tab.select(lambda: _showcase_view(session), None, [note, pick, load], api_name=False)
+    load.click(user_errors("learn_showcase")(lambda label: showcase_to_explore(label, session.showcase)), pick,
+               [explore.prompt, explore.image, explore.video, tabs], api_name=False).success(
+        explore.run, explore.run_inputs, explore.run_outputs, api_name=False)
+    gr.Markdown("### Bundled examples")
     for e in EXAMPLES:
         with gr.Row():
             btn = gr.Button(f"Load: {e.name}", scale=1, elem_id=f"learn_{EXAMPLES.index(e)}")

@@ -31,6 +31,25 @@ def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=timeout)
 
 
+def _watch_verdict(page) -> None:
+    """Record whether a run starts from now on (every run first shows "Running…" in the verdict)."""
+    page.evaluate("""() => { window.__ran = false; const v = document.querySelector('#verdict');
+        new MutationObserver(() => { if (v.innerText.includes('Running')) window.__ran = true; })
+            .observe(v, {subtree: true, childList: true, characterData: true}); }""")
+
+
+def _wait_new_verdict(page, timeout: float = 180_000) -> None:
+    page.wait_for_function("() => window.__ran && /Unsteered: (answered|refused)/.test("
+                           "document.querySelector('#verdict').innerText)", timeout=timeout)
+
+
+def _run_and_wait(page, timeout: float = 180_000) -> None:
+    """Click Run and wait for the verdict of this run (not the one shown before the click)."""
+    _watch_verdict(page)
+    page.locator("#run").click()
+    _wait_new_verdict(page, timeout)
+
+
 def test_upload_run_plots_toggle_screenshot(browser, app_server, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1400})
     page.goto(app_server["url"])
@@ -134,16 +153,18 @@ def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
     page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=120_000)
     assert page.locator("#prompt textarea").input_value().strip()
+    # the Learn walkthrough now draws on the same showcase, and loads an item the same way
+    first = app_server["session"].showcase[0]
+    page.locator("#prompt textarea").fill("something else")
+    page.get_by_role("tab", name="Learn").click()
+    page.locator("#learn_showcase_note").get_by_text("this model's last evaluation").first.wait_for(timeout=30_000)
+    _watch_verdict(page)
+    page.locator("#learn_showcase_load").click()
+    page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("v => document.querySelector('#prompt textarea').value === v", arg=first.prompt,
+                           timeout=30_000)
+    _wait_new_verdict(page)
     page.close()
-
-
-def _run_and_wait(page, before: str | None = None, timeout: float = 180_000) -> None:
-    """Click Run and wait for a new verdict (not the one shown before the click)."""
-    before = page.locator("#verdict").inner_text() if before is None else before
-    page.locator("#run").click()
-    page.wait_for_function("b => { const v = document.querySelector('#verdict').innerText;"
-                           " return v !== b && /Unsteered: (answered|refused)/.test(v); }", arg=before,
-                           timeout=timeout)
 
 
 def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
