@@ -17,13 +17,14 @@ import plotly.graph_objects as go
 import torch
 
 from . import geometry as G
+from . import map_plots as MP
 from . import plots as P
 from .analysis import Analysis
 from .projection import plane_coords, project, project_onto
 from .state import MarsState
 from .steering import SteerOptions, gate_scores, plan
 
-__all__ = ["LayerView", "build_figures", "rescore", "state_figures"]
+__all__ = ["LayerView", "build_figures", "map_figures", "map_files", "occlusion_figure", "rescore", "state_figures"]
 
 
 @dataclass
@@ -163,3 +164,50 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
         figs["frames"] = P.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
                                                analysis.frame_indices, None, view.detect_layer if view else None)
     return figs, view
+
+
+def _map_title(analysis: Analysis) -> str:
+    m, q = analysis.input_map, analysis.query
+    where = "image" + ("s" if len(q.images) > 1 else "") if q.images else "video's sampled frames"
+    how = (f"re-centred ({m.offset_source} offsets)" if m.recenter else "raw, not re-centred")
+    return f"Where in the {where}: each token's unsafety score at layer {m.layer}, {how}"
+
+
+def map_figures(analysis: Analysis | None) -> dict[str, go.Figure]:
+    """"Where in the input" for the current analysis: `map_image` (the heatmap over the image, or over each sampled
+    frame of a video) and `map_tokens` (the prompt's tokens coloured by score); {} when it has no map."""
+    if analysis is None or analysis.input_map is None:
+        return {}
+    m, q = analysis.input_map, analysis.query
+    out = {"map_tokens": MP.token_strip_figure(m, f"The prompt, token by token: score at layer {m.layer} "
+                                                  "(media runs collapsed to their mean)")}
+    panels = MP.map_panels(m, q.images, q.video or (), analysis.frame_indices)
+    if panels:
+        out["map_image"] = MP.overlay_figure(panels, _map_title(analysis), notes=m.notes)
+    return out
+
+
+def map_files(analysis: Analysis | None) -> dict[str, bytes]:
+    """The maps' files for the Export zip (PNG per panel and of the token strip, per-position CSV, HTML)."""
+    if analysis is None or analysis.input_map is None:
+        return {}
+    q = analysis.query
+    return MP.export_files(analysis.input_map, q.images, q.video or (), analysis.frame_indices)
+
+
+def occlusion_figure(analysis: Analysis, res) -> go.Figure:
+    """The occlusion check (`occlusion.occlusion`'s result) as heatmaps over the input: s(input) - s(covered)."""
+    from .occlusion import occlusion_grids
+
+    q = analysis.query
+    panels = []
+    for g in occlusion_grids(res):
+        src = q.images[g.index] if g.kind == "image" else (q.video or ())[g.index]
+        label = (f"image {g.index + 1}" if g.kind == "image" else
+                 f"frame {g.index}" + ("" if analysis.frame_indices is None else
+                                       f" (video frame #{analysis.frame_indices[g.index]})"))
+        panels.append(MP.Panel(label, src, g))
+    return MP.overlay_figure(panels, f"Occlusion: the gate's score {res.base:.3f} minus the score with each region "
+                                     "covered in the neutral colour (positive = the region pushes toward refusal)",
+                             colorbar="Δ score", half=MP.score_range(res.contribution, floor=1e-6),
+                             notes=res.notes)

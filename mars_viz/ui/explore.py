@@ -10,17 +10,19 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..analysis import Analysis, analyze_stream
+from ..analysis import Analysis, analyze_stream, gate_scorer
 from ..examples import EXAMPLES, example_by_name
+from ..occlusion import neutral_fill, occlusion
 from ..plots import placeholder_figure
 from ..session import Session
 from ..state import MarsState
-from ..views import build_figures
+from ..views import build_figures, map_figures, map_files, occlusion_figure
 from .common import build_query, export_zip, gr_progress, rejected, steer_options, user_errors
 
 __all__ = ["ExploreTab", "build"]
 
-PLOTS = ["centroids", "modality_offset", "trust_region", "plane", "target_curve", "layer_scores", "frames"]
+PLOTS = ["centroids", "modality_offset", "trust_region", "plane", "target_curve", "layer_scores", "frames",
+         "map_image", "map_tokens"]
 ANSWERS = ["Unsteered", "MARS-steered"]
 
 
@@ -80,6 +82,7 @@ def _stale(state: MarsState | None, analysis: Analysis) -> str | None:
 FIRST_RUN = ("Press Run in Explore. The first run calibrates MARS for this model (about 30 s on the tiny demo "
              "model, 10-20 min for a 0.5B model on a CPU) and caches it; after that these plots are instant.")
 NO_VIDEO = "Per-frame scores appear for a video input."
+NO_MAP = "Run an image or a video: each patch's unsafety score is drawn over it here."
 
 
 def _figures(state: MarsState | None, analysis: Analysis | None, layer, method: str) -> list:
@@ -88,6 +91,9 @@ def _figures(state: MarsState | None, analysis: Analysis | None, layer, method: 
     figs, _ = build_figures(state, analysis, None if layer is None else int(layer), method.lower())
     if "frames" not in figs:
         figs["frames"] = placeholder_figure(NO_VIDEO, "Video frames")
+    figs.update(map_figures(analysis))
+    figs.setdefault("map_image", placeholder_figure(NO_MAP, "Where in the image or video"))
+    figs.setdefault("map_tokens", placeholder_figure("Run an input to colour its tokens by score.", "The prompt"))
     return [figs.get(name) for name in PLOTS]
 
 
@@ -145,12 +151,20 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                     p_layers = gr.Plot(label="Layer scores", elem_id="plot_layer_scores")
                 with gr.Tab("Video frames"):
                     p_frames = gr.Plot(label="Per-frame unsafety score", elem_id="plot_frames")
+                with gr.Tab("Where in the input"):
+                    p_map_image = gr.Plot(label="Each patch's score over the image / each sampled frame",
+                                          elem_id="plot_map_image")
+                    p_map_tokens = gr.Plot(label="The prompt's tokens coloured by score", elem_id="plot_map_tokens")
+                    occl_btn = gr.Button("Occlusion check: cover each region with the neutral colour and re-score "
+                                         "(slower: one forward per region)", elem_id="occlusion")
+                    p_occl = gr.Plot(label="Occlusion: how much each region raises the gate's score",
+                                     elem_id="plot_occlusion")
             with gr.Accordion("Result JSON and export", open=False):
                 result_json = gr.JSON(label="Result (same object as `run --json` and the /analyze API)",
                                       elem_id="result_json")
                 export_btn = gr.Button("Export plots (HTML + CSV) and result (JSON) as a zip", elem_id="export")
                 export_file = gr.File(label="Export", elem_id="export_file")
-    plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_frames]
+    plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_frames, p_map_image, p_map_tokens]
 
     def pick_example(example: str):
         if not example or example == "(none)":
@@ -252,9 +266,24 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
         if analysis is not None:
             analysis.check_state(state)
         figs, _ = build_figures(state, analysis, int(layer) if analysis is not None else None, method.lower())
-        return export_zip(figs, analysis.to_json() if analysis is not None else None, session)
+        return export_zip(figs, analysis.to_json() if analysis is not None else None, session, map_files(analysis))
 
     export_btn.click(do_export, [st_analysis, inspect, method], export_file, api_name="export")
+
+    @user_errors("occlusion")
+    def do_occlusion(analysis: Analysis | None, progress=gr.Progress()):
+        """Cover each region of the last input in the neutral colour and re-score it (one forward per region)."""
+        if analysis is None:
+            raise ValueError("run an image or a video first: the occlusion check re-scores the last input")
+        with session.lock:
+            state = session.state
+            analysis.check_state(state)
+            res = occlusion(analysis.query, gate_scorer(session.backbone, state, analysis.options), cells=4,
+                            fill=neutral_fill(state.config.seed, state.config.k_neutral),
+                            progress=lambda d, t: progress((d, t), desc="Occlusion: re-scoring covered regions"))
+        return occlusion_figure(analysis, res)
+
+    occl_btn.click(do_occlusion, [st_analysis], p_occl, api_name="occlusion")
 
     def show_state_plots():
         """On page load: the state's own figures (no input yet), if a state is fitted or cached."""

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from mars_viz.examples import EXAMPLES_DIR
+from mars_viz.ui.explore import PLOTS
 
 RED = str(EXAMPLES_DIR / "solid_red.png")
 WORDS = str(EXAMPLES_DIR / "words_harmful.mp4")
@@ -87,13 +88,15 @@ def test_analyze_gate_closed_is_identical(client):
 def test_explore_returns_every_plot(client):
     out = explore(client)
     names = ["unsteered", "steered", "seen", "verdict", "active", "result", "inspect", "centroids",
-             "offset", "trust", "plane", "curve", "layers", "frames"]
+             "offset", "trust", "plane", "curve", "layers", "frames", "map_image", "map_tokens"]
     got = dict(zip(names, out, strict=True))
     assert "Gate" in got["verdict"] and got["active"] == got["steered"]
     for name in ("centroids", "offset", "trust", "plane", "curve", "layers"):
         assert got[name] is not None, name
     # image input: the frame plot says why it is empty instead of staying blank
     assert "video input" in str(got["frames"]) and got["seen"]  # the gallery was sent (once) and kept
+    # where in the input: a heatmap over the image, the prompt's tokens coloured by score
+    assert "heatmap" in str(got["map_image"]) and "heatmap" in str(got["map_tokens"])
 
 
 def test_toggle_and_inspect_do_not_run_the_model(client, app_server):
@@ -104,7 +107,7 @@ def test_toggle_and_inspect_do_not_run_the_model(client, app_server):
         assert client.predict("Unsteered", api_name="/toggle") == unsteered
         assert client.predict("MARS-steered", api_name="/toggle") == steered
         figs = client.predict(1, "PCA", api_name="/inspect_layer")
-        assert len(figs) == 7 and figs[0] is not None
+        assert len(figs) == len(PLOTS) and figs[0] is not None
         client.predict(2, "PCA", api_name="/projection")
     finally:
         counter.close()
@@ -123,10 +126,24 @@ def test_export_zip_has_html_csv_json(client):
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         assert {"centroids.html", "centroids.csv", "layer_scores.csv", "result.json", "plotly.min.js"} <= names
+        # the maps: per-position CSV, a PNG over the image and of the token strip (Pillow), their pages
+        assert {"map_positions.csv", "map_tokens.png", "map_overlay.html", "map_tokens.html"} <= names
+        assert any(n.endswith(".png") and n.startswith("map_00_image_1") for n in names), names
+        assert z.read("map_tokens.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        assert z.read("map_positions.csv").decode().startswith("position,token,kind,score,cell")
         page = z.read("trust_region.html").decode()
         # offline once unpacked: the page loads the bundled file beside it, and nothing from the network
         assert 'src="plotly.min.js"' in page and "https://cdn" not in page
         assert len(z.read("plotly.min.js")) > 1_000_000
+
+
+def test_occlusion_check_on_demand(client):
+    explore(client)
+    fig = client.predict(api_name="/occlusion")
+    assert "heatmap" in str(fig) and "Occlusion" in str(fig)
+    explore(client, image=None, prompt="Tell me a story")
+    with pytest.raises(Exception, match="image or a video"):
+        client.predict(api_name="/occlusion")
 
 
 def test_bad_inputs_are_clear_errors_and_server_stays_up(client, tmp_path):
@@ -244,7 +261,7 @@ def test_results_from_a_replaced_state_are_not_reused(client, app_server):
         # through the server: the page keeps what it shows (a no-op update, not a figure), export refuses
         assert client.predict("Unsteered", api_name="/toggle") == NO_UPDATE
         for endpoint in ("/inspect_layer", "/projection"):
-            assert list(client.predict(1, "PCA", api_name=endpoint)) == [NO_UPDATE] * 7, endpoint
+            assert list(client.predict(1, "PCA", api_name=endpoint)) == [NO_UPDATE] * len(PLOTS), endpoint
         with pytest.raises(Exception, match="another model/state: run it again"):
             client.predict(1, "PCA", api_name="/export")
 
@@ -253,7 +270,8 @@ def test_results_from_a_replaced_state_are_not_reused(client, app_server):
                            ("projection", (1, "UMAP", old))]:
             with pytest.warns(UserWarning, match="another model/state: run it again"):
                 result = handlers[name](*args)
-            assert (result if isinstance(result, list) else [result]) == [NO_UPDATE] * (1 if name == "toggle" else 7)
+            n = 1 if name == "toggle" else len(PLOTS)
+            assert (result if isinstance(result, list) else [result]) == [NO_UPDATE] * n
         with pytest.raises(Exception, match="another model/state: run it again"):
             handlers["export"](old, 1, "PCA")
 
