@@ -155,11 +155,29 @@ def _cmd_run(args) -> int:
     bb = _load(args)  # once for the whole file
     state.check_compatible(bb)
     queries = [Query(p, images=images, video=video) for p in prompts]
+    if args.maps:  # one query at a time: the per-position scores come from each query's own prefill
+        from .analysis import analyze_stream
+
+        for q in queries:
+            *_, last = analyze_stream(bb, state, q, options, args.max_new_tokens, strategy=args.pair_strategy)
+            row = last.analysis.to_json(maps=True)
+            print(json.dumps(row, ensure_ascii=False) if args.json else _human(row) + _human_map(row), flush=True)
+        return 0
     for res in run_pairs(bb, state, queries, options, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          strategy=args.pair_strategy):
         row = res.to_json()
         print(json.dumps(row, ensure_ascii=False) if args.json else _human(row), flush=True)
     return 0
+
+
+def _human_map(row: dict) -> str:
+    m = row.get("maps")
+    if not m:
+        return "\n  maps: not available"
+    text = sorted((p for p in m["positions"] if p["kind"] == "text"), key=lambda p: -p["score"])[:5]
+    grids = ", ".join(f"{g['kind']} {g['index']} {g['view']} {g['rows']}x{g['cols']}" for g in m["grids"]) or "none"
+    return (f"\n  maps at layer {m['layer']}: grids {grids}; highest text tokens: "
+            + ", ".join(f"{p['token']!r} {p['score']:.2f}" for p in text))
 
 
 def _dist():
@@ -322,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-strategy", default="auto", choices=_pair_strategies(),
                    help="how both answers are computed (default auto: measured once per model and device)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--maps", action="store_true",
+                   help="add each prompt position's score at the gate's layer and the image / frame grids ('maps')")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("eval", help="refusal / over-refusal / unchanged rates per modality and condition")
