@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
 from .calibrate import split_sets
@@ -159,8 +160,23 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
     return out
 
 
+class _StepCounter(BaseStreamer):
+    """Calls `on_step(k)` after the k-th generated token of a batch (generate's first `put` is the prompt)."""
+
+    def __init__(self, on_step: Callable[[int], None]):
+        self.on_step, self.calls = on_step, 0
+
+    def put(self, value) -> None:
+        if self.calls:
+            self.on_step(self.calls)
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
+
+
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants, judge: RefusalJudge,
-               max_new_tokens: int) -> list[dict]:
+               max_new_tokens: int, on_step: Callable[[int], None] | None = None) -> list[dict]:
     probes = _probe(backbone, state, chunk, variants)
     queries, specs, mods, gates, where = [], [], [], [], {}
     for i, it in enumerate(chunk):
@@ -174,7 +190,8 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[EvalItem], vari
             gates.append(None if opt is None else probes[i][j]["s_gate"])
     batch = build_batch(backbone, queries)
     with row_steering(backbone, state, specs, mods, gates) as rec:
-        gen = generate_batch(backbone, batch, max_new_tokens)
+        counter = None if on_step is None else _StepCounter(on_step)
+        gen = generate_batch(backbone, batch, max_new_tokens, streamer=counter)
     verdicts = judge([t for _, t in gen])
     steered_rows = [k for k, opt in enumerate(specs) if opt is not None]
     infos = dict(zip(steered_rows, rec.info.get("rows", []), strict=True))
@@ -213,13 +230,18 @@ def evaluate(backbone: Backbone, state: MarsState, items: Sequence[EvalItem],
         chunks.append((start, list(items[start:end])))
         start = end
     mine = [(i, c) for j, (i, c) in enumerate(chunks) if j % world == rank]
+    total = sum(len(c) for _, c in mine)
     rows: list[dict] = []
-    for done, (first, chunk) in enumerate(mine, 1):
-        for offset, row in enumerate(_run_chunk(backbone, state, chunk, variants, judge, max_new_tokens)):
+    for first, chunk in mine:
+        done = len(rows)
+        # progress in prompts, advanced with every generated token of the chunk (a chunk takes ~30 s on a CPU)
+        on_step = None if progress is None else (
+            lambda k, done=done, n=len(chunk): progress(done + min(n - 1, n * k // max(1, max_new_tokens)), total))
+        for offset, row in enumerate(_run_chunk(backbone, state, chunk, variants, judge, max_new_tokens, on_step)):
             row["index"] = first + offset
             rows.append(row)
         if progress:
-            progress(done, len(mine))
+            progress(len(rows), total)
     return rows
 
 

@@ -44,7 +44,7 @@ def build(session: Session, generation: gr.State, explore: ExploreTab | None = N
     go = gr.Button("Run evaluation", variant="primary", elem_id="eval_run")
     gr.Markdown("Every prompt runs unsteered, with MARS, MARS without re-centring and the ungated push, in one batch "
                 "per chunk. On a CPU the default (5 sets × 8 prompts) takes about 1 min on the tiny demo model and "
-                "6-7 min on a 0.5B model; progress is per chunk of prompts.")
+                "6-7 min on a 0.5B model; the progress bar counts prompts and moves with every generated token.")
     table = gr.Dataframe(headers=COLUMNS, label="Results per condition", elem_id="eval_table", interactive=False,
                          wrap=True)
     gr.Markdown(COLUMN_HELP, elem_id="eval_columns")

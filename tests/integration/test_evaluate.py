@@ -111,3 +111,16 @@ def test_standard_sets_from_local_files(tmp_path, qwen):
     assert [r.kind for r in xs] == ["harmless", "harmful"]
     items = items_from_benchmark("xstest", xs)
     assert {it.condition for it in items} == {"xstest/harmless", "xstest/harmful"}
+
+
+def test_progress_advances_within_a_chunk_in_prompts(qwen):
+    bb, state, _ = qwen
+    items = build_items(state, SETS[:1], limit=3)  # text harmful + harmless: 6 prompts, one chunk per condition
+    calls: list[tuple[int, int]] = []
+    evaluate(bb, state, items, strengths=(0, 1), max_new_tokens=12, progress=lambda d, n: calls.append((d, n)))
+    assert {n for _, n in calls} == {len(items)}  # counted in prompts, not chunks
+    assert calls[-1] == (len(items), len(items))
+    done = [d for d, _ in calls]
+    assert done == sorted(done)  # never goes back
+    assert len(calls) > 2 * 2  # more than one update per chunk: it moves while a chunk is generating
+    assert any(0 < d < 3 for d in done)  # ...including part-way through the first chunk
