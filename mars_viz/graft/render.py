@@ -1,0 +1,410 @@
+"""Training images for the reading graft, rendered in-process: phrases on varied backgrounds, and text-free images.
+
+Everything here is a pure function of its arguments and a seed (a `random.Random` passed in), so a seed gives the
+same images on every machine. Fonts come from installed packages (Pillow's built-in Aileron, and `font-roboto` /
+`font-source-serif-pro` when present); nothing is downloaded.
+
+The phrase generator never emits a 3-word sequence (n-gram) that occurs in the project's harmful, harmless,
+look-alike or jailbreak prompt sets, nor any whole prompt shorter than three words, so the transfer test (typographic
+harmful vs harmless prompts) reads phrases the tower has never seen. A held-out set of phrases is kept apart the
+same way: no training phrase shares a 3-gram with it.
+
+Example:
+    >>> import random
+    >>> sets = make_phrase_sets(["red", "boat", "sings", "under", "quiet", "river"], banned=[], n_heldout=4, seed=0)
+    >>> len(sets.heldout)
+    4
+    >>> img = render_phrase(sets.train_phrase(random.Random(0)), random.Random(1))
+    >>> img.width % 28 == 0 and img.height % 28 == 0
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+__all__ = [
+    "CELL",
+    "PhraseSets",
+    "WordBox",
+    "font_files",
+    "make_phrase_sets",
+    "ngrams",
+    "normalise_words",
+    "render_blank",
+    "layout_targets",
+    "render_phrase",
+    "render_phrase_layout",
+    "render_word_video",
+    "word_chunks",
+]
+
+CELL = 28  # one merged Qwen2-VL token covers 28x28 pixels (patch 14, spatial merge 2)
+MAX_WORDS = 12
+NGRAM = 3
+_FONT_PACKAGES = ("font_roboto", "font_source_serif_pro")
+_WORD_RE = re.compile(r"[a-z0-9']+")
+
+
+def normalise_words(text: str) -> list[str]:
+    """Lower-case word sequence with punctuation dropped: what n-gram exclusion compares."""
+    return _WORD_RE.findall(text.lower().replace("-", " "))
+
+
+def ngrams(words: Sequence[str], n: int = NGRAM) -> set[tuple[str, ...]]:
+    """All contiguous n-word tuples; a sequence shorter than n gives itself (so short prompts are banned whole)."""
+    if 0 < len(words) < n:
+        return {tuple(words)}
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _contains(words: Sequence[str], banned: set[tuple[str, ...]]) -> bool:
+    for k in {len(b) for b in banned} or {NGRAM}:
+        for i in range(len(words) - k + 1):
+            if tuple(words[i:i + k]) in banned:
+                return True
+    return False
+
+
+@dataclass
+class PhraseSets:
+    """A word pool, the banned n-grams, and a fixed held-out phrase list; `train_phrase` draws fresh training ones."""
+
+    words: list[str]
+    heldout: list[str]
+    banned: set[tuple[str, ...]] = field(repr=False)  # prompt-set n-grams and held-out n-grams
+
+    def train_phrase(self, rng: random.Random, max_words: int = MAX_WORDS) -> str:
+        """A random phrase of 1..max_words words that contains no banned n-gram (rejection sampling)."""
+        for _ in range(1000):
+            phrase = _styled_phrase(self.words, rng, max_words)
+            if not _contains(normalise_words(phrase), self.banned):
+                return phrase
+        raise ValueError("could not draw a phrase free of banned n-grams: the word pool is too small")
+
+    def is_allowed(self, phrase: str) -> bool:
+        return not _contains(normalise_words(phrase), self.banned)
+
+
+def _styled_phrase(words: Sequence[str], rng: random.Random, max_words: int) -> str:
+    n = rng.randint(1, max_words)
+    ws = [rng.choice(words) for _ in range(n)]
+    style = rng.random()
+    if style < 0.45:  # sentence case, like an instruction
+        ws[0] = ws[0][:1].upper() + ws[0][1:]
+    elif style < 0.52:
+        ws = [w[:1].upper() + w[1:] for w in ws]
+    text = " ".join(ws)
+    if n > 1 and rng.random() < 0.15:  # an inner comma
+        i = rng.randint(0, n - 2)
+        parts = text.split(" ")
+        parts[i] += ","
+        text = " ".join(parts)
+    end = rng.random()
+    if end < 0.15:
+        text += "?"
+    elif end < 0.3:
+        text += "."
+    elif end < 0.33:
+        text += "!"
+    return text
+
+
+def make_phrase_sets(words: Iterable[str], banned: Iterable[str], n_heldout: int = 200, seed: int = 0,
+                     max_words: int = MAX_WORDS) -> PhraseSets:
+    """The word pool (deduplicated, order kept), n-grams of `banned` texts, and `n_heldout` held-out phrases.
+
+    Held-out phrases obey the same ban; their own n-grams are then banned for training, so a training phrase never
+    repeats three consecutive held-out words (or a whole held-out phrase shorter than three words).
+    """
+    pool = list(dict.fromkeys(w for w in words if w))
+    if len(pool) < 4:
+        raise ValueError(f"the word pool has {len(pool)} words; need at least 4")
+    ban: set[tuple[str, ...]] = set()
+    for text in banned:
+        ban |= ngrams(normalise_words(text))
+    rng = random.Random(f"heldout-{seed}")
+    held: list[str] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(held) < n_heldout:
+        tries += 1
+        if tries > 100 * max(n_heldout, 1):
+            raise ValueError("could not draw enough distinct held-out phrases: the word pool is too small")
+        p = _styled_phrase(pool, rng, max_words)
+        key = " ".join(normalise_words(p))
+        if key in seen or _contains(normalise_words(p), ban):
+            continue
+        seen.add(key)
+        held.append(p)
+    held_ban = set()
+    for p in held:
+        held_ban |= ngrams(normalise_words(p))
+    return PhraseSets(words=pool, heldout=held, banned=ban | held_ban)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fonts and colours
+
+
+@lru_cache(maxsize=1)
+def font_files() -> tuple[str, ...]:
+    """Regular / italic / bold faces of the installed font packages (empty if none is installed)."""
+    out: list[str] = []
+    for pkg in _FONT_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = Path(next(iter(spec.submodule_search_locations))) / "files"
+        for f in sorted(folder.glob("*.ttf")):
+            if re.search(r"(Regular|Italic|Bold|Medium|It|Semibold)\.ttf$", f.name) and "Black" not in f.name \
+                    and "Thin" not in f.name and "Light" not in f.name:
+                out.append(str(f))
+    return tuple(out)
+
+
+@lru_cache(maxsize=256)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    if path == "default":
+        return ImageFont.load_default(size=size)
+    return ImageFont.truetype(path, size=size)
+
+
+def _pick_font(rng: random.Random) -> str:
+    return rng.choice(("default",) + font_files())
+
+
+def _luma(c: tuple[int, int, int]) -> float:
+    return (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) / 255.0
+
+
+def _colour_pair(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(background, ink) with a luminance difference of at least 0.45, so the text stays legible."""
+    r = rng.random()
+    if r < 0.35:
+        bg, ink = (255, 255, 255), (0, 0, 0)
+        if rng.random() < 0.5:
+            bg = tuple(rng.randint(225, 255) for _ in range(3))
+            ink = tuple(rng.randint(0, 60) for _ in range(3))
+        return bg, ink  # type: ignore[return-value]
+    for _ in range(100):
+        bg = tuple(rng.randint(0, 255) for _ in range(3))
+        ink = tuple(rng.randint(0, 255) for _ in range(3))
+        if abs(_luma(bg) - _luma(ink)) >= 0.45:  # type: ignore[arg-type]
+            return bg, ink  # type: ignore[return-value]
+    return (255, 255, 255), (0, 0, 0)
+
+
+def _background(rng: random.Random, w: int, h: int, base: tuple[int, int, int]) -> Image.Image:
+    """Solid, or a gentle gradient around `base` (so ink contrast is kept)."""
+    if rng.random() < 0.6:
+        return Image.new("RGB", (w, h), base)
+    other = np.array([min(255, max(0, c + rng.randint(-40, 40))) for c in base], dtype=np.float32)
+    t = np.linspace(0.0, 1.0, w if rng.random() < 0.5 else h, dtype=np.float32)
+    grad = np.array(base, dtype=np.float32)[None] * (1 - t[:, None]) + other[None] * t[:, None]  # [n, 3]
+    arr = np.broadcast_to(grad[None], (h, w, 3)) if len(t) == w else np.broadcast_to(grad[:, None], (h, w, 3))
+    return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8))
+
+
+def _noise(img: Image.Image, rng: random.Random) -> Image.Image:
+    if rng.random() < 0.5:
+        return img
+    arr = np.asarray(img, dtype=np.float32)
+    sigma = rng.uniform(2.0, 8.0)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, sigma, arr.shape)
+    out = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    if rng.random() < 0.2:
+        out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 0.7)))
+    return out
+
+
+def _round_up(x: float, k: int = CELL) -> int:
+    return max(2 * k, int(-(-int(np.ceil(x)) // k) * k))  # at least 2 cells: the processor's minimum is 56x56
+
+
+def _wrap(draw: ImageDraw.ImageDraw, words: list[str], font, max_w: int) -> list[str]:
+    lines, line = [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if line and draw.textlength(trial, font=font) > max_w:
+            lines.append(line)
+            line = w
+        else:
+            line = trial
+    if line:
+        lines.append(line)
+    return lines
+
+
+_MEASURE = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+
+
+@dataclass(frozen=True)
+class WordBox:
+    """Where one word was drawn: its horizontal extent and the vertical centre of its line, in pixels."""
+
+    word: str
+    x0: float
+    x1: float
+    y_centre: float
+
+
+def render_phrase(text: str, rng: random.Random, max_width: int = 448, max_height: int = 224,
+                  font_range: tuple[int, int] = (15, 24)) -> Image.Image:
+    """`text` in one to a few lines, random font, size, colours, position and light noise; sides multiples of 28.
+
+    Lines are wrapped at word boundaries and spaced at least one cell apart, so the merged tokens read in raster
+    order follow the text's reading order. Long phrases shrink the font until they fit `max_width` x `max_height`.
+    """
+    return render_phrase_layout(text, rng, max_width, max_height, font_range)[0]
+
+
+def render_phrase_layout(text: str, rng: random.Random, max_width: int = 448, max_height: int = 224,
+                         font_range: tuple[int, int] = (15, 24)) -> tuple[Image.Image, list[WordBox]]:
+    """`render_phrase` plus the box of every word, in reading order (what layout supervision needs)."""
+    words = text.split()
+    size = rng.randint(*font_range)
+    fkey = _pick_font(rng)
+    font = _font(fkey, size)
+    target_w = rng.choice([224, 280, 336, 392, 448])
+    target_w = min(target_w, max_width)
+    while True:
+        lines = _wrap(_MEASURE, words, font, target_w - 12)
+        step = max(CELL, int(size * rng.uniform(1.25, 1.6)))
+        text_w = max(_MEASURE.textlength(ln, font=font) for ln in lines)
+        text_h = step * (len(lines) - 1) + size * 1.3
+        if (text_w <= target_w - 8 and text_h + 8 <= max_height) or size <= 12:
+            break
+        if target_w < max_width:
+            target_w = min(max_width, target_w + 56)
+        else:
+            size -= 1
+            font = _font(fkey, size)
+    w = min(max_width, _round_up(text_w + rng.randint(8, 48)))
+    h = min(max_height, _round_up(text_h + rng.randint(6, 28)))
+    bg, ink = _colour_pair(rng)
+    img = _background(rng, w, h, bg)
+    draw = ImageDraw.Draw(img)
+    x0 = rng.randint(2, max(2, int(w - text_w) - 2))
+    y0 = rng.randint(0, max(0, int(h - text_h) - 2))
+    boxes: list[WordBox] = []
+    for i, ln in enumerate(lines):
+        y = y0 + i * step
+        draw.text((x0, y), ln, fill=ink, font=font)
+        left, top, _, bottom = font.getbbox(ln)
+        yc = y + (top + bottom) / 2
+        x = float(x0)
+        for k, word in enumerate(ln.split(" ")):
+            if k:
+                x = x0 + _MEASURE.textlength(" ".join(ln.split(" ")[:k]) + " ", font=font)
+            boxes.append(WordBox(word, x, x + _MEASURE.textlength(word, font=font), yc))
+    return _noise(img, rng), boxes
+
+
+def layout_targets(word_tokens: Sequence[Sequence[int]], boxes: Sequence[WordBox], width: int, height: int,
+                   blank: int = 0, cell: int = CELL) -> list[int] | None:
+    """Per-cell targets in raster order (the order of merged Qwen2-VL tokens): each word's tokens start at the cell
+    where the word starts (or the next free one) and run right; every other cell is `blank`.
+
+    None when a word's tokens would run past the end of its row (the layout cannot be told cell by cell; CTC alone
+    then supervises that image).
+
+    >>> b = [WordBox("red", 30, 60, 14), WordBox("boat", 70, 100, 14)]
+    >>> layout_targets([[5], [7, 8]], b, 140, 28)
+    [0, 5, 7, 8, 0]
+    """
+    gw, gh = width // cell, height // cell
+    out = [blank] * (gw * gh)
+    last = -1
+    for toks, box in zip(word_tokens, boxes, strict=True):
+        row = min(gh - 1, max(0, int(box.y_centre // cell)))
+        col = min(gw - 1, max(0, int(box.x0 // cell)))
+        start = max(row * gw + col, last + 1)
+        end = start + len(toks) - 1
+        if end >= (row + 1) * gw:
+            return None
+        out[start:end + 1] = list(toks)
+        last = end if toks else last
+    return out
+
+
+def render_blank(rng: random.Random, max_width: int = 448, max_height: int = 224) -> Image.Image:
+    """A text-free image: a solid colour, a gradient, a few shapes or noise (reads as 'no text')."""
+    w = rng.choice(range(2 * CELL, max_width + 1, CELL))
+    h = rng.choice(range(2 * CELL, max_height + 1, CELL))
+    kind = rng.random()
+    base = tuple(rng.randint(0, 255) for _ in range(3))
+    if kind < 0.3:
+        img = Image.new("RGB", (w, h), base)
+    elif kind < 0.55:
+        img = _background(random.Random(rng.getrandbits(32)), w, h, base)  # type: ignore[arg-type]
+        if rng.random() < 0.5:  # a strong gradient too
+            a = np.array(base, dtype=np.float32)
+            b = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+            t = np.linspace(0, 1, w, dtype=np.float32)[None, :, None]
+            img = Image.fromarray(np.broadcast_to(a * (1 - t) + b * t, (h, w, 3)).astype(np.uint8))
+    elif kind < 0.9:
+        img = Image.new("RGB", (w, h), base)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(1, 6)):
+            x0, y0 = rng.randint(0, w - 1), rng.randint(0, h - 1)
+            x1, y1 = rng.randint(x0, w), rng.randint(y0, h)
+            fill = tuple(rng.randint(0, 255) for _ in range(3))
+            shape = rng.random()
+            if shape < 0.4:
+                draw.rectangle((x0, y0, x1, y1), fill=fill)
+            elif shape < 0.8:
+                draw.ellipse((x0, y0, x1, y1), fill=fill)
+            else:
+                draw.line((x0, y0, x1, y1), fill=fill, width=rng.randint(1, 6))
+    else:
+        arr = np.random.default_rng(rng.getrandbits(32)).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+    return _noise(img, rng)
+
+
+def word_chunks(text: str, frames: int) -> list[str]:
+    """`text` split into at most `frames` consecutive chunks of words (the way a word-per-frame video shows it)."""
+    words = text.split()
+    per = max(1, -(-len(words) // max(1, frames)))
+    return [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
+
+
+def render_word_video(text: str, rng: random.Random, frames: int | None = None,
+                      size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """A word-per-frame clip of `text`: one word (or chunk) per frame, one frame size, an even frame count.
+
+    Qwen2-VL embeds frames in temporal pairs (temporal_patch_size 2), so an odd count gets a blank last frame of the
+    same background; the text still reads in order, frame pair by frame pair.
+    """
+    n = frames or min(len(text.split()), rng.choice([2, 4, 4, 6, 8]))
+    chunks = word_chunks(text, n)
+    w, h = size or (rng.choice([112, 168, 224]), rng.choice([56, 84]))
+    bg, ink = _colour_pair(rng)
+    fsize = rng.randint(16, 24)
+    fkey = _pick_font(rng)
+    font = _font(fkey, fsize)
+    out = []
+    for c in chunks:
+        f = fsize
+        while _MEASURE.textlength(c, font=font) > w - 8 and f > 10:
+            f -= 1
+            font = _font(fkey, f)
+        img = Image.new("RGB", (w, h), bg)
+        draw = ImageDraw.Draw(img)
+        tw = _MEASURE.textlength(c, font=font)
+        draw.text((rng.randint(2, max(2, int(w - tw) - 2)), rng.randint(0, max(0, h - int(f * 1.3)))), c,
+                  fill=ink, font=font)
+        out.append(img)
+    if len(out) % 2 == 1:
+        out.append(Image.new("RGB", (w, h), bg))
+    return out

@@ -1,0 +1,407 @@
+"""Teach a small Qwen2-VL vision tower to read: CTC onto the frozen LLM's own input embeddings, plus a pull onto them.
+
+The objective needs no LLM forward pass. Every merged vision token h_t (the merger's output, [d_llm]) is classified
+against *prototypes*: the LLM's own input-embedding rows of the training vocabulary's tokens, plus a blank whose
+prototype is the embedding of the space token (a filler the LLM reads past; measured below, zero vectors were worse).
+The classifier is the nearest-prototype rule, logit_k = -||h - P_k||^2 / T, so CTC both aligns tokens to positions
+and moves h toward the right row. A second term pulls h onto its aligned prototype itself (the CTC posterior's
+expected prototype), so that the LLM receives, in the image slot, vectors that *are* its word embeddings: the
+image of "red boat" becomes " red", " boat" with spaces in between.
+
+Example:
+    >>> import torch
+    >>> protos = torch.eye(3)                     # blank, "a", "b"
+    >>> h = torch.tensor([[[0., 1., 0.], [1., 0., 0.], [0., 0., 1.]]])   # [B=1, T=3, d=3]: a, blank, b
+    >>> lp = prototype_log_probs(h, protos, temperature=0.1)
+    >>> greedy_ctc(lp[0])
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .metrics import char_accuracy, word_recall
+from .render import (
+    PhraseSets,
+    WordBox,
+    layout_targets,
+    render_blank,
+    render_phrase,
+    render_phrase_layout,
+    render_word_video,
+)
+
+__all__ = [
+    "Example",
+    "GraftConfig",
+    "ReadingVocab",
+    "TrainResult",
+    "ctc_posteriors",
+    "encode_examples",
+    "example_cells",
+    "greedy_ctc",
+    "prototype_log_probs",
+    "reading_loss",
+    "sample_classes",
+    "sample_examples",
+    "train_tower",
+]
+
+
+@dataclass(frozen=True)
+class GraftConfig:
+    """Tower size and training schedule. The defaults train on 2 CPU cores in under an hour."""
+
+    depth: int = 4
+    embed_dim: int = 192
+    num_heads: int = 4
+    mlp_ratio: int = 2
+    batch_size: int = 24
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    pull_weight: float = 1.0  # weight of the pull onto the aligned prototype
+    cell_weight: float = 1.0  # weight of the per-cell cross-entropy from the renderer's word boxes
+    temperature_frac: float = 0.2  # T = temperature_frac * mean ||P_k||^2
+    blank_frac: float = 0.08  # text-free images per batch
+    video_frac: float = 0.15  # word-per-frame clips per batch
+    max_width: int = 448
+    max_height: int = 224
+    heldout: int = 200
+    eval_every_s: float = 60.0
+    eval_items: int = 48
+    negatives: int = 1024  # classes per step besides the blank and the batch's labels (sampled softmax)
+
+
+@dataclass
+class ReadingVocab:
+    """Classes of the CTC head: 0 is the blank (space token's row), 1.. are LLM token ids."""
+
+    token_ids: list[int]  # class k >= 1 -> token_ids[k - 1]
+    blank_id: int | None  # the space token's id (its embedding is the blank prototype), None -> zero vector
+    index: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {t: k + 1 for k, t in enumerate(self.token_ids)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.token_ids) + 1
+
+    def labels(self, ids: Sequence[int]) -> list[int] | None:
+        """Class labels for LLM token ids; None when a token is outside the vocabulary."""
+        out = [self.index.get(int(t)) for t in ids]
+        return None if any(o is None for o in out) else out  # type: ignore[return-value]
+
+    def prototypes(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[C, d] prototypes from the LLM's input-embedding matrix [V, d] (float32, detached)."""
+        emb = embedding.detach().float()
+        blank = emb[self.blank_id] if self.blank_id is not None else torch.zeros(emb.shape[1])
+        return torch.cat([blank[None], emb[self.token_ids]], dim=0)
+
+
+def prototype_log_probs(h: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax_k(-||h - P_k||^2 / T): h [..., d], protos [C, d] -> [..., C].
+
+    ||h||^2 is common to every class, so it is dropped: logits = (2 h.P_k - ||P_k||^2) / T.
+    """
+    logits = (2.0 * h @ protos.T - protos.pow(2).sum(-1)) / temperature  # [..., C]
+    return logits.log_softmax(-1)
+
+
+def ctc_posteriors(log_probs: torch.Tensor, targets: list[list[int]], lengths: list[int]) -> torch.Tensor:
+    """gamma[b, t, k] = P(position t emits class k | labels), from CTC's forward-backward; [B, T, C], rows sum to 1.
+
+    PyTorch's CTC gradient with respect to log-softmax inputs is softmax - gamma, so gamma = softmax - gradient.
+    Rows of samples whose labels cannot fit (too few positions) are the plain softmax.
+    """
+    lp = log_probs.detach().clone().requires_grad_(True)
+    flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)
+    nll = F.ctc_loss(lp.transpose(0, 1), flat, torch.tensor(lengths), torch.tensor([len(t) for t in targets]),
+                     blank=0, reduction="sum", zero_infinity=True)
+    (grad,) = torch.autograd.grad(nll, lp)
+    gamma = lp.detach().exp() - grad
+    mask = torch.arange(lp.shape[1])[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+    return gamma.clamp_min(0.0) * mask[..., None]
+
+
+def reading_loss(h: torch.Tensor, lengths: list[int], targets: list[list[int]], protos: torch.Tensor,
+                 temperature: float, pull_weight: float, cell_targets: Sequence[list[int] | None] | None = None,
+                 cell_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """CTC over prototype classes + cell_weight * per-cell cross-entropy where the layout is known + pull_weight *
+    ||h - target||^2 / mean ||P||^2 at every valid position.
+
+    h [B, T, d] (padded), lengths: valid positions per row, targets: class labels per row (may be empty: no text).
+    cell_targets[b], when given and of length lengths[b], is the class of every cell of row b (from the renderer's
+    word boxes): the pull target there is that class's prototype; elsewhere it is the CTC posterior's expected
+    prototype.
+    """
+    mask_b = torch.arange(h.shape[1])[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+    lp = h.new_zeros(h.shape[0], h.shape[1], protos.shape[0])  # [B, T, C]; padding stays 0 (CTC ignores it)
+    lp[mask_b] = prototype_log_probs(h[mask_b], protos, temperature)  # only valid positions pay the product
+    flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)
+    ctc = F.ctc_loss(lp.transpose(0, 1), flat, torch.tensor(lengths), torch.tensor([len(t) for t in targets]),
+                     blank=0, reduction="mean", zero_infinity=True)
+    gamma = ctc_posteriors(lp, targets, lengths)  # [B, T, C]
+    known = torch.zeros(h.shape[0], h.shape[1], dtype=torch.bool)  # [B, T] cells with a layout target
+    cell_cls = torch.zeros(h.shape[0], h.shape[1], dtype=torch.long)
+    for b, ct in enumerate(cell_targets or []):
+        if ct is not None and len(ct) == lengths[b]:
+            known[b, :lengths[b]] = True
+            cell_cls[b, :lengths[b]] = torch.tensor(ct, dtype=torch.long)
+    hard = F.one_hot(cell_cls, protos.shape[0]).to(gamma.dtype)
+    gamma = torch.where(known[..., None], hard, gamma)
+    target_vec = gamma @ protos  # [B, T, d]
+    mask = mask_b.float()  # [B, T]
+    scale = protos.pow(2).sum(-1).mean()
+    pull = ((h - target_vec).pow(2).sum(-1) * mask).sum() / mask.sum().clamp_min(1.0) / scale
+    if known.any():
+        # Most cells are blank: average text cells and blank cells separately, or predicting blank everywhere wins.
+        nll = -lp[known].gather(1, cell_cls[known][:, None]).squeeze(1)  # [K]
+        is_text = cell_cls[known] != 0
+        cell = nll[is_text].mean() if is_text.any() else h.sum() * 0.0
+        if (~is_text).any():
+            cell = cell + 0.5 * nll[~is_text].mean()
+    else:
+        cell = h.sum() * 0.0
+    loss = ctc + cell_weight * cell + pull_weight * pull
+    return loss, {"ctc": float(ctc.detach()), "cell": float(cell.detach()), "pull": float(pull.detach())}
+
+
+def sample_classes(targets: list[list[int]], num_classes: int, negatives: int, gen: torch.Generator) -> torch.Tensor:
+    """Class ids for one step: the blank (0, first), every label in the batch, and `negatives` random others.
+
+    CTC over all of an LLM's word tokens costs a [positions x vocabulary x d] product per step; a sampled subset keeps
+    every correct class and a fresh set of competitors each step (sampled softmax), about 5x cheaper at 10k tokens.
+    """
+    used = sorted({c for t in targets for c in t} - {0})
+    if negatives <= 0 or len(used) + negatives >= num_classes - 1:
+        return torch.arange(num_classes)
+    mask = torch.ones(num_classes, dtype=torch.bool)
+    mask[0] = False
+    mask[used] = False
+    pool = mask.nonzero().squeeze(1)
+    neg = pool[torch.randperm(len(pool), generator=gen)[:negatives]]
+    return torch.cat([torch.tensor([0] + used, dtype=torch.long), neg.sort().values])
+
+
+def greedy_ctc(log_probs: torch.Tensor) -> list[int]:
+    """Best-path decoding of one row [T, C]: argmax, collapse repeats, drop blanks (class 0)."""
+    best = log_probs.argmax(-1).tolist()
+    out, prev = [], 0
+    for c in best:
+        if c != prev and c != 0:
+            out.append(c)
+        prev = c
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered input and its text ('' for a text-free image). Exactly one of image / frames is set."""
+
+    text: str
+    image: Image.Image | None = None
+    frames: tuple[Image.Image, ...] | None = None
+    boxes: tuple[WordBox, ...] | None = None  # where each word was drawn (text images only)
+
+
+def sample_examples(phrases: PhraseSets, rng: random.Random, n: int, cfg: GraftConfig) -> list[Example]:
+    """`n` training examples: text images, a few text-free images and a few word-per-frame clips."""
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < cfg.blank_frac:
+            out.append(Example("", image=render_blank(rng, cfg.max_width, cfg.max_height)))
+        elif r < cfg.blank_frac + cfg.video_frac:
+            text = phrases.train_phrase(rng, max_words=8)
+            out.append(Example(text, frames=tuple(render_word_video(text, rng))))
+        else:
+            text = phrases.train_phrase(rng)
+            img, boxes = render_phrase_layout(text, rng, cfg.max_width, cfg.max_height)
+            out.append(Example(text, image=img, boxes=tuple(boxes)))
+    return out
+
+
+def encode_examples(processor, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel patches and grids for the tower, images first then videos, through the graft's own processors.
+
+    Returns (pixel_values [N_patches, C*t*p*p], grid_thw [n, 3]) in the order of `examples` sorted images-first;
+    callers use `order(examples)` to match.
+    """
+    images = [e.image for e in examples if e.image is not None]
+    videos = [list(e.frames) for e in examples if e.frames is not None]
+    pix, grids = [], []
+    if images:
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        pix.append(enc["pixel_values"])
+        grids.append(enc["image_grid_thw"])
+    if videos:
+        enc = processor.video_processor(videos=videos, return_tensors="pt")
+        pix.append(enc["pixel_values_videos"])
+        grids.append(enc["video_grid_thw"])
+    return torch.cat(pix), torch.cat(grids)
+
+
+def example_cells(e: Example, tokenizer, vocab: ReadingVocab) -> list[int] | None:
+    """Per-cell classes of a text image from its word boxes (see `render.layout_targets`), blanks elsewhere;
+    None for videos, text-free images, out-of-vocabulary words or layouts that do not fit cell by cell."""
+    if e.image is None or not e.boxes:
+        return None
+    words = []
+    for k, box in enumerate(e.boxes):
+        ids = tokenizer(box.word if k == 0 else " " + box.word, add_special_tokens=False)["input_ids"]
+        lab = vocab.labels(ids)
+        if lab is None:
+            return None
+        words.append(lab)
+    return layout_targets(words, e.boxes, e.image.width, e.image.height, blank=0)
+
+
+def order(examples: Sequence[Example]) -> list[Example]:
+    """Examples in the order `encode_examples` emits them (images, then videos)."""
+    return [e for e in examples if e.image is not None] + [e for e in examples if e.frames is not None]
+
+
+def tower_outputs(tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Merged tokens per input, padded: ([B, T_max, d], lengths). Each input's tokens in the LLM's order."""
+    merged = tower(pixel_values, grid_thw=grid_thw).pooler_output  # [sum T_i, d]
+    m = tower.spatial_merge_size ** 2
+    lengths = (grid_thw.prod(-1) // m).tolist()
+    parts = torch.split(merged, lengths)
+    return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True), lengths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loop
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict]  # one row per evaluation: step, seconds, loss, ctc, pull, read_recall, read_char
+    config: dict
+
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _lr_factor(frac: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def evaluate_reading(tower, processor, vocab: ReadingVocab, protos: torch.Tensor, temperature: float, tokenizer,
+                     examples: Sequence[Example]) -> tuple[float, float, list[str]]:
+    """Mean word recall and character accuracy of greedy CTC reads (no LLM), and the reads themselves."""
+    reads: list[str] = []
+    refs: list[str] = []
+    tower.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), 16):
+            chunk = order(examples[i:i + 16])
+            pix, grid = encode_examples(processor, chunk)
+            h, lengths = tower_outputs(tower, pix, grid)
+            lp = prototype_log_probs(h, protos, temperature)
+            for b, e in enumerate(chunk):
+                classes = greedy_ctc(lp[b, :lengths[b]])
+                reads.append(tokenizer.decode([vocab.token_ids[c - 1] for c in classes]))
+                refs.append(e.text)
+    tower.train()
+    rec = sum(word_recall(r, p) for r, p in zip(refs, reads, strict=True)) / max(1, len(refs))
+    acc = sum(char_accuracy(r, p) for r, p in zip(refs, reads, strict=True)) / max(1, len(refs))
+    return rec, acc, reads
+
+
+def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: ReadingVocab, phrases: PhraseSets,
+                cfg: GraftConfig, seed: int = 0, minutes: float = 60.0, steps: int | None = None,
+                progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `tower` in place until `minutes` pass or `steps` are done, whichever comes first.
+
+    The LLM never runs; `embedding` (the LLM's input-embedding matrix) is only read. The learning-rate schedule follows
+    the step count when `steps` is given (then a seed gives the same weights on any machine), else elapsed time.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(f"train-{seed}")
+    protos = vocab.prototypes(embedding)  # [C, d]
+    temperature = cfg.temperature_frac * float(protos.pow(2).sum(-1).mean())
+    opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    held_rng = random.Random(f"heldout-render-{seed}")
+    held = [Example(p, image=render_phrase(p, held_rng, cfg.max_width, cfg.max_height))
+            for p in phrases.heldout[:cfg.eval_items]]
+    budget = minutes * 60.0
+    t0 = time.time()
+    history: list[dict] = []
+    last_eval = t0
+    step = 0
+    run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+    tower.train()
+    while True:
+        elapsed = time.time() - t0
+        if (steps is not None and step >= steps) or elapsed >= budget:
+            break
+        frac = step / steps if steps else elapsed / budget
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(frac, step, cfg.warmup_steps)
+        batch = order(sample_examples(phrases, rng, cfg.batch_size, cfg))
+        targets, cells, keep = [], [], []
+        for e in batch:
+            lab = vocab.labels(tokenizer(e.text, add_special_tokens=False)["input_ids"]) if e.text else []
+            if lab is not None:
+                targets.append(lab)
+                cells.append(example_cells(e, tokenizer, vocab))
+                keep.append(e)
+        if not keep:
+            step += 1
+            continue
+        pix, grid = encode_examples(processor, keep)
+        h, lengths = tower_outputs(tower, pix, grid)
+        classes = sample_classes(targets + [c for c in cells if c], protos.shape[0], cfg.negatives, gen)
+        local = {int(c): i for i, c in enumerate(classes.tolist())}
+        sub_targets = [[local[c] for c in t] for t in targets]
+        sub_cells = [[local[c] for c in ct] if ct else None for ct in cells]
+        loss, parts = reading_loss(h, lengths, sub_targets, protos[classes], temperature, cfg.pull_weight,
+                                   sub_cells, cfg.cell_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run["loss"] += float(loss.detach())
+        run["ctc"] += parts["ctc"]
+        run["pull"] += parts["pull"]
+        run["cell"] += parts["cell"]
+        run["n"] += 1
+        now = time.time()
+        done = (steps is not None and step >= steps) or now - t0 >= budget
+        if now - last_eval >= cfg.eval_every_s or done:
+            rec, acc, _ = evaluate_reading(tower, processor, vocab, protos, temperature, tokenizer, held)
+            n = max(1, run["n"])
+            row = {"step": step, "seconds": round(now - t0, 1), "loss": run["loss"] / n, "ctc": run["ctc"] / n,
+                   "cell": run["cell"] / n, "pull": run["pull"] / n, "read_recall": rec, "read_char": acc,
+                   "lr": opt.param_groups[0]["lr"]}
+            history.append(row)
+            run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+            last_eval = time.time()
+            if progress:
+                progress(row | {"budget_s": budget, "steps_total": steps})
+    tower.eval()
+    return TrainResult(steps=step, seconds=time.time() - t0, history=history,
+                       config=asdict(cfg) | {"seed": seed, "minutes": minutes, "max_steps": steps,
+                                             "temperature": temperature})
