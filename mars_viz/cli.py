@@ -269,6 +269,12 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_graft(args) -> int:
+    from .graft.cli import run
+
+    return run(args)
+
+
 def _cmd_app(args) -> int:
     from .ui.launch import launch
 
@@ -370,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("graft", help="train a reading vision tower for a Qwen2 chat LLM; saves a Qwen2-VL lab model")
+    p.add_argument("--llm", required=True, help="Qwen2-family chat LLM: local folder or hub id (kept frozen)")
+    p.add_argument("--out", required=True, help="folder for the Qwen2-VL checkpoint + processor")
+    p.add_argument("--minutes", type=float, default=60.0, help="training time budget (default 60)")
+    p.add_argument("--steps", type=int, help="stop after this many steps too (a seed then gives the same weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's; 1 is faster on a busy CPU)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_graft)
 
     p = sub.add_parser("app", help="launch the dashboard (same as python app.py)")
     from .ui.launch import add_app_args
