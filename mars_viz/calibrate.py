@@ -10,7 +10,9 @@ Steps (our formulation of MARS; README, "The formulation"):
   5. layer scores (separability, consistency, steerability, misalignment) and the two layers: the detection layer
      (best held-out separability: where the gate reads) and the push layer (best consistency x steerability among
      layers whose separability reaches 90% of the best);
-  6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level.
+  6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level;
+  7. for the "Where in the input" maps: per-position offsets of the neutral inputs at the detection layer
+     (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted).
 
 Example:
     >>> state = calibrate(backbone, MarsConfig(max_prompts=64), progress=print)   # doctest: +SKIP
