@@ -31,7 +31,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ import torch
 from .steering import Plan, SteerOptions, gate_scores, plan
 
 __all__ = ["Grid", "InputMap", "LayoutSpec", "build_input_map", "input_map", "layout_grids", "layout_spec",
-           "map_csv", "neutral_position_offsets", "position_scores"]
+           "map_csv", "neutral_position_offsets", "position_scores", "rescore"]
 
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1 of the source image
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
@@ -95,6 +95,9 @@ class InputMap:
     grids: list[Grid]
     offset_source: str  # "per-position", "mean modality offset" or "none"
     notes: list[str] = field(default_factory=list)
+    modality: str = "text"  # the input's modality (text positions are re-centred by its offset, as the gate does)
+    layout_notes: list[str] = field(default_factory=list)  # the layout's own notes (kept when re-scored)
+    h: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [T, d] the residuals scored
 
     @property
     def exact(self) -> bool:
@@ -528,9 +531,24 @@ def build_input_map(spec: LayoutSpec, decode: Callable[[int], str], state, optio
     scores, source, more = position_scores(state, options, h, kinds, grids, query.modality)
     for g in grids:
         g.scores = np.where(g.positions >= 0, scores[np.clip(g.positions, 0, None)], np.nan)
+    layout_notes = list(dict.fromkeys(notes + [g.note for g in grids if not g.exact and g.note]))
     return InputMap(layer=plan(state, options).detect_layer, recenter=options.recenter,
                     tokens=[decode(t) for t in ids], kinds=kinds, scores=scores, grids=grids, offset_source=source,
-                    notes=list(dict.fromkeys(notes + more + [g.note for g in grids if not g.exact and g.note])))
+                    notes=list(dict.fromkeys(layout_notes + more)), modality=query.modality,
+                    layout_notes=layout_notes, h=h.detach().float().cpu())
+
+
+def rescore(state, m: InputMap, options: SteerOptions) -> InputMap:
+    """The same map scored with other options (re-centring on / off), from its kept residuals: no model call."""
+    if m.h is None:
+        raise ValueError("this map kept no residuals: run the input again")
+    if plan(state, options).detect_layer != m.layer:
+        raise ValueError(f"the map was captured at layer {m.layer}: run the input again to map another layer")
+    scores, source, more = position_scores(state, options, m.h, m.kinds, m.grids, m.modality)
+    grids = [replace(g, scores=np.where(g.positions >= 0, scores[np.clip(g.positions, 0, None)], np.nan))
+             for g in m.grids]
+    return replace(m, recenter=options.recenter, scores=scores, grids=grids, offset_source=source,
+                   notes=list(dict.fromkeys(m.layout_notes + more)))
 
 
 def input_map(backbone, state, options: SteerOptions, query, seq: dict) -> InputMap:

@@ -166,24 +166,33 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
     return figs, view
 
 
-def _map_title(analysis: Analysis) -> str:
-    m, q = analysis.input_map, analysis.query
+def _map_title(analysis: Analysis, m) -> str:
+    q = analysis.query
     where = "image" + ("s" if len(q.images) > 1 else "") if q.images else "video's sampled frames"
     how = (f"re-centred ({m.offset_source} offsets)" if m.recenter else "raw, not re-centred")
     return f"Where in the {where}: each token's unsafety score at layer {m.layer}, {how}"
 
 
-def map_figures(analysis: Analysis | None) -> dict[str, go.Figure]:
+def map_figures(analysis: Analysis | None, state: MarsState | None = None,
+                recenter: bool | None = None) -> dict[str, go.Figure]:
     """"Where in the input" for the current analysis: `map_image` (the heatmap over the image, or over each sampled
-    frame of a video) and `map_tokens` (the prompt's tokens coloured by score); {} when it has no map."""
+    frame of a video) and `map_tokens` (the prompt's tokens coloured by score); {} when it has no map.
+
+    `recenter` (with `state`) re-scores the map from its kept residuals with re-centring on or off (no model call);
+    None shows it as the Run computed it."""
     if analysis is None or analysis.input_map is None:
         return {}
     m, q = analysis.input_map, analysis.query
-    out = {"map_tokens": MP.token_strip_figure(m, f"The prompt, token by token: score at layer {m.layer} "
+    if recenter is not None and recenter != m.recenter:
+        from .maps import rescore as rescore_map
+
+        m = rescore_map(state, m, replace(analysis.options, recenter=recenter))
+    how = "re-centred" if m.recenter else "raw"
+    out = {"map_tokens": MP.token_strip_figure(m, f"The prompt, token by token: {how} score at layer {m.layer} "
                                                   "(media runs collapsed to their mean)")}
     panels = MP.map_panels(m, q.images, q.video or (), analysis.frame_indices)
     if panels:
-        out["map_image"] = MP.overlay_figure(panels, _map_title(analysis), notes=m.notes)
+        out["map_image"] = MP.overlay_figure(panels, _map_title(analysis, m), notes=m.notes)
     return out
 
 

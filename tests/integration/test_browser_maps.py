@@ -72,6 +72,9 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.locator("#plot_map_image .hoverlayer").get_by_text(re.compile(r"unsafety score -?\d")).first.wait_for(
         timeout=10_000)
+    page.locator("#map_raw").click()  # re-scored from the kept residuals, no re-run
+    page.wait_for_function(f"() => ({_DRAWN})('plot_map_image').title.includes('raw, not re-centred')",
+                           timeout=30_000)
     page.locator("#occlusion").click()
     occl = _drawn(page, "plot_occlusion", 1)
     assert "Occlusion" in occl["title"]

@@ -137,10 +137,14 @@ def test_export_zip_has_html_csv_json(client):
         assert len(z.read("plotly.min.js")) > 1_000_000
 
 
-def test_occlusion_check_on_demand(client):
+def test_occlusion_check_and_map_views_on_demand(client):
     explore(client)
     fig = client.predict(api_name="/occlusion")
     assert "heatmap" in str(fig) and "Occlusion" in str(fig)
+    image, tokens = client.predict(api_name="/map_raw")
+    assert "raw, not re-centred" in str(image) and "raw score" in str(tokens)
+    image, tokens = client.predict(api_name="/map_recentred")
+    assert "re-centred (per-position offsets)" in str(image)
     explore(client, image=None, prompt="Tell me a story")
     with pytest.raises(Exception, match="image or a video"):
         client.predict(api_name="/occlusion")

@@ -15,7 +15,7 @@ from mars_viz.analysis import analyze_stream
 from mars_viz.backbone import load_backbone
 from mars_viz.hooks import capture_sequence, count_hooks
 from mars_viz.inputs import Query, build_batch
-from mars_viz.maps import layout_grids, layout_spec
+from mars_viz.maps import layout_grids, layout_spec, rescore
 from mars_viz.media import neutral_video
 from mars_viz.state import MarsState
 from mars_viz.steering import SteerOptions, plan
@@ -305,6 +305,9 @@ def test_recentring_switch_and_old_state_fallback(tiny_backbones, fitted, tmp_pa
     media = [i for i, k in enumerate(on.kinds) if k == "image"]
     assert off.offset_source == "none" and on.offset_source == "per-position"
     assert not np.allclose(on.scores[media], off.scores[media])
+    # the page's "raw" / "re-centred" buttons re-score the kept residuals: the same as running with that setting
+    assert np.allclose(rescore(state, on, SteerOptions(recenter=False)).scores, off.scores, rtol=0, atol=1e-9)
+    assert np.allclose(rescore(state, off, SteerOptions()).scores, on.scores, rtol=0, atol=1e-9)
     # an old state (no per-position statistics) still loads and maps, re-centring by the mean modality offset
     from dataclasses import replace
     old = replace(state, diagnostics=replace(state.diagnostics, map_layer=None, map_cells={}, map_tokens={}))
