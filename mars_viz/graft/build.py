@@ -242,6 +242,9 @@ def graft(llm: str, out: str | Path, minutes: float = 60.0, seed: int = 0, steps
     torch.manual_seed(seed)
     tower = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**config.vision_config.to_dict()))
     tower.float()
+    with torch.no_grad():  # start the merger's output near zero, i.e. near the embedding scale, not 10x above it
+        tower.merger.mlp[2].weight.mul_(0.1)
+        tower.merger.mlp[2].bias.zero_()
     result = train_tower(tower, processor, tokenizer, embedding, vocab, phrases, cfg, seed=seed, minutes=minutes,
                          steps=steps, progress=progress)
 

@@ -66,12 +66,12 @@ class GraftConfig:
     num_heads: int = 4
     mlp_ratio: int = 2
     batch_size: int = 24
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     pull_weight: float = 1.0  # weight of the pull onto the aligned prototype
     cell_weight: float = 1.0  # weight of the per-cell cross-entropy from the renderer's word boxes
-    temperature_frac: float = 0.2  # T = temperature_frac * mean ||P_k||^2
+    temperature_frac: float = 1.0  # initial T = temperature_frac * mean ||P_k||^2; T is learned from there
     blank_frac: float = 0.08  # text-free images per batch
     video_frac: float = 0.15  # word-per-frame clips per batch
     max_width: int = 448
@@ -109,7 +109,7 @@ class ReadingVocab:
         return torch.cat([blank[None], emb[self.token_ids]], dim=0)
 
 
-def prototype_log_probs(h: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
+def prototype_log_probs(h: torch.Tensor, protos: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """log softmax_k(-||h - P_k||^2 / T): h [..., d], protos [C, d] -> [..., C].
 
     ||h||^2 is common to every class, so it is dropped: logits = (2 h.P_k - ||P_k||^2) / T.
@@ -135,7 +135,8 @@ def ctc_posteriors(log_probs: torch.Tensor, targets: list[list[int]], lengths: l
 
 
 def reading_loss(h: torch.Tensor, lengths: list[int], targets: list[list[int]], protos: torch.Tensor,
-                 temperature: float, pull_weight: float, cell_targets: Sequence[list[int] | None] | None = None,
+                 temperature: float | torch.Tensor, pull_weight: float,
+                 cell_targets: Sequence[list[int] | None] | None = None,
                  cell_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """CTC over prototype classes + cell_weight * per-cell cross-entropy where the layout is known + pull_weight *
     ||h - target||^2 / mean ||P||^2 at every valid position.
@@ -339,8 +340,16 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
     torch.manual_seed(seed)
     rng = random.Random(f"train-{seed}")
     protos = vocab.prototypes(embedding)  # [C, d]
-    temperature = cfg.temperature_frac * float(protos.pow(2).sum(-1).mean())
-    opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t0_value = cfg.temperature_frac * float(protos.pow(2).sum(-1).mean())
+    # A learned temperature: soft at first (a fixed sharp one made the untrained tower confidently wrong), sharper
+    # as the tower learns; floored at 1/50 of the start.
+    log_temp = torch.nn.Parameter(torch.tensor(math.log(t0_value)))
+    opt = torch.optim.AdamW([{"params": list(tower.parameters())},
+                             {"params": [log_temp], "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def temp() -> torch.Tensor:
+        return log_temp.exp().clamp_min(t0_value / 50)
+
     gen = torch.Generator().manual_seed(seed)
     held_rng = random.Random(f"heldout-render-{seed}")
     held = [Example(p, image=render_phrase(p, held_rng, cfg.max_width, cfg.max_height))
@@ -376,7 +385,7 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
         local = {int(c): i for i, c in enumerate(classes.tolist())}
         sub_targets = [[local[c] for c in t] for t in targets]
         sub_cells = [[local[c] for c in ct] if ct else None for ct in cells]
-        loss, parts = reading_loss(h, lengths, sub_targets, protos[classes], temperature, cfg.pull_weight,
+        loss, parts = reading_loss(h, lengths, sub_targets, protos[classes], temp(), cfg.pull_weight,
                                    sub_cells, cfg.cell_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,11 +400,11 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
         now = time.time()
         done = (steps is not None and step >= steps) or now - t0 >= budget
         if now - last_eval >= cfg.eval_every_s or done:
-            rec, acc, _ = evaluate_reading(tower, processor, vocab, protos, temperature, tokenizer, held)
+            rec, acc, _ = evaluate_reading(tower, processor, vocab, protos, float(temp()), tokenizer, held)
             n = max(1, run["n"])
             row = {"step": step, "seconds": round(now - t0, 1), "loss": run["loss"] / n, "ctc": run["ctc"] / n,
                    "cell": run["cell"] / n, "pull": run["pull"] / n, "read_recall": rec, "read_char": acc,
-                   "lr": opt.param_groups[0]["lr"]}
+                   "lr": opt.param_groups[0]["lr"], "temperature": float(temp())}
             history.append(row)
             run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
             last_eval = time.time()
@@ -404,4 +413,4 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
     tower.eval()
     return TrainResult(steps=step, seconds=time.time() - t0, history=history,
                        config=asdict(cfg) | {"seed": seed, "minutes": minutes, "max_steps": steps,
-                                             "temperature": temperature})
+                                             "temperature": float(temp())})
