@@ -142,12 +142,12 @@ def _runs(m: InputMap) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _token_cells(m: InputMap) -> list[tuple[str, float, str]]:
+def _token_cells(m: InputMap, newline: str = "⏎") -> list[tuple[str, float, str]]:
     cells = []
     for kind, pos in _runs(m):
         if kind == "text":
             tok = m.tokens[pos[0]]
-            shown = tok.replace("\n", "⏎").replace(" ", "·") or "∅"
+            shown = tok.replace("\n", newline).replace(" ", "·") or "∅"
             cells.append((shown, float(m.scores[pos[0]]), f"position {pos[0]}: {tok!r}"))
         else:
             cells.append((f"[{kind} ×{len(pos)}]", float(np.mean(m.scores[pos])),
@@ -233,7 +233,7 @@ def token_strip_png(m: InputMap, width: int = 900) -> bytes:
     """PNG of the token strip: tokens in reading order on their score colour, wrapped, with the scale below."""
     font = ImageFont.load_default()
     half = score_range(m.scores)
-    cells = _token_cells(m)
+    cells = _token_cells(m, newline="\\n")  # Pillow's default font has no "⏎"
     x, y, line = 6, 6, 18
     placed = []
     for shown, s, _ in cells:
