@@ -345,3 +345,31 @@ def test_input_map_from_a_text_prompt_is_all_text(tiny_backbones, fitted):
     assert m.grids == [] and set(m.kinds) == {"text"} and len(m.tokens) == len(m.scores)
     assert m.scores[-1] == pytest.approx(a.result.score_gate, abs=1e-6)
     assert "".join(m.tokens).endswith("assistant")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision", "gemma3"])
+def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backbones, fitted):
+    """What the per-position offsets mean: re-centred, the fit's own neutral images average 0 (the safe centroid's
+    score) in every cell of every view, however far their raw scores are from it."""
+    from mars_viz.calibrate import split_sets
+    from mars_viz.maps import capture_prompt_positions, input_map
+    from mars_viz.media import neutral_images
+
+    bb, state = tiny_backbones(arch), fitted(arch)
+    cfg = state.config
+    prompts = split_sets(cfg)["s_fit"][: cfg.neutral_prompts][: cfg.map_neutral]
+    images = neutral_images(cfg.k_neutral, seed=cfg.seed, size=cfg.neutral_size)
+    opts = SteerOptions()
+    by_view: dict[str, list[np.ndarray]] = {}
+    raw: list[float] = []
+    for i, p in enumerate(prompts):
+        q = Query(p, images=(images[i % len(images)],))
+        seq = capture_prompt_positions(bb, q, [state.detect_layer])
+        for g in input_map(bb, state, opts, q, seq).grids:
+            by_view.setdefault(g.view, []).append(g.scores)
+        m_raw = input_map(bb, state, SteerOptions(recenter=False), q, seq)
+        raw += [float(s) for s, k in zip(m_raw.scores, m_raw.kinds, strict=True) if k == "image"]
+    assert by_view and len(prompts) >= 2
+    for view, grids in by_view.items():
+        assert np.allclose(np.mean(grids, axis=0), 0.0, atol=1e-4), view
+    assert max(abs(v) for v in raw) > 0.01  # the raw scores were not already 0: the offsets did the work
