@@ -172,6 +172,13 @@ def _onevision_trace(model) -> Callable[[dict, int], list[np.ndarray]]:
     return trace
 
 
+def _size(d, key: str):
+    """A processor size field (`dict` or transformers' `SizeDict`), None when absent."""
+    if d is None:
+        return None
+    return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+
 def layout_spec(backbone) -> LayoutSpec:
     """The layout facts of a loaded `Backbone` (the only transformers-specific part of the maps)."""
     mt, cfg, proc = backbone.model_type, backbone.model.config, backbone.processor
@@ -188,8 +195,10 @@ def layout_spec(backbone) -> LayoutSpec:
     if mt == "llava":
         ip = proc.image_processor
         crop = None
-        if getattr(ip, "do_center_crop", False) and "shortest_edge" in (ip.size or {}):
-            crop = (int(ip.size["shortest_edge"]), int(ip.crop_size["width"]), int(ip.crop_size["height"]))
+        edge = _size(getattr(ip, "size", None), "shortest_edge")
+        cw, ch = (_size(getattr(ip, "crop_size", None), k) for k in ("width", "height"))
+        if getattr(ip, "do_center_crop", False) and edge and cw and ch:
+            crop = (int(edge), int(cw), int(ch))
         return LayoutSpec("llava", crop=crop, **base)
     if mt == "llava_onevision":
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size

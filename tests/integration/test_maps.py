@@ -101,6 +101,8 @@ def test_grid_shapes_match_the_processor_token_counts(arch, case, tiny_backbones
     if expected is not None:
         got = [(g.view, g.shape) for g in grids if g.view not in ("tiles",)]
         assert got == expected
+    if arch == "llava" and case == "one image":  # 100 x 60, shortest edge to 28, centre crop 28 x 28
+        assert grids[0].box == pytest.approx((0.2, 0.0, 0.8, 1.0))
     if q.video:
         frames = sorted({f for g in grids for f in g.frames})
         assert frames == list(range(len(q.video)))
