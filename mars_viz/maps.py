@@ -299,6 +299,8 @@ def _llava(spec: LayoutSpec, img: list[int], n_images: int, sizes: list[tuple[in
 
 def _gemma3(img: list[int], n_images: int, kind: str):
     runs = _runs(img)
+    if len(runs) > n_images > 1:  # pan-and-scan crops of several images: which crops belong to which is not kept
+        return None
     grids = []
     for i, r in enumerate(runs):
         s = _square(len(r))

@@ -171,3 +171,10 @@ def test_occlusion_of_a_video_covers_whole_frames():
     grids = occlusion_grids(res)
     assert [g.frames for g in grids] == [(0,), (1,), (2,)]
     assert [float(g.scores[0, 0]) for g in grids] == [1.0, 0.0, 0.0]
+
+
+def test_gemma3_crops_of_several_images_are_not_guessed():
+    spec = LayoutSpec("gemma3", "gemma3", IMG)
+    ids = _ids((T, 1), (IMG, 4), (T, 1), (IMG, 4), (T, 1), (IMG, 4), (T, 1))
+    grids, notes = layout_grids(spec, ids, {}, 2, 0)  # 3 runs for 2 images: a crop, but of which image?
+    assert all(g.view == "sequence" and not g.exact for g in grids) and "does not match" in notes[0]
