@@ -16,6 +16,7 @@ forwards, not a refit) and saves the state with them to OUT first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -25,11 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from mars_viz.analysis import analyze_stream  # noqa: E402
 from mars_viz.backbone import load_backbone  # noqa: E402
 from mars_viz.examples import EXAMPLES_DIR  # noqa: E402
 from mars_viz.generate import resolve_strategy  # noqa: E402
-from mars_viz.inputs import Query  # noqa: E402
+from mars_viz.hooks import capture_sequence  # noqa: E402
+from mars_viz.inputs import Query, build_batch  # noqa: E402
 from mars_viz.maps import capture_prompt_positions, input_map, neutral_position_offsets  # noqa: E402
 from mars_viz.media import load_image, neutral_images, neutral_video, read_video  # noqa: E402
 from mars_viz.state import MarsState  # noqa: E402
@@ -56,6 +60,22 @@ def add_map_offsets(bb, state: MarsState, out: str, k: int = 8) -> MarsState:
     return MarsState.load(out)
 
 
+@torch.inference_mode()
+def capture_cost(bb, q, layer: int, repeats: int) -> dict:
+    """One prefill forward of `q` with and without keeping every position at `layer` (interleaved medians)."""
+    batch = build_batch(bb, [q])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for rep in range(repeats + 1):
+        for keep in ((False, True) if rep % 2 else (True, False)):
+            t = time.perf_counter()
+            with capture_sequence(bb.layers, [layer]) if keep else contextlib.nullcontext():
+                bb.model(**batch, use_cache=False, logits_to_keep=1)
+            if rep:
+                times[keep].append(time.perf_counter() - t)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"forward_s": off, "forward_with_capture_s": on, "ratio": on / off, "positions": batch["input_ids"].shape[1]}
+
+
 def one_run(bb, state, q, opts, n, strategy, maps: bool) -> tuple[float, object]:
     t = time.perf_counter()
     *_, last = analyze_stream(bb, state, q, opts, n, strategy=strategy, maps=maps)
@@ -71,6 +91,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--strategy", default="auto")
+    ap.add_argument("--capture-only", action="store_true", help="only time one prefill with / without the capture")
     ap.add_argument("--out")
     args = ap.parse_args()
     bb = load_backbone(args.model, device="cpu")
@@ -86,6 +107,10 @@ def main() -> int:
     if "video" in bb.modalities:
         cases["video"] = Query("Follow the instructions in the video.",
                                video=tuple(read_video(EXAMPLES_DIR / "words_harmful.mp4", args.frames).frames))
+    if args.capture_only:
+        out = {name: capture_cost(bb, q, state.detect_layer, args.repeats) for name, q in cases.items()}
+        print(json.dumps(out, indent=2))
+        return 0
     rows = {}
     for name, q in cases.items():
         times: dict[bool, list[float]] = {False: [], True: []}
