@@ -63,6 +63,24 @@ def reading(bb, phrases: list[str], max_new_tokens: int, seed: int = 1234) -> di
                          for p, a, r in list(zip(phrases, answers, rec, strict=True))[:12]]}
 
 
+def tower_reading(bb, record: dict, phrases: list[str], seed: int = 1234) -> dict:
+    """The tower alone (greedy CTC over the LLM's embedding rows, no LLM): separates 'cannot see' from 'cannot say'."""
+    from mars_viz.graft.build import banned_texts, reading_vocab, word_pool
+    from mars_viz.graft.train import Example, evaluate_reading
+
+    tok = bb.tokenizer
+    words = word_pool(tok, limit=record.get("word_limit", 1500), extra=banned_texts())
+    vocab = reading_vocab(tok, words, record["heldout_phrases"])
+    protos = vocab.prototypes(bb.model.get_input_embeddings().weight)
+    rng = random.Random(f"bench-{seed}")
+    examples = [Example(p, image=render_phrase(p, rng)) for p in phrases]
+    tower = bb.model.model.visual
+    rec, acc, reads = evaluate_reading(tower, bb.processor, vocab, protos.to(bb.dtype),
+                                       float(record["config"]["temperature"]), tok, examples)
+    return {"n": len(phrases), "word_recall": rec, "char_accuracy": acc,
+            "examples": [{"phrase": p, "read": r} for p, r in list(zip(phrases, reads, strict=True))[:6]]}
+
+
 def video_reading(bb, phrases: list[str], max_new_tokens: int, seed: int = 4321) -> dict:
     rng = random.Random(f"bench-video-{seed}")
     short = [" ".join(p.split()[:8]) for p in phrases]
@@ -159,6 +177,10 @@ def main() -> int:
 
     held = record["heldout_phrases"]
     if not args.skip_reading:
+        out["reading_tower_only"] = tower_reading(bb, record, held[:args.n])
+        dump()
+        print(json.dumps({k: out["reading_tower_only"][k] for k in ("n", "word_recall", "char_accuracy")}),
+              file=sys.stderr, flush=True)
         out["reading_image"] = reading(bb, held[:args.n], args.max_new_tokens)
         out["seconds_reading"] = round(time.time() - t0, 1)
         dump()

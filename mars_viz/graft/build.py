@@ -262,6 +262,7 @@ def graft(llm: str, out: str | Path, minutes: float = 60.0, seed: int = 0, steps
         "final": result.last(),
         "history": result.history,
         "words": len(phrases.words),
+        "word_limit": word_limit,
         "vocab_tokens": len(vocab.token_ids),
         "blank_token_id": vocab.blank_id,
         "banned_ngrams": len(phrases.banned),
