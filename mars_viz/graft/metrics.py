@@ -4,8 +4,8 @@ Both compare normalised text (lower case, punctuation dropped, words joined by o
 "green river" match.
 
 Example:
-    >>> word_recall("the old bridge", "The image shows an old bridge.")
-    0.6666666666666666
+    >>> word_recall("the old stone bridge", "The image shows an old bridge.")
+    0.75
     >>> round(char_accuracy("old bridge", "old bridges"), 2)
     0.9
 """

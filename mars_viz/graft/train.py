@@ -3,10 +3,12 @@
 The objective needs no LLM forward pass. Every merged vision token h_t (the merger's output, [d_llm]) is classified
 against *prototypes*: the LLM's own input-embedding rows of the training vocabulary's tokens, plus a blank whose
 prototype is the embedding of the space token (a filler the LLM reads past; measured below, zero vectors were worse).
-The classifier is the nearest-prototype rule, logit_k = -||h - P_k||^2 / T, so CTC both aligns tokens to positions
-and moves h toward the right row. A second term pulls h onto its aligned prototype itself (the CTC posterior's
-expected prototype), so that the LLM receives, in the image slot, vectors that *are* its word embeddings: the
-image of "red boat" becomes " red", " boat" with spaces in between.
+The classifier is the nearest-prototype rule, logit_k = -||h - P_k||^2 / T (T learned), so CTC both aligns tokens to
+positions and moves h toward the right row. Because the renderer knows where it drew each word, text images also get
+per-cell targets (each word's tokens from the cell where the word starts, the blank elsewhere) and a cross-entropy
+there, text cells and blank cells averaged apart. A last term pulls h onto its target prototype itself (the layout's,
+else the CTC posterior's expectation), so that the LLM receives, in the image slot, vectors that *are* its word
+embeddings: the image of "red boat" becomes " red", " boat" with spaces in between.
 
 Example:
     >>> import torch
@@ -71,7 +73,7 @@ class GraftConfig:
     warmup_steps: int = 100
     pull_weight: float = 1.0  # weight of the pull onto the aligned prototype
     cell_weight: float = 1.0  # weight of the per-cell cross-entropy from the renderer's word boxes
-    temperature_frac: float = 1.0  # initial T = temperature_frac * mean ||P_k||^2; T is learned from there
+    temperature_frac: float = 0.2  # initial T = temperature_frac * mean ||P_k||^2; T is learned from there
     blank_frac: float = 0.08  # text-free images per batch
     video_frac: float = 0.15  # word-per-frame clips per batch
     max_width: int = 448
