@@ -39,6 +39,7 @@ class Analysis:
     frame_indices: list[int] | None = None
     notes: list[str] = field(default_factory=list)
     input_map: InputMap | None = None  # per-position scores at the detection layer, placed on the input (maps.py)
+    push_residuals: torch.Tensor | None = None  # [T, d] the same prefill at the push layer (when it is another layer)
 
     def to_json(self, maps: bool = False) -> dict:
         """The `run --json` object; `maps=True` adds the per-position scores and grids (`run --json --maps`)."""
@@ -95,14 +96,16 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
                    maps: bool = True) -> Iterator[StreamUpdate]:
     """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video and, with `maps`, the
     per-position scores of the same prefill placed on the input: `Analysis.input_map`)."""
-    seq_layers = [plan(state, options).detect_layer] if maps else None
+    p = plan(state, options)
+    seq_layers = ([p.detect_layer] + ([p.layer] if p.layer != p.detect_layer else [])) if maps else None
     for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy,
                            seq_layers=seq_layers):
         if not upd.done:
             yield StreamUpdate(upd.unsteered, upd.steered)
             continue
-        imap, map_note = None, None
+        imap, map_note, push_h = None, None, None
         if upd.seq is not None:
+            push_h = upd.seq["h"].get(p.layer) if p.layer != p.detect_layer else None
             try:
                 imap = input_map(backbone, state, options, query, upd.seq)
             except (ValueError, RuntimeError, KeyError, IndexError) as e:  # the answers stand without the map
@@ -113,5 +116,5 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
         analysis = Analysis(query=query, options=options, result=upd.result, acts=upd.acts,
                             state_fingerprint=state.fingerprint(), frame_scores=fs,
                             frame_indices=frame_indices, notes=list(notes or []) + ([map_note] if map_note else []),
-                            input_map=imap)
+                            input_map=imap, push_residuals=push_h)
         yield StreamUpdate(upd.unsteered, upd.steered, analysis)

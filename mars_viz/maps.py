@@ -549,17 +549,28 @@ def build_input_map(spec: LayoutSpec, decode: Callable[[int], str], state, optio
                     layout_notes=layout_notes, h=h.detach().float().cpu())
 
 
-def rescore(state, m: InputMap, options: SteerOptions) -> InputMap:
-    """The same map scored with other options (re-centring on / off), from its kept residuals: no model call."""
-    if m.h is None:
+def rescore(state, m: InputMap, options: SteerOptions, h: torch.Tensor | None = None,
+            layer: int | None = None) -> InputMap:
+    """The same map scored with other options (re-centring on / off), from its kept residuals: no model call.
+
+    `h` `[T, d]` and `layer`: score residuals the same prefill kept at another layer (the push layer) on the same
+    grids. The per-position offsets are measured at the gate's layer only, so there media tokens are re-centred by the
+    mean modality offset, and the map says so.
+    """
+    if layer is not None:
+        options = replace(options, detect_layer=layer)
+    h = m.h if h is None else h
+    if h is None:
         raise ValueError("this map kept no residuals: run the input again")
-    if plan(state, options).detect_layer != m.layer:
+    if layer is None and plan(state, options).detect_layer != m.layer:
         raise ValueError(f"the map was captured at layer {m.layer}: run the input again to map another layer")
-    scores, source, more = position_scores(state, options, m.h, m.kinds, m.grids, m.modality)
+    if h.shape[0] != len(m.kinds):
+        raise ValueError(f"{h.shape[0]} residuals for {len(m.kinds)} prompt positions")
+    scores, source, more = position_scores(state, options, h, m.kinds, m.grids, m.modality)
     grids = [replace(g, scores=np.where(g.positions >= 0, scores[np.clip(g.positions, 0, None)], np.nan))
              for g in m.grids]
-    return replace(m, recenter=options.recenter, scores=scores, grids=grids, offset_source=source,
-                   notes=list(dict.fromkeys(m.layout_notes + more)))
+    return replace(m, layer=plan(state, options).detect_layer, recenter=options.recenter, scores=scores, grids=grids,
+                   offset_source=source, notes=list(dict.fromkeys(m.layout_notes + more)), h=h)
 
 
 def input_map(backbone, state, options: SteerOptions, query, seq: dict) -> InputMap:

@@ -169,24 +169,33 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
 def _map_title(analysis: Analysis, m) -> str:
     q = analysis.query
     where = "image" + ("s" if len(q.images) > 1 else "") if q.images else "video's sampled frames"
-    how = (f"re-centred ({m.offset_source} offsets)" if m.recenter else "raw, not re-centred")
-    return f"Where in the {where}: each token's unsafety score at layer {m.layer}, {how}"
+    src = {"per-position": "per-position offsets", "mean modality offset": "the mean modality offset"}.get(
+        m.offset_source, "no offset")
+    how = f"re-centred ({src})" if m.recenter else "raw, not re-centred"
+    which = "the gate's layer" if m.layer == analysis.result.gate_layer else "the push layer"
+    return f"Where in the {where}: each token's unsafety score at layer {m.layer} ({which}), {how}"
 
 
-def map_figures(analysis: Analysis | None, state: MarsState | None = None,
-                recenter: bool | None = None) -> dict[str, go.Figure]:
+def map_figures(analysis: Analysis | None, state: MarsState | None = None, recenter: bool | None = None,
+                at_push: bool = False) -> dict[str, go.Figure]:
     """"Where in the input" for the current analysis: `map_image` (the heatmap over the image, or over each sampled
     frame of a video) and `map_tokens` (the prompt's tokens coloured by score); {} when it has no map.
 
-    `recenter` (with `state`) re-scores the map from its kept residuals with re-centring on or off (no model call);
-    None shows it as the Run computed it."""
+    `recenter` (with `state`) re-scores the map from its kept residuals with re-centring on or off, and `at_push`
+    scores the push layer's residuals from the same prefill instead of the gate's layer (no model call); the
+    defaults show the map as the Run computed it."""
     if analysis is None or analysis.input_map is None:
         return {}
     m, q = analysis.input_map, analysis.query
-    if recenter is not None and recenter != m.recenter:
-        from .maps import rescore as rescore_map
+    from .maps import rescore as rescore_map
 
-        m = rescore_map(state, m, replace(analysis.options, recenter=recenter))
+    opts = analysis.options if recenter is None else replace(analysis.options, recenter=recenter)
+    if at_push:
+        if analysis.push_residuals is None:
+            raise ValueError(f"the gate reads and the push acts at the same layer ({m.layer}): this is its map")
+        m = rescore_map(state, m, opts, h=analysis.push_residuals, layer=analysis.result.layer)
+    elif recenter is not None and recenter != m.recenter:
+        m = rescore_map(state, m, opts)
     how = "re-centred" if m.recenter else "raw"
     out = {"map_tokens": MP.token_strip_figure(m, f"The prompt, token by token: {how} score at layer {m.layer} "
                                                   "(media runs collapsed to their mean)")}

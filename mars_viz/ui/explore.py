@@ -158,6 +158,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                     with gr.Row():  # re-score the kept residuals (no re-run)
                         map_rec = gr.Button("Map: re-centred", size="sm", elem_id="map_recentred")
                         map_raw = gr.Button("Map: raw (no offsets)", size="sm", elem_id="map_raw")
+                        map_push = gr.Button("Map at the push layer", size="sm", elem_id="map_push")
                     occl_btn = gr.Button("Occlusion check: cover each region with the neutral colour and re-score "
                                          "(slower: one forward per region)", elem_id="occlusion")
                     p_occl = gr.Plot(label="Occlusion: how much each region raises the gate's score",
@@ -288,21 +289,22 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
 
     occl_btn.click(do_occlusion, [st_analysis], p_occl, api_name="occlusion")
 
-    def map_view(recenter: bool):
-        """The map re-scored with re-centring on / off from the kept residuals: no model call."""
+    def map_view(recenter: bool | None, at_push: bool = False):
+        """The map re-scored (re-centring on / off, or at the push layer) from the kept residuals: no model call."""
 
         @user_errors("map")
         def show(analysis: Analysis | None):
             if analysis is None or analysis.input_map is None:
                 raise ValueError("run an input first: the map is computed from its prefill")
             analysis.check_state(session.state)
-            figs = map_figures(analysis, session.state, recenter)
+            figs = map_figures(analysis, session.state, recenter, at_push)
             return figs.get("map_image", placeholder_figure(NO_MAP, "Where in the image or video")), figs["map_tokens"]
 
         return show
 
     map_rec.click(map_view(True), [st_analysis], [p_map_image, p_map_tokens], api_name="map_recentred")
     map_raw.click(map_view(False), [st_analysis], [p_map_image, p_map_tokens], api_name="map_raw")
+    map_push.click(map_view(None, True), [st_analysis], [p_map_image, p_map_tokens], api_name="map_push")
 
     def show_state_plots():
         """On page load: the state's own figures (no input yet), if a state is fitted or cached."""

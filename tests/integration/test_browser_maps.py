@@ -56,7 +56,7 @@ def _run(page, url: str, field: str, path, prompt: str) -> None:
 def _drawn(page, elem_id: str, want_panels: int) -> dict:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=60_000)
     page.wait_for_function(f"() => {{ const d = ({_DRAWN})('{elem_id}'); return d && d.types.includes('heatmap') "
-                           f"&& d.images >= {want_panels} && d.cells > 0; }}", timeout=30_000)
+                           f"&& d.images >= {want_panels} && d.cells > 0; }}", timeout=60_000)
     return page.evaluate(_DRAWN, elem_id)
 
 
@@ -69,12 +69,18 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     assert "·the" in strip["text"] and "[image ×" in strip["text"]  # the tiny tokenizer splits words
     # hovering a cell gives its score
     box = page.locator("#plot_map_image .nsewdrag").first.bounding_box()
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    page.locator("#plot_map_image .hoverlayer").get_by_text(re.compile(r"unsafety score -?\d")).first.wait_for(
-        timeout=10_000)
+    hover = page.locator("#plot_map_image .hoverlayer").get_by_text(re.compile(r"unsafety score -?\d")).first
+    for dx in (0.3, 0.5, 0.7):  # plotly draws the label on a mouse *move* over a cell
+        page.mouse.move(box["x"] + box["width"] * dx, box["y"] + box["height"] * dx, steps=4)
+        try:
+            hover.wait_for(timeout=5_000)
+            break
+        except Exception:
+            continue
+    hover.wait_for(timeout=5_000)
     page.locator("#map_raw").click()  # re-scored from the kept residuals, no re-run
     page.wait_for_function(f"() => ({_DRAWN})('plot_map_image').title.includes('raw, not re-centred')",
-                           timeout=30_000)
+                           timeout=60_000)
     page.locator("#occlusion").click()
     occl = _drawn(page, "plot_occlusion", 1)
     assert "Occlusion" in occl["title"]

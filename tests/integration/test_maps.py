@@ -375,3 +375,28 @@ def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backb
     for view, grids in by_view.items():
         assert np.allclose(np.mean(grids, axis=0), 0.0, atol=1e-4), view
     assert max(abs(v) for v in raw) > 0.01  # the raw scores were not already 0: the offsets did the work
+
+
+def test_push_layer_map_from_the_same_prefill(tiny_backbones, fitted):
+    from mars_viz.maps import capture_prompt_positions
+    from mars_viz.views import map_figures
+
+    bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")
+    push = 1 if state.detect_layer != 1 else 2
+    opts = SteerOptions(layer=push)
+    q = Query("What colour is this?", images=_images(1))
+    a = _run_map(bb, state, q, opts)
+    assert a.input_map.layer == state.detect_layer and a.push_residuals.shape == a.input_map.h.shape
+    # the kept residuals are the push layer's (up to the float noise of a cached vs an uncached forward)
+    alone = capture_prompt_positions(bb, q, [push])["h"][push]
+    assert torch.allclose(alone, a.push_residuals, atol=1e-4)
+    m = rescore(state, a.input_map, opts, h=a.push_residuals, layer=push)
+    assert m.layer == push and [g.shape for g in m.grids] == [g.shape for g in a.input_map.grids]
+    assert m.offset_source == "mean modality offset" and any(f"not at layer {push}" in n for n in m.notes)
+    assert m.scores[-1] == pytest.approx(a.result.score_recentred, abs=1e-6)  # the push layer's own score
+    assert "(the push layer)" in str(map_figures(a, state, at_push=True)["map_image"].layout.title.text)
+    same = _run_map(bb, state, q)  # gate and push at one layer: nothing else to show
+    if state.layer == state.detect_layer:
+        assert same.push_residuals is None
+        with pytest.raises(ValueError, match="same layer"):
+            map_figures(same, state, at_push=True)
