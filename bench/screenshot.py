@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--tab", default="Trust region")
     ap.add_argument("--out", default="assets/screenshot.png")
     ap.add_argument("--width", type=int, default=1500, help="viewport width in px")
+    ap.add_argument("--prompt", help="another prompt than the example's (its media is kept)")
     args = ap.parse_args()
     session = open_session(args.model)
     if args.state:
@@ -47,7 +48,7 @@ def main() -> int:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         page = browser.new_page(viewport={"width": args.width, "height": 1300})
         page.goto(f"http://127.0.0.1:{port}/")
-        page.locator("#prompt textarea").fill(ex.prompt)
+        page.locator("#prompt textarea").fill(args.prompt or ex.prompt)
         upload = "#image" if ex.image else "#video"
         page.locator(f"{upload} input[type=file]").set_input_files(ex.path())
         page.locator(upload).get_by_text(Path(ex.path()).name).first.wait_for(timeout=30_000)
