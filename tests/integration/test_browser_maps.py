@@ -43,11 +43,7 @@ def _run(page, url: str, field: str, path, prompt: str) -> None:
     page.locator("#run").wait_for(timeout=60_000)
     page.locator("#prompt textarea").fill(prompt)
     page.locator(f"#{field} input[type=file]").set_input_files(str(path))
-    try:
-        page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=60_000)
-    except Exception:
-        page.screenshot(path="/tmp/maps_explore/upload_fail.png", full_page=True)
-        raise
+    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=60_000)
     page.locator("#run").click()
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)
     page.get_by_role("tab", name="Where in the input").click()
@@ -70,7 +66,7 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     # hovering a cell gives its score
     box = page.locator("#plot_map_image .nsewdrag").first.bounding_box()
     hover = page.locator("#plot_map_image .hoverlayer").get_by_text(re.compile(r"unsafety score -?\d")).first
-    for dx in (0.3, 0.5, 0.7):  # plotly draws the label on a mouse *move* over a cell
+    for dx in (0.3, 0.5, 0.7, 0.4, 0.6):  # plotly draws the label on a mouse *move* over a cell
         page.mouse.move(box["x"] + box["width"] * dx, box["y"] + box["height"] * dx, steps=4)
         try:
             hover.wait_for(timeout=5_000)
