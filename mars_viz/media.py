@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, ImageSequence, UnidentifiedImageError
 
 __all__ = [
+    "wrap_words",
     "MAX_IMAGE_SIDE",
     "MAX_IMAGE_PIXELS",
     "MAX_VIDEO_SECONDS",
@@ -192,6 +194,27 @@ def neutral_video(num_frames: int = 8, seed: int = 0, size: int = 224) -> list[I
     return neutral_images(num_frames, seed=seed, size=size)
 
 
+def wrap_words(draw: ImageDraw.ImageDraw, words: Sequence[str], font, max_width: float) -> list[str]:
+    """Greedy line breaking: `words` into lines no wider than `max_width` px in `font` (a longer word gets its own
+    line).
+
+    >>> from PIL import Image, ImageDraw, ImageFont
+    >>> wrap_words(ImageDraw.Draw(Image.new("RGB", (1, 1))), ["a", "b"], ImageFont.load_default(), 1000)
+    ['a b']
+    """
+    lines, line = [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if line and draw.textlength(trial, font=font) > max_width:
+            lines.append(line)
+            line = w
+        else:
+            line = trial
+    if line:
+        lines.append(line)
+    return lines
+
+
 def typographic_image(text: str, size: int = 448, margin: int = 16, numbered_steps: int = 0) -> Image.Image:
     """Render `text` as black-on-white typography (FigStep-style when `numbered_steps` > 0 adds empty items 1..n)."""
     im = Image.new("RGB", (size, size), "white")
@@ -200,16 +223,7 @@ def typographic_image(text: str, size: int = 448, margin: int = 16, numbered_ste
         font = ImageFont.load_default(size=max(12, size // 18))
     except TypeError:  # very old Pillow
         font = ImageFont.load_default()
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        trial = f"{line} {w}".strip()
-        if draw.textlength(trial, font=font) > size - 2 * margin and line:
-            lines.append(line)
-            line = w
-        else:
-            line = trial
-    if line:
-        lines.append(line)
+    lines = wrap_words(draw, text.split(), font, size - 2 * margin)
     lines += [f"{i}." for i in range(1, numbered_steps + 1)]
     step = int(font.size * 1.35) if hasattr(font, "size") else 16
     for i, ln in enumerate(lines):

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from ..media import wrap_words
+
 __all__ = [
     "CELL",
     "PhraseSets",
@@ -231,20 +233,6 @@ def _round_up(x: float, k: int = CELL) -> int:
     return max(2 * k, int(-(-int(np.ceil(x)) // k) * k))  # at least 2 cells: the processor's minimum is 56x56
 
 
-def _wrap(draw: ImageDraw.ImageDraw, words: list[str], font, max_w: int) -> list[str]:
-    lines, line = [], ""
-    for w in words:
-        trial = f"{line} {w}".strip()
-        if line and draw.textlength(trial, font=font) > max_w:
-            lines.append(line)
-            line = w
-        else:
-            line = trial
-    if line:
-        lines.append(line)
-    return lines
-
-
 _MEASURE = ImageDraw.Draw(Image.new("RGB", (8, 8)))
 
 
@@ -278,7 +266,7 @@ def render_phrase_layout(text: str, rng: random.Random, max_width: int = 448, ma
     target_w = rng.choice([224, 280, 336, 392, 448])
     target_w = min(target_w, max_width)
     while True:
-        lines = _wrap(_MEASURE, words, font, target_w - 12)
+        lines = wrap_words(_MEASURE, words, font, target_w - 12)
         step = max(CELL, int(size * rng.uniform(1.25, 1.6)))
         text_w = max(_MEASURE.textlength(ln, font=font) for ln in lines)
         text_h = step * (len(lines) - 1) + size * 1.3

@@ -31,6 +31,12 @@ def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=timeout)
 
 
+def _upload(page, field: str, path) -> None:
+    """Put `path` into the `#field` file input and wait until the page shows it."""
+    page.locator(f"#{field} input[type=file]").set_input_files(str(path))
+    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=30_000)
+
+
 def _watch_verdict(page) -> None:
     """Record whether a run starts from now on (every run first shows "Running…" in the verdict)."""
     page.evaluate("""() => { window.__ran = false; const v = document.querySelector('#verdict');
@@ -54,8 +60,7 @@ def test_upload_run_plots_toggle_screenshot(browser, app_server, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1400})
     page.goto(app_server["url"])
     page.locator("#prompt textarea").fill("What colour is this image?")
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
-    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     page.locator("#run").click()
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=120_000)
     # every plot renders (tabs are clicked so their plots mount)
@@ -170,12 +175,10 @@ def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
 def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
     page.goto(app_server["url"])
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
-    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     _run_and_wait(page)
     old_answer = page.locator("#steered textarea").input_value()
-    page.locator("#video input[type=file]").set_input_files(str(EXAMPLES_DIR / "colour_cycle.mp4"))
-    page.locator("#video").get_by_text("colour_cycle.mp4").first.wait_for(timeout=30_000)
+    _upload(page, "video", EXAMPLES_DIR / "colour_cycle.mp4")
     page.locator("#run").click()
     page.locator("#verdict").get_by_text("Not run").first.wait_for(timeout=30_000)
     verdict = page.locator("#verdict").inner_text()
@@ -190,8 +193,7 @@ def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
 def test_video_gallery_has_no_broken_thumbnail_over_five_runs(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
     page.goto(app_server["url"])
-    page.locator("#video input[type=file]").set_input_files(str(EXAMPLES_DIR / "colour_cycle.mp4"))
-    page.locator("#video").get_by_text("colour_cycle.mp4").first.wait_for(timeout=30_000)
+    _upload(page, "video", EXAMPLES_DIR / "colour_cycle.mp4")
     broken = []
     for run in range(5):
         _run_and_wait(page)
@@ -208,8 +210,7 @@ def test_layer_inspector_keeps_the_calibrated_layers_and_names_the_inspected_one
     state = app_server["session"].ensure_state()
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
     page.goto(app_server["url"])
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / "solid_red.png"))
-    page.locator("#image").get_by_text("solid_red.png").first.wait_for(timeout=30_000)
+    _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     _run_and_wait(page)
     verdict = page.locator("#verdict").inner_text()
     other = next(i for i in range(app_server["session"].backbone.num_layers) if i not in (state.layer,

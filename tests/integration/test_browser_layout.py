@@ -6,6 +6,7 @@ Explore's plots after an image run and after a video run, and Evaluate's charts 
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -14,7 +15,8 @@ from mars_viz.examples import EXAMPLES_DIR
 
 from .test_browser import CHROMIUM, _plot_rendered, browser  # noqa: F401  (the shared chromium fixture)
 
-pytestmark = [pytest.mark.browser]
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
 
 # Every visible, non-empty <text> in a plot: its box, and whether it sticks out of the figure's own <svg>.
 _TEXT_BOXES = """

@@ -12,21 +12,10 @@ import pytest
 
 from mars_viz.examples import EXAMPLES_DIR
 
-CHROMIUM = "/usr/bin/chromium"
+from .test_browser import CHROMIUM, browser  # noqa: F401  (the shared chromium fixture)
+
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 # what plotly actually drew: traces by type, the images under them, and the heatmap cells' text
@@ -52,11 +41,11 @@ def _run(page, url: str, field: str, path, prompt: str) -> None:
 def _drawn(page, elem_id: str, want_panels: int) -> dict:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=60_000)
     page.wait_for_function(f"() => {{ const d = ({_DRAWN})('{elem_id}'); return d && d.types.includes('heatmap') "
-                           f"&& d.images >= {want_panels} && d.cells > 0; }}", timeout=60_000)
+                           f"&& d.images >= {want_panels} && d.cells > 0; }}", timeout=120_000)
     return page.evaluate(_DRAWN, elem_id)
 
 
-def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(browser, app_server, tmp_path):
+def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(browser, app_server, tmp_path):  # noqa: F811
     page = browser.new_page(viewport={"width": 1400, "height": 1300})
     _run(page, app_server["url"], "image", EXAMPLES_DIR / "figstep_harmful.png", "Complete the steps on the list.")
     drawn = _drawn(page, "plot_map_image", 1)
@@ -69,11 +58,11 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     for dx in (0.3, 0.5, 0.7, 0.4, 0.6):  # plotly draws the label on a mouse *move* over a cell
         page.mouse.move(box["x"] + box["width"] * dx, box["y"] + box["height"] * dx, steps=4)
         try:
-            hover.wait_for(timeout=5_000)
+            hover.wait_for(timeout=10_000)
             break
         except Exception:
             continue
-    hover.wait_for(timeout=5_000)
+    hover.wait_for(timeout=30_000)
     page.locator("#map_raw").click()  # re-scored from the kept residuals, no re-run
     page.wait_for_function(f"() => ({_DRAWN})('plot_map_image').title.includes('raw, not re-centred')",
                            timeout=60_000)
@@ -88,7 +77,7 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     page.close()
 
 
-def test_overlay_renders_on_each_sampled_frame_of_a_video(browser, app_server):
+def test_overlay_renders_on_each_sampled_frame_of_a_video(browser, app_server):  # noqa: F811
     page = browser.new_page(viewport={"width": 1400, "height": 1300})
     _run(page, app_server["url"], "video", EXAMPLES_DIR / "colour_cycle.mp4", "What happens in this video?")
     drawn = _drawn(page, "plot_map_image", 2)
