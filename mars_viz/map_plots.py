@@ -150,9 +150,22 @@ def _token_cells(m: InputMap, newline: str = "⏎") -> list[tuple[str, float, st
             shown = tok.replace("\n", newline).replace(" ", "·") or "∅"
             cells.append((shown, float(m.scores[pos[0]]), f"position {pos[0]}: {tok!r}"))
         else:
-            cells.append((f"[{kind} ×{len(pos)}]", float(np.mean(m.scores[pos])),
+            cells.append((f"{_MEDIA_TAG.get(kind, kind)}×{len(pos)}", float(np.mean(m.scores[pos])),
                           f"positions {pos[0]}-{pos[-1]}: {len(pos)} {kind} tokens (mean score)"))
     return cells
+
+
+_MEDIA_TAG = {"image": "img", "video": "vid"}  # a media run's cell: "img×16"
+_CELL_CHARS = 7  # what fits in a strip cell at 1280 px (14 per row); the hover has the whole token
+
+
+def _short(token: str) -> str:
+    """A token's label in the strip: cut to `_CELL_CHARS` with an ellipsis, so neighbours never overlap.
+
+    >>> _short("<|vision_start|>"), _short("·bomb")
+    ('<|visi…', '·bomb')
+    """
+    return token if len(token) <= _CELL_CHARS else token[:_CELL_CHARS - 1] + "…"
 
 
 def token_strip_figure(m: InputMap, title: str = "The prompt, token by token") -> go.Figure:
@@ -165,16 +178,18 @@ def token_strip_figure(m: InputMap, title: str = "The prompt, token by token") -
     hover = np.full((rows, _TOKENS_PER_ROW), "", dtype=object)
     for k, (shown, s, h) in enumerate(cells):
         r, c = divmod(k, _TOKENS_PER_ROW)
-        z[r, c], text[r, c], hover[r, c] = s, shown[:14], h
+        z[r, c], text[r, c], hover[r, c] = s, _short(shown), h
     half = score_range(m.scores)
     fig = go.Figure(go.Heatmap(z=z, text=text, customdata=hover, texttemplate="%{text}", textfont=dict(size=11),
                                zmid=0, zmin=-half, zmax=half, colorscale=MAP_SCALE, xgap=2, ygap=2, name="tokens",
-                               colorbar=dict(title=dict(text="unsafety score", side="right"), thickness=12),
+                               colorbar=dict(title=dict(text="unsafety score", side="right"), thickness=10,
+                                             orientation="h", x=0, xanchor="left", y=-0.04, yanchor="top",
+                                             len=0.5, nticks=5),
                                hovertemplate="%{customdata}<br>score %{z:.3f}<extra></extra>"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed")
     fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0, xanchor="left", font=dict(size=14)),
-                      height=max(160, 90 + 34 * rows), margin=dict(l=10, r=10, t=50, b=10))
+                      height=max(170, 130 + 34 * rows), margin=dict(l=10, r=10, t=50, b=60))
     return fig
 
 

@@ -160,8 +160,10 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                         map_raw = gr.Button("Map: raw (no offsets)", size="sm", elem_id="map_raw")
                         map_push = gr.Button("Map at the push layer", size="sm", elem_id="map_push")
                     occl_btn = gr.Button("Occlusion check: cover each region with the neutral colour and re-score "
-                                         "(slower: one forward per region)", elem_id="occlusion")
-                    p_occl = gr.Plot(label="Occlusion: how much each region raises the gate's score",
+                                         "(slower: one forward per region)", size="sm", elem_id="occlusion")
+                    p_occl = gr.Plot(placeholder_figure("Run an image or a video, then press the occlusion check "
+                                                        "above: it re-scores the input once per covered region"),
+                                     label="Occlusion: how much each region raises the gate's score",
                                      elem_id="plot_occlusion")
             with gr.Accordion("Result JSON and export", open=False):
                 result_json = gr.JSON(label="Result (same object as `run --json` and the /analyze API)",

@@ -80,7 +80,8 @@ def _check_plots(page, plots: list[tuple[str, str]], width: int) -> list[str]:
 
 EXPLORE_PLOTS = [("Centroids", "plot_centroids"), ("Modality offset", "plot_modality_offset"),
                  ("Trust region", "plot_trust_region"), ("Trust region", "plot_plane"),
-                 ("Trust region", "plot_target_curve"), ("Layer scores", "plot_layer_scores")]
+                 ("Trust region", "plot_target_curve"), ("Layer scores", "plot_layer_scores"),
+                 ("Where in the input", "plot_map_image"), ("Where in the input", "plot_map_tokens")]
 
 
 @pytest.mark.parametrize("width", [1280, 1600])

@@ -118,7 +118,7 @@ def test_token_strip_colours_text_tokens_and_collapses_media_runs():
     fig = token_strip_figure(_map())
     (hm,) = fig.data
     texts = [t for row in hm.text for t in row if t]
-    assert texts == ["<s>", "Hi", "[image ×6]", "·how", "⏎", "ok"]
+    assert texts == ["<s>", "Hi", "img×6", "·how", "⏎", "ok"]
     z = [v for row in hm.z for v in row if v == v]
     assert z[2] == pytest.approx(np.mean([0.1, 0.2, 1.5, -0.3, 0.0, 0.9]))
     assert "score %{z:.3f}" in hm.hovertemplate
