@@ -130,13 +130,11 @@ def _hline(fig: go.Figure, y: float, name: str, *, text: str | None = None, colo
 
 
 def _vrect(fig: go.Figure, x0: float, x1: float, name: str, color: str, opacity: float, *,
-           label: str | None = None, label_pos: str = "top center", xref: str = "x", yref: str = "y domain") -> None:
-    """A named shaded band ``x0..x1`` across the plot height, drawn below the data."""
-    shape: dict[str, Any] = dict(type="rect", x0=x0, x1=x1, y0=0, y1=1, xref=xref, yref=yref, name=name,
-                                 fillcolor=color, opacity=opacity, line_width=0, layer="below")
-    if label:
-        shape["label"] = dict(text=label, textposition=label_pos, font=dict(size=10, color="#495057"))
-    fig.add_shape(**shape)
+           xref: str = "x", yref: str = "y domain") -> None:
+    """A named shaded band ``x0..x1`` across the plot height, drawn below the data (its label, if any, goes
+    through ``_place_labels`` so it cannot collide with another)."""
+    fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, xref=xref, yref=yref, name=name, fillcolor=color,
+                  opacity=opacity, line_width=0, layer="below")
 
 
 @dataclass(frozen=True)
