@@ -44,6 +44,7 @@ class Panel:
     title: str
     image: Image.Image
     grid: Grid  # its `scores` are what is drawn ([rows, cols], NaN: no token)
+    short: str = ""  # the subplot's title, short enough for four panels side by side (the hover has `title`)
 
 
 def score_range(values: Sequence[float] | np.ndarray, floor: float = 1.0) -> float:
@@ -69,7 +70,8 @@ def map_panels(m: InputMap, images: Sequence[Image.Image] = (), frames: Sequence
         for g in m.frame_grids():
             if g.box is not None and f in g.frames:
                 shared = "" if len(g.frames) == 1 else f" (token shared with frames {g.frames[0]}-{g.frames[-1]})"
-                out.append(Panel(f"frame {f} (video frame #{label}), {g.view}{shared}", frame, g))
+                brief = f"frame {f}" + ("" if len(g.frames) == 1 else f" · pair {g.frames[0]}-{g.frames[-1]}")
+                out.append(Panel(f"frame {f} (video frame #{label}), {g.view}{shared}", frame, g, brief))
     return out
 
 
@@ -94,7 +96,7 @@ def overlay_figure(panels: Sequence[Panel], title: str, colorbar: str = "unsafet
     n = max(1, len(panels))
     cols = min(_PER_ROW, n)
     rows = math.ceil(n / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.title for p in panels] or None,
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.short or p.title for p in panels] or None,
                         horizontal_spacing=0.04, vertical_spacing=0.12 / rows)
     every = np.concatenate([p.grid.scores.ravel() for p in panels]) if panels else np.zeros(0)
     h = score_range(every) if half is None else half

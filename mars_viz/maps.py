@@ -279,7 +279,7 @@ def _qwen(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_frames
                               exact=len(frames) == 1,
                               note="" if len(frames) == 1 else
                               f"one token covers {len(frames)} consecutive frames (temporal patch of "
-                              f"{spec.temporal_patch}): they share this map"))
+                              f"{spec.temporal_patch}): each frame's map is shared with frames of its pair"))
     return grids
 
 

@@ -91,7 +91,8 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
     for upload, path, plots in [
         ("#image", EXAMPLES_DIR / "solid_red.png", EXPLORE_PLOTS),
         ("#video", EXAMPLES_DIR / "colour_cycle.mp4", [("Video frames", "plot_frames"),
-                                                       ("Trust region", "plot_trust_region")]),
+                                                       ("Trust region", "plot_trust_region"),
+                                                       ("Where in the input", "plot_map_image")]),
     ]:
         page.goto(app_server["url"])  # a fresh page per input
         page.locator("#prompt textarea").fill("Describe this.")
