@@ -34,7 +34,7 @@ def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
 def _upload(page, field: str, path) -> None:
     """Put `path` into the `#field` file input and wait until the page shows it."""
     page.locator(f"#{field} input[type=file]").set_input_files(str(path))
-    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=30_000)
+    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=90_000)
 
 
 def _watch_verdict(page) -> None:

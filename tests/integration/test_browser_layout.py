@@ -97,7 +97,7 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
         page.goto(app_server["url"])  # a fresh page per input
         page.locator("#prompt textarea").fill("Describe this.")
         page.locator(f"{upload} input[type=file]").set_input_files(str(path))
-        page.locator(upload).get_by_text(path.name).first.wait_for(timeout=30_000)
+        page.locator(upload).get_by_text(path.name).first.wait_for(timeout=90_000)
         page.locator("#run").click()
         page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(
             timeout=180_000)
