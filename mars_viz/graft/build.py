@@ -21,7 +21,7 @@ import torch
 
 from ..datasets import builtin_prompts
 from .render import make_phrase_sets, normalise_words
-from .train import GraftConfig, ReadingVocab, train_tower
+from .train import GraftConfig, ReadingVocab, train_tower, word_ids
 
 __all__ = ["CHAT_TEMPLATE", "banned_texts", "build_processor", "graft", "graft_config", "reading_vocab",
            "word_pool"]
@@ -113,16 +113,11 @@ def word_pool(tokenizer, limit: int = 1500, extra: Iterable[str] = ()) -> list[s
 
 
 def reading_vocab(tokenizer, words: Iterable[str], phrases: Iterable[str] = ()) -> ReadingVocab:
-    """Token ids of every word in its printed variants (with / without a leading space, capitalised, trailing
-    punctuation) and of `phrases`; the space token is the blank."""
+    """Token ids of every word in its one canonical form (`train.word_ids`: ' ' + lower case), of the pool and of
+    `phrases`; the space token is the blank."""
     ids: set[int] = set()
-    variants = []
-    for w in words:
-        cap = w[:1].upper() + w[1:]
-        variants += [w, " " + w, cap, " " + cap]
-    variants += [".", "?", "!", ",", " .", "-", "'"] + list(phrases)
-    for v in variants:
-        ids.update(tokenizer(v, add_special_tokens=False)["input_ids"])
+    for w in list(words) + [w for p in phrases for w in p.split()]:
+        ids.update(word_ids(w, tokenizer))
     space = tokenizer(" ", add_special_tokens=False)["input_ids"]
     blank = space[0] if len(space) == 1 else None
     ids.discard(blank)
@@ -156,12 +151,16 @@ def _token_id(tokenizer, token: str) -> int:
 
 
 def graft_config(llm_config, tokenizer, cfg: GraftConfig):
-    """A Qwen2VLConfig whose text part is the LLM's config (M-RoPE sections that reduce to its 1-D RoPE on text)."""
+    """A Qwen2VLConfig whose text part is the LLM's config (M-RoPE sections that reduce to its 1-D RoPE on text and
+    give images a 1-D position along their width)."""
     from transformers import Qwen2VLConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
 
     head_dim = llm_config.hidden_size // llm_config.num_attention_heads
-    half = head_dim // 2
-    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    # Every rotary frequency goes to the width axis: a line of text on one row of merged tokens then sits at
+    # consecutive 1-D positions, as the LLM (trained with 1-D RoPE) reads text; text tokens (t = h = w) are unchanged.
+    # Measured with the exact word embeddings in the image slot (issue 13 note): word recall 0.78 against 0.63 with
+    # Qwen2-VL's usual split [1/4, 3/8, 3/8].
+    section = [0, 0, head_dim // 2]
     rope = dict(getattr(llm_config, "rope_parameters", None) or {"rope_type": "default",
                                                                    "rope_theta": llm_config.rope_theta})
     rope["mrope_section"] = section
@@ -268,8 +267,9 @@ def graft(llm: str, out: str | Path, minutes: float = 60.0, seed: int = 0, steps
         "banned_ngrams": len(phrases.banned),
         "heldout_phrases": phrases.heldout,
         "config": asdict(cfg) | {"temperature": result.config["temperature"]},
-        "objective": "CTC over the frozen LLM's input-embedding rows (nearest-prototype logits, space-token blank) "
-                     "+ pull onto the aligned embedding; no LLM forward",
+        "objective": "per-cell cross-entropy from the renderer's word boxes + CTC over the frozen LLM's "
+                     "input-embedding rows (cosine logits, space-token blank) + pull onto the aligned embedding + "
+                     "an auxiliary letter head; no LLM forward",
         "lab_model": "reads rendered text only; not a safety-tuned MLLM",
     }
     (out / "mars_graft.json").write_text(json.dumps(summary, indent=1))

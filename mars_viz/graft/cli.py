@@ -17,7 +17,8 @@ def progress_line(row: dict) -> str:
     frac = min(1.0, max(0.0, frac))
     bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
     return (f"[graft] |{bar}| {frac * 100:5.1f}% step {row['step']} {row['seconds'] / 60:.1f} min "
-            f"loss {row['loss']:.3f} (ctc {row['ctc']:.2f} cell {row.get('cell', 0.0):.2f} pull {row['pull']:.2f}) "
+            f"loss {row['loss']:.3f} (ctc {row['ctc']:.2f} cell {row.get('cell', 0.0):.2f} pull {row['pull']:.2f} "
+            f"letters {row.get('letters', 0.0):.2f}) "
             f"held-out read: words {row['read_recall']:.2f} chars {row['read_char']:.2f}")
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from ..media import wrap_words
-
 __all__ = [
     "CELL",
+    "MAX_STRIP",
+    "STRIP_FONTS",
     "PhraseSets",
     "WordBox",
     "font_files",
@@ -244,57 +244,55 @@ class WordBox:
     x0: float
     x1: float
     y_centre: float
+    centres: tuple[float, ...] = ()  # the horizontal centre of each of its characters
 
 
-def render_phrase(text: str, rng: random.Random, max_width: int = 448, max_height: int = 224,
-                  font_range: tuple[int, int] = (15, 24)) -> Image.Image:
-    """`text` in one to a few lines, random font, size, colours, position and light noise; sides multiples of 28.
+STRIP_FONTS = (14, 22)  # font sizes whose line fits one 28-px row of merged tokens
+MAX_STRIP = 1400  # widest strip (50 merged tokens): a 25-word prompt at 14 px still fits on one line
 
-    Lines are wrapped at word boundaries and spaced at least one cell apart, so the merged tokens read in raster
-    order follow the text's reading order. Long phrases shrink the font until they fit `max_width` x `max_height`.
+
+def render_phrase(text: str, rng: random.Random, max_width: int = MAX_STRIP, max_height: int = CELL,
+                  font_range: tuple[int, int] = STRIP_FONTS) -> Image.Image:
+    """`text` on one line in a strip one merged token (28 px) high: random font, size, colours, horizontal and
+    vertical position, light noise; the width is a multiple of 28 (at least 112 px, the processor's minimum area).
+
+    One line on one row of merged tokens is what the graft reads: its tokens follow the text's reading order, and the
+    graft's M-RoPE gives the width axis every rotary frequency, so the LLM sees them at consecutive 1-D positions, as
+    it sees text. A phrase too long for `max_width` shrinks its font (down to 9 px). `max_height` above 28 centres
+    the strip's line in a taller image of the same background.
     """
     return render_phrase_layout(text, rng, max_width, max_height, font_range)[0]
 
 
-def render_phrase_layout(text: str, rng: random.Random, max_width: int = 448, max_height: int = 224,
-                         font_range: tuple[int, int] = (15, 24)) -> tuple[Image.Image, list[WordBox]]:
+def render_phrase_layout(text: str, rng: random.Random, max_width: int = MAX_STRIP, max_height: int = CELL,
+                         font_range: tuple[int, int] = STRIP_FONTS) -> tuple[Image.Image, list[WordBox]]:
     """`render_phrase` plus the box of every word, in reading order (what layout supervision needs)."""
-    words = text.split()
+    line = " ".join(text.split())
     size = rng.randint(*font_range)
     fkey = _pick_font(rng)
     font = _font(fkey, size)
-    target_w = rng.choice([224, 280, 336, 392, 448])
-    target_w = min(target_w, max_width)
-    while True:
-        lines = wrap_words(_MEASURE, words, font, target_w - 12)
-        step = max(CELL, int(size * rng.uniform(1.25, 1.6)))
-        text_w = max(_MEASURE.textlength(ln, font=font) for ln in lines)
-        text_h = step * (len(lines) - 1) + size * 1.3
-        if (text_w <= target_w - 8 and text_h + 8 <= max_height) or size <= 12:
-            break
-        if target_w < max_width:
-            target_w = min(max_width, target_w + 56)
-        else:
-            size -= 1
-            font = _font(fkey, size)
-    w = min(max_width, _round_up(text_w + rng.randint(8, 48)))
-    h = min(max_height, _round_up(text_h + rng.randint(6, 28)))
+    while _MEASURE.textlength(line, font=font) > max_width - 8 and size > 9:
+        size -= 1
+        font = _font(fkey, size)
+    text_w = _MEASURE.textlength(line, font=font)
+    w = min(max(4 * CELL, max_width // CELL * CELL), max(4 * CELL, _round_up(text_w + rng.randint(4, 40))))
+    h = max(CELL, min(max_height, CELL) // CELL * CELL)
     bg, ink = _colour_pair(rng)
     img = _background(rng, w, h, bg)
     draw = ImageDraw.Draw(img)
-    x0 = rng.randint(2, max(2, int(w - text_w) - 2))
-    y0 = rng.randint(0, max(0, int(h - text_h) - 2))
+    _, top, _, bottom = font.getbbox(line)
+    x0 = rng.randint(1, max(1, int(w - text_w) - 1))
+    lo, hi = -top, h - bottom  # keep the inked part inside the strip
+    y0 = rng.randint(int(min(lo, hi)), int(max(lo, hi)))
+    draw.text((x0, y0), line, fill=ink, font=font)
+    yc = y0 + (top + bottom) / 2
     boxes: list[WordBox] = []
-    for i, ln in enumerate(lines):
-        y = y0 + i * step
-        draw.text((x0, y), ln, fill=ink, font=font)
-        left, top, _, bottom = font.getbbox(ln)
-        yc = y + (top + bottom) / 2
-        x = float(x0)
-        for k, word in enumerate(ln.split(" ")):
-            if k:
-                x = x0 + _MEASURE.textlength(" ".join(ln.split(" ")[:k]) + " ", font=font)
-            boxes.append(WordBox(word, x, x + _MEASURE.textlength(word, font=font), yc))
+    words = line.split(" ")
+    for k, word in enumerate(words):
+        x = x0 + (_MEASURE.textlength(" ".join(words[:k]) + " ", font=font) if k else 0.0)
+        ends = [_MEASURE.textlength(word[:i + 1], font=font) for i in range(len(word))]
+        centres = tuple(x + (a + b) / 2 for a, b in zip([0.0] + ends[:-1], ends, strict=True))
+        boxes.append(WordBox(word, x, x + ends[-1] if ends else x, yc, centres))
     return _noise(img, rng), boxes
 
 
@@ -326,9 +324,10 @@ def layout_targets(word_tokens: Sequence[Sequence[int]], boxes: Sequence[WordBox
 
 
 def render_blank(rng: random.Random, max_width: int = 448, max_height: int = 224) -> Image.Image:
-    """A text-free image: a solid colour, a gradient, a few shapes or noise (reads as 'no text')."""
-    w = rng.choice(range(2 * CELL, max_width + 1, CELL))
-    h = rng.choice(range(2 * CELL, max_height + 1, CELL))
+    """A text-free image: a solid colour, a gradient, a few shapes or noise (reads as 'no text'); mostly strips one
+    token high, like the text images, sometimes taller."""
+    w = rng.choice(range(4 * CELL, max_width + 1, CELL))
+    h = CELL if rng.random() < 0.7 else rng.choice(range(2 * CELL, max(2 * CELL, max_height) + 1, CELL))
     kind = rng.random()
     base = tuple(rng.randint(0, 255) for _ in range(3))
     if kind < 0.3:
@@ -376,9 +375,9 @@ def render_word_video(text: str, rng: random.Random, frames: int | None = None,
     """
     n = frames or min(len(text.split()), rng.choice([2, 4, 4, 6, 8]))
     chunks = word_chunks(text, n)
-    w, h = size or (rng.choice([112, 168, 224]), rng.choice([56, 84]))
+    w, h = size or (rng.choice([112, 168, 224]), CELL)
     bg, ink = _colour_pair(rng)
-    fsize = rng.randint(16, 24)
+    fsize = rng.randint(*STRIP_FONTS)
     fkey = _pick_font(rng)
     font = _font(fkey, fsize)
     out = []
@@ -390,7 +389,9 @@ def render_word_video(text: str, rng: random.Random, frames: int | None = None,
         img = Image.new("RGB", (w, h), bg)
         draw = ImageDraw.Draw(img)
         tw = _MEASURE.textlength(c, font=font)
-        draw.text((rng.randint(2, max(2, int(w - tw) - 2)), rng.randint(0, max(0, h - int(f * 1.3)))), c,
+        _, top, _, bottom = font.getbbox(c)
+        draw.text((rng.randint(2, max(2, int(w - tw) - 2)), rng.randint(int(min(-top, h - bottom)),
+                                                                          int(max(-top, h - bottom)))), c,
                   fill=ink, font=font)
         out.append(img)
     if len(out) % 2 == 1:

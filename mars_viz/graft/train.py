@@ -36,6 +36,7 @@ from .render import (
     PhraseSets,
     WordBox,
     layout_targets,
+    normalise_words,
     render_blank,
     render_phrase,
     render_phrase_layout,
@@ -51,11 +52,13 @@ __all__ = [
     "encode_examples",
     "example_cells",
     "greedy_ctc",
+    "phrase_labels",
     "prototype_log_probs",
     "reading_loss",
     "sample_classes",
     "sample_examples",
     "train_tower",
+    "word_ids",
 ]
 
 
@@ -68,16 +71,17 @@ class GraftConfig:
     num_heads: int = 4
     mlp_ratio: int = 2
     batch_size: int = 24
-    lr: float = 1.5e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
     pull_weight: float = 1.0  # weight of the pull onto the aligned prototype
     cell_weight: float = 1.0  # weight of the per-cell cross-entropy from the renderer's word boxes
-    temperature_frac: float = 0.2  # initial T = temperature_frac * mean ||P_k||^2; T is learned from there
+    letter_weight: float = 1.0  # weight of the auxiliary letter head (7-px bins of one-row strips)
+    temperature: float = 0.1  # initial T of the cosine logits; learned from there, floored at 0.02
     blank_frac: float = 0.08  # text-free images per batch
     video_frac: float = 0.15  # word-per-frame clips per batch
-    max_width: int = 448
-    max_height: int = 224
+    max_width: int = 1400  # text strips: one line, one merged token high (render.render_phrase)
+    max_height: int = 28
     heldout: int = 200
     eval_every_s: float = 60.0
     eval_items: int = 48
@@ -112,11 +116,13 @@ class ReadingVocab:
 
 
 def prototype_log_probs(h: torch.Tensor, protos: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """log softmax_k(-||h - P_k||^2 / T): h [..., d], protos [C, d] -> [..., C].
+    """log softmax_k(cos(h, P_k) / T): h [..., d], protos [C, d] -> [..., C].
 
-    ||h||^2 is common to every class, so it is dropped: logits = (2 h.P_k - ||P_k||^2) / T.
+    Cosine, not -||h - P_k||^2: the squared distance favours the prototypes of smallest norm (the blank's among
+    them) while h is still small, and the untrained tower collapsed onto the blank with it. The norm of h is matched
+    to its prototype by the pull term of `reading_loss` instead.
     """
-    logits = (2.0 * h @ protos.T - protos.pow(2).sum(-1)) / temperature  # [..., C]
+    logits = F.normalize(h, dim=-1) @ F.normalize(protos, dim=-1).T / temperature  # [..., C]
     return logits.log_softmax(-1)
 
 
@@ -228,7 +234,7 @@ def sample_examples(phrases: PhraseSets, rng: random.Random, n: int, cfg: GraftC
     for _ in range(n):
         r = rng.random()
         if r < cfg.blank_frac:
-            out.append(Example("", image=render_blank(rng, cfg.max_width, cfg.max_height)))
+            out.append(Example("", image=render_blank(rng, min(448, cfg.max_width), 224)))
         elif r < cfg.blank_frac + cfg.video_frac:
             text = phrases.train_phrase(rng, max_words=8)
             out.append(Example(text, frames=tuple(render_word_video(text, rng))))
@@ -259,15 +265,36 @@ def encode_examples(processor, examples: Sequence[Example]) -> tuple[torch.Tenso
     return torch.cat(pix), torch.cat(grids)
 
 
+def word_ids(word: str, tokenizer) -> list[int]:
+    """The LLM tokens the tower writes for one printed word: ' ' + the word, lower case, no punctuation.
+
+    One canonical form per word (not one class per printed variant: "Bring", "bring," and " bring" are one word to
+    read), so every rendering of a word trains the same classes; word recall is case- and punctuation-blind too.
+    """
+    return _word_ids(" " + " ".join(normalise_words(word)), tokenizer)
+
+
+def _word_ids(text: str, tokenizer) -> list[int]:
+    cache = tokenizer.__dict__.setdefault("_mars_word_ids", {})
+    if text not in cache:
+        cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+    return cache[text]
+
+
+def phrase_labels(text: str, tokenizer, vocab: ReadingVocab) -> list[int] | None:
+    """Class labels of a phrase, word by word (`word_ids`); [] for no text, None when a token is outside `vocab`."""
+    ids = [t for w in text.split() for t in word_ids(w, tokenizer)]
+    return vocab.labels(ids)
+
+
 def example_cells(e: Example, tokenizer, vocab: ReadingVocab) -> list[int] | None:
     """Per-cell classes of a text image from its word boxes (see `render.layout_targets`), blanks elsewhere;
     None for videos, text-free images, out-of-vocabulary words or layouts that do not fit cell by cell."""
     if e.image is None or not e.boxes:
         return None
     words = []
-    for k, box in enumerate(e.boxes):
-        ids = tokenizer(box.word if k == 0 else " " + box.word, add_special_tokens=False)["input_ids"]
-        lab = vocab.labels(ids)
+    for box in e.boxes:
+        lab = vocab.labels(word_ids(box.word, tokenizer))
         if lab is None:
             return None
         words.append(lab)
@@ -279,13 +306,70 @@ def order(examples: Sequence[Example]) -> list[Example]:
     return [e for e in examples if e.image is not None] + [e for e in examples if e.frames is not None]
 
 
-def tower_outputs(tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Merged tokens per input, padded: ([B, T_max, d], lengths). Each input's tokens in the LLM's order."""
-    merged = tower(pixel_values, grid_thw=grid_thw).pooler_output  # [sum T_i, d]
+def tower_outputs(tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor, patches: bool = False):
+    """Merged tokens per input, padded: ([B, T_max, d], lengths). Each input's tokens in the LLM's order.
+
+    With `patches=True` also the tower's last hidden state per patch ([sum N_i, embed_dim], processor order), which
+    the letter head reads."""
+    out = tower(pixel_values, grid_thw=grid_thw)
+    merged = out.pooler_output  # [sum T_i, d]
     m = tower.spatial_merge_size ** 2
     lengths = (grid_thw.prod(-1) // m).tolist()
     parts = torch.split(merged, lengths)
-    return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True), lengths
+    padded = torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True)
+    return (padded, lengths, out.last_hidden_state) if patches else (padded, lengths)
+
+
+LETTER_BIN = 7  # pixels per letter-head position: a quarter of a merged token, narrower than any letter pair
+
+
+def letter_class(ch: str) -> int:
+    """0 = no letter centre here, 1-26 = a-z (either case), 27-36 = 0-9, 37 = anything else."""
+    c = ch.lower()
+    if "a" <= c <= "z":
+        return ord(c) - ord("a") + 1
+    if "0" <= c <= "9":
+        return 27 + ord(c) - ord("0")
+    return 37
+
+
+LETTER_CLASSES = 38
+
+
+def letter_targets(boxes: Sequence[WordBox], width: int) -> list[int]:
+    """The letter whose centre falls in each 7-px column bin of a one-row strip (0 where none does)."""
+    out = [0] * (width // LETTER_BIN)
+    for box in boxes:
+        for ch, x in zip(box.word, box.centres, strict=False):
+            j = int(x // LETTER_BIN)
+            if 0 <= j < len(out):
+                out[j] = letter_class(ch)
+    return out
+
+
+def letter_loss(head: torch.nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor,
+                targets: Sequence[list[int] | None], merge: int = 2) -> torch.Tensor:
+    """Cross-entropy of the auxiliary letter head on one-row strips (training only; the head is not saved).
+
+    Patches come in merge-window order (each merged token's merge x merge patches together); for a strip one merged
+    token high that is [cells, rows, cols]: the rows are averaged and each patch column predicts its two 7-px bins.
+    Dense letter labels teach the tower letter shapes long before whole words separate.
+    """
+    logits, labels = [], []
+    offset = 0
+    for g, tgt in zip(grid_thw.tolist(), targets, strict=True):
+        n = g[0] * g[1] * g[2]
+        if tgt is not None and g[0] == 1 and g[1] == merge:
+            x = patches[offset:offset + n].reshape(g[2] // merge, merge, merge, -1).mean(1)  # [cells, cols, e]
+            x = x.reshape(g[2], -1)  # [patch columns, e]
+            lg = head(x).reshape(g[2] * 2, -1)  # [bins, C]
+            k = min(len(tgt), lg.shape[0])
+            logits.append(lg[:k])
+            labels.append(torch.tensor(tgt[:k], dtype=torch.long))
+        offset += n
+    if not logits:
+        return patches.sum() * 0.0
+    return F.cross_entropy(torch.cat(logits), torch.cat(labels))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,15 +426,16 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
     torch.manual_seed(seed)
     rng = random.Random(f"train-{seed}")
     protos = vocab.prototypes(embedding)  # [C, d]
-    t0_value = cfg.temperature_frac * float(protos.pow(2).sum(-1).mean())
+    t0_value = cfg.temperature
     # A learned temperature: soft at first (a fixed sharp one made the untrained tower confidently wrong), sharper
     # as the tower learns; floored at 1/50 of the start.
     log_temp = torch.nn.Parameter(torch.tensor(math.log(t0_value)))
-    opt = torch.optim.AdamW([{"params": list(tower.parameters())},
+    letter_head = torch.nn.Linear(tower.config.embed_dim, 2 * LETTER_CLASSES)  # training only: not saved
+    opt = torch.optim.AdamW([{"params": list(tower.parameters()) + list(letter_head.parameters())},
                              {"params": [log_temp], "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def temp() -> torch.Tensor:
-        return log_temp.exp().clamp_min(t0_value / 50)
+        return log_temp.exp().clamp_min(0.02)
 
     gen = torch.Generator().manual_seed(seed)
     held_rng = random.Random(f"heldout-render-{seed}")
@@ -361,7 +446,7 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
     history: list[dict] = []
     last_eval = t0
     step = 0
-    run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+    run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "letters": 0.0, "n": 0}
     tower.train()
     while True:
         elapsed = time.time() - t0
@@ -373,7 +458,7 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
         batch = order(sample_examples(phrases, rng, cfg.batch_size, cfg))
         targets, cells, keep = [], [], []
         for e in batch:
-            lab = vocab.labels(tokenizer(e.text, add_special_tokens=False)["input_ids"]) if e.text else []
+            lab = phrase_labels(e.text, tokenizer, vocab)
             if lab is not None:
                 targets.append(lab)
                 cells.append(example_cells(e, tokenizer, vocab))
@@ -382,13 +467,18 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
             step += 1
             continue
         pix, grid = encode_examples(processor, keep)
-        h, lengths = tower_outputs(tower, pix, grid)
+        h, lengths, patches = tower_outputs(tower, pix, grid, patches=True)
         classes = sample_classes(targets + [c for c in cells if c], protos.shape[0], cfg.negatives, gen)
         local = {int(c): i for i, c in enumerate(classes.tolist())}
         sub_targets = [[local[c] for c in t] for t in targets]
         sub_cells = [[local[c] for c in ct] if ct else None for ct in cells]
         loss, parts = reading_loss(h, lengths, sub_targets, protos[classes], temp(), cfg.pull_weight,
                                    sub_cells, cfg.cell_weight)
+        letters = [letter_targets(e.boxes, e.image.width) if e.image is not None and e.boxes else None
+                   for e in keep]
+        lett = letter_loss(letter_head, patches, grid, letters, tower.spatial_merge_size)
+        loss = loss + cfg.letter_weight * lett
+        parts["letters"] = float(lett.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
@@ -398,21 +488,23 @@ def train_tower(tower, processor, tokenizer, embedding: torch.Tensor, vocab: Rea
         run["ctc"] += parts["ctc"]
         run["pull"] += parts["pull"]
         run["cell"] += parts["cell"]
+        run["letters"] += parts["letters"]
         run["n"] += 1
         now = time.time()
         done = (steps is not None and step >= steps) or now - t0 >= budget
         if now - last_eval >= cfg.eval_every_s or done:
-            rec, acc, _ = evaluate_reading(tower, processor, vocab, protos, float(temp()), tokenizer, held)
+            rec, acc, _ = evaluate_reading(tower, processor, vocab, protos, float(temp().detach()), tokenizer, held)
             n = max(1, run["n"])
             row = {"step": step, "seconds": round(now - t0, 1), "loss": run["loss"] / n, "ctc": run["ctc"] / n,
-                   "cell": run["cell"] / n, "pull": run["pull"] / n, "read_recall": rec, "read_char": acc,
-                   "lr": opt.param_groups[0]["lr"], "temperature": float(temp())}
+                   "cell": run["cell"] / n, "pull": run["pull"] / n, "letters": run["letters"] / n,
+                   "read_recall": rec, "read_char": acc,
+                   "lr": opt.param_groups[0]["lr"], "temperature": float(temp().detach())}
             history.append(row)
-            run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+            run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "letters": 0.0, "n": 0}
             last_eval = time.time()
             if progress:
                 progress(row | {"budget_s": budget, "steps_total": steps})
     tower.eval()
     return TrainResult(steps=step, seconds=time.time() - t0, history=history,
                        config=asdict(cfg) | {"seed": seed, "minutes": minutes, "max_steps": steps,
-                                             "temperature": float(temp())})
+                                             "temperature": float(temp().detach())})

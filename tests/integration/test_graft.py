@@ -81,6 +81,31 @@ def test_reloads_through_load_backbone_and_answers_image_and_video(grafted):
     assert len(answers) == 2 and all(len(ids) >= 1 for ids, _ in answers)
 
 
+def test_text_is_read_as_by_the_llm_and_image_tokens_get_width_positions(tiny_llm, grafted):
+    """Every rotary frequency goes to the width axis: text-only logits equal the LLM's own (t = h = w on text), and a
+    one-row image's tokens sit at consecutive positions, the way the LLM reads text."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from mars_viz.graft.render import render_phrase
+
+    vl = AutoModelForImageTextToText.from_pretrained(grafted).eval()
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    head_dim = llm.config.hidden_size // llm.config.num_attention_heads
+    assert vl.config.text_config.rope_parameters["mrope_section"] == [0, 0, head_dim // 2]
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(vl(input_ids=ids).logits, llm(input_ids=ids).logits, atol=1e-5)
+    proc = AutoProcessor.from_pretrained(grafted)
+    image = render_phrase("seven quiet lamps", random.Random(0))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    enc = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=[image],
+               return_tensors="pt")
+    pos, _ = vl.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+                                     image_grid_thw=enc["image_grid_thw"], attention_mask=enc["attention_mask"])
+    w = pos[2, 0][enc["input_ids"][0] == vl.config.image_token_id]
+    assert enc["image_grid_thw"][0, 1] == 2 and torch.equal(torch.diff(w), torch.ones(len(w) - 1, dtype=w.dtype))
+
+
 def test_auto_classes_and_chat_template(grafted):
     from transformers import AutoProcessor
 

@@ -105,3 +105,64 @@ def test_cell_targets_are_learned_where_the_layout_is_known():
     # a target list of the wrong length is ignored, not misapplied
     _, pn = reading_loss(h, [h.shape[1]], [labels], protos, 0.1, 1.0, [cells[:-1]], 1.0)
     assert pn["cell"] == 0.0
+
+
+def test_letter_targets_mark_each_letter_centre():
+    from mars_viz.graft.render import WordBox
+    from mars_viz.graft.train import letter_class, letter_targets
+
+    boxes = [WordBox("Ab", 0, 14, 14, (3.0, 10.0)), WordBox("c7?", 20, 40, 14, (22.0, 30.0, 36.0))]
+    got = letter_targets(boxes, 56)  # 8 bins of 7 px
+    assert got == [letter_class("a"), letter_class("b"), 0, letter_class("c"), letter_class("7"), letter_class("?"),
+                   0, 0]
+    assert letter_class("A") == letter_class("a") == 1 and letter_class("9") == 36 and letter_class("-") == 37
+
+
+def test_letter_loss_reads_bins_of_patch_columns_in_merge_order():
+    """A strip of 2 merged tokens has 4 patch columns (8 bins); each patch column's features name its two bins'
+    letters. The right labels give a low loss, shifted ones a high loss, and rows are averaged (swapping them is
+    free)."""
+    from mars_viz.graft.train import LETTER_CLASSES, letter_loss
+
+    c = LETTER_CLASSES
+    labels = [1, 0, 5, 9, 0, 0, 3, 2]  # 8 bins
+    cols = torch.zeros(4, 2 * c)  # per patch column: one-hot of bin 0's class, then of bin 1's class
+    for j in range(4):
+        cols[j, labels[2 * j]] = 1.0
+        cols[j, c + labels[2 * j + 1]] = 1.0
+    # merge-window order: cell k, row r, col j -> patch k*4 + r*2 + j holds column 2k + j
+    patches = torch.stack([cols[2 * k + j] for k in range(2) for r in range(2) for j in range(2)])
+    head = torch.nn.Linear(2 * c, 2 * c, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(20 * torch.eye(2 * c))
+    grid = torch.tensor([[1, 2, 4]])
+    good = letter_loss(head, patches, grid, [labels])
+    bad = letter_loss(head, patches, grid, [labels[1:] + labels[:1]])
+    assert float(good) < 0.01 < 1.0 < float(bad)
+    swapped = torch.stack([cols[2 * k + j] * (1 + r) / (1 + r) for k in range(2) for r in (1, 0) for j in range(2)])
+    assert float(letter_loss(head, swapped, grid, [labels])) == pytest.approx(float(good))
+    assert float(letter_loss(head, patches, grid, [None])) == 0.0  # no letters known (a video, a blank image)
+
+
+class _Tok:
+    """Whole-word ids from a table: enough to check which text the graft asks ids for."""
+
+    def __init__(self):
+        self.table = {" bring": [11], " me": [12], " lake": [13]}
+        self.asked: list[str] = []
+
+    def __call__(self, text, add_special_tokens=False):
+        self.asked.append(text)
+        return {"input_ids": [i for w in text.split() for i in self.table.get(" " + w, [99])]}
+
+
+def test_every_printed_form_of_a_word_is_one_canonical_class():
+    from mars_viz.graft.train import phrase_labels, word_ids
+
+    tok = _Tok()
+    assert word_ids("Bring", tok) == word_ids("bring,", tok) == word_ids("BRING", tok) == [11]
+    assert tok.asked == [" bring"]  # asked once, then cached
+    vocab = ReadingVocab(token_ids=[11, 12, 13], blank_id=0)
+    assert phrase_labels("Bring me the lake?", tok, vocab) is None  # "the" is outside this vocabulary
+    assert phrase_labels("Bring me, lake!", tok, vocab) == [1, 2, 3]
+    assert phrase_labels("", tok, vocab) == []
