@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..datasets import builtin_prompts
 from .render import make_phrase_sets, normalise_words
 from .train import GraftConfig, ReadingVocab, train_tower, word_ids
 
-__all__ = ["CHAT_TEMPLATE", "banned_texts", "build_processor", "graft", "graft_config", "reading_vocab",
+__all__ = ["CHAT_TEMPLATE", "banned_texts", "build_processor", "check_disk", "graft", "graft_config", "reading_vocab",
            "word_pool"]
 
 _QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -208,6 +209,21 @@ def _assemble(llm_model, tower, config):
     return vl
 
 
+def check_disk(out: Path, llm_model, margin: int = 256 * 2**20) -> None:
+    """Refuse, before any training, an output folder whose disk cannot take the checkpoint (the LLM's tensors at
+    their dtype, plus a margin for the tower, processor and record). A full disk at the final save would otherwise
+    lose the whole training run (it happened here once: an hour of training, then 'No space left on device')."""
+    need = sum(p.numel() * p.element_size() for p in llm_model.parameters()) + margin
+    probe = Path(out).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise ValueError(f"--out {str(out)!r}: {free / 2**30:.2f} GiB free on its disk, the graft needs about "
+                         f"{need / 2**30:.2f} GiB; free some space or choose a folder on another disk (checked "
+                         f"before training, so no training time is lost)")
+
+
 def graft(llm: str, out: str | Path, minutes: float = 60.0, seed: int = 0, steps: int | None = None,
           cfg: GraftConfig | None = None, progress: Callable[[dict], None] | None = None,
           word_limit: int = 1500) -> dict:
@@ -230,6 +246,7 @@ def graft(llm: str, out: str | Path, minutes: float = 60.0, seed: int = 0, steps
     config = graft_config(llm_config, tokenizer, cfg)
     llm_model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
     llm_model.eval().requires_grad_(False)
+    check_disk(out, llm_model)
     embedding = llm_model.get_input_embeddings().weight  # [V, d], read only
 
     banned = banned_texts()

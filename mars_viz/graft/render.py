@@ -1,8 +1,13 @@
-"""Training images for the reading graft, rendered in-process: phrases on varied backgrounds, and text-free images.
+"""Training images for the reading graft, rendered in-process: one-line text strips, and text-free images.
 
 Everything here is a pure function of its arguments and a seed (a `random.Random` passed in), so a seed gives the
 same images on every machine. Fonts come from installed packages (Pillow's built-in Aileron, and `font-roboto` /
 `font-source-serif-pro` when present); nothing is downloaded.
+
+What the graft is taught to read, and therefore what these images are: one line of text in a strip one merged
+token (28 px) high and up to 1 400 px wide, in three upright regular faces at 16–20 px, dark ink on a light tint
+(solid or a gentle gradient), at a random horizontal and vertical position, with light noise or blur. Wider
+variety (13 faces, 14–22 px, any colours) kept a from-scratch tower at chance on 2 CPU cores (measured, issue 13).
 
 The phrase generator never emits a 3-word sequence (n-gram) that occurs in the project's harmful, harmless,
 look-alike or jailbreak prompt sets, nor any whole prompt shorter than three words, so the transfer test (typographic
@@ -181,8 +186,17 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size=size)
 
 
+_TAUGHT_FACES = ("Roboto-Regular.ttf", "SourceSerifPro-Regular.ttf")
+
+
 def _pick_font(rng: random.Random) -> str:
-    return rng.choice(("default",) + font_files())
+    """One of the three upright regular faces the graft is taught: Pillow's Aileron, Roboto, Source Serif.
+
+    Measured (issue 13 note): a from-scratch tower on 2 CPU cores stayed at chance on 20 words over 800 steps with
+    all 13 faces and any colours, and learned them with these three faces and dark-on-light colours.
+    """
+    faces = [f for f in font_files() if f.endswith(_TAUGHT_FACES)]
+    return rng.choice(["default"] + faces)
 
 
 def _luma(c: tuple[int, int, int]) -> float:
@@ -190,18 +204,11 @@ def _luma(c: tuple[int, int, int]) -> float:
 
 
 def _colour_pair(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(background, ink) with a luminance difference of at least 0.45, so the text stays legible."""
-    r = rng.random()
-    if r < 0.35:
-        bg, ink = (255, 255, 255), (0, 0, 0)
-        if rng.random() < 0.5:
-            bg = tuple(rng.randint(225, 255) for _ in range(3))
-            ink = tuple(rng.randint(0, 60) for _ in range(3))
-        return bg, ink  # type: ignore[return-value]
+    """(background, ink): a light tint and a dark ink (luminance difference at least 0.55), as printed text is."""
     for _ in range(100):
-        bg = tuple(rng.randint(0, 255) for _ in range(3))
-        ink = tuple(rng.randint(0, 255) for _ in range(3))
-        if abs(_luma(bg) - _luma(ink)) >= 0.45:  # type: ignore[arg-type]
+        bg = tuple(rng.randint(190, 255) for _ in range(3))
+        ink = tuple(rng.randint(0, 90) for _ in range(3))
+        if abs(_luma(bg) - _luma(ink)) >= 0.55:  # type: ignore[arg-type]
             return bg, ink  # type: ignore[return-value]
     return (255, 255, 255), (0, 0, 0)
 
@@ -247,7 +254,7 @@ class WordBox:
     centres: tuple[float, ...] = ()  # the horizontal centre of each of its characters
 
 
-STRIP_FONTS = (14, 22)  # font sizes whose line fits one 28-px row of merged tokens
+STRIP_FONTS = (16, 20)  # font sizes whose line fits one 28-px row of merged tokens (the taught range)
 MAX_STRIP = 1400  # widest strip (50 merged tokens): a 25-word prompt at 14 px still fits on one line
 
 

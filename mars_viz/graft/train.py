@@ -1,14 +1,16 @@
 """Teach a small Qwen2-VL vision tower to read: CTC onto the frozen LLM's own input embeddings, plus a pull onto them.
 
 The objective needs no LLM forward pass. Every merged vision token h_t (the merger's output, [d_llm]) is classified
-against *prototypes*: the LLM's own input-embedding rows of the training vocabulary's tokens, plus a blank whose
-prototype is the embedding of the space token (a filler the LLM reads past; measured below, zero vectors were worse).
-The classifier is the nearest-prototype rule, logit_k = -||h - P_k||^2 / T (T learned), so CTC both aligns tokens to
-positions and moves h toward the right row. Because the renderer knows where it drew each word, text images also get
-per-cell targets (each word's tokens from the cell where the word starts, the blank elsewhere) and a cross-entropy
-there, text cells and blank cells averaged apart. A last term pulls h onto its target prototype itself (the layout's,
-else the CTC posterior's expectation), so that the LLM receives, in the image slot, vectors that *are* its word
-embeddings: the image of "red boat" becomes " red", " boat" with spaces in between.
+against *prototypes*: the LLM's own input-embedding rows of the training vocabulary's tokens (one canonical form per
+word, ' ' + lower case: `word_ids`), plus a blank whose prototype is the embedding of the space token (a filler the
+LLM reads past; zero vectors were worse). The logits are cosines, cos(h, P_k) / T (T learned), so CTC both aligns
+tokens to positions and turns h toward the right row. Because the renderer knows where it drew each word, text
+images also get per-cell targets (each word's tokens from the cell where the word starts, the blank elsewhere) and a
+cross-entropy there, text cells and blank cells averaged apart. A pull term moves h onto its target prototype itself
+(the layout's, else the CTC posterior's expectation), norm included, so that the LLM receives, in the image slot,
+vectors that *are* its word embeddings: the image of "red boat" becomes " red", " boat" with spaces in between.
+An auxiliary letter head (training only) classifies the letter centred in every 7-px column of a strip from the
+tower's patch states: dense labels for letter shapes while whole words are still far apart.
 
 Example:
     >>> import torch

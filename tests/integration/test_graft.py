@@ -150,6 +150,27 @@ def test_non_qwen2_llm_is_refused_clearly(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_disk_too_small_is_refused_before_training(tiny_llm, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import mars_viz.graft.build as build
+    import mars_viz.graft.train as train
+
+    trained = []
+    monkeypatch.setattr(train, "train_tower", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(build, "train_tower", lambda *a, **k: trained.append(1))
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda p: usage(real.total, real.total - 4096, 4096))
+    out = tmp_path / "deep" / "o"
+    rc = main(["graft", "--llm", str(tiny_llm), "--out", str(out), "--steps", "1"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # (the LLM's loading bar precedes it)
+    assert rc == 1 and len(errors) == 1 and errors[0].startswith("error: --out") and "GiB free" in errors[0]
+    assert not trained and not out.exists()
+
+
 def test_bad_minutes_is_an_error(tiny_llm, tmp_path, capsys):
     rc = main(["graft", "--llm", str(tiny_llm), "--out", str(tmp_path / "o"), "--minutes", "0"])
     assert rc == 1 and capsys.readouterr().err.startswith("error: --minutes")
