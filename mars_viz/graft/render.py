@@ -255,7 +255,7 @@ class WordBox:
 
 
 STRIP_FONTS = (16, 20)  # font sizes whose line fits one 28-px row of merged tokens (the taught range)
-MAX_STRIP = 1400  # widest strip (50 merged tokens): a 25-word prompt at 14 px still fits on one line
+MAX_STRIP = 1400  # widest strip (50 merged tokens): a 25-word prompt at 16 px still fits on one line
 
 
 def render_phrase(text: str, rng: random.Random, max_width: int = MAX_STRIP, max_height: int = CELL,
@@ -265,8 +265,8 @@ def render_phrase(text: str, rng: random.Random, max_width: int = MAX_STRIP, max
 
     One line on one row of merged tokens is what the graft reads: its tokens follow the text's reading order, and the
     graft's M-RoPE gives the width axis every rotary frequency, so the LLM sees them at consecutive 1-D positions, as
-    it sees text. A phrase too long for `max_width` shrinks its font (down to 9 px). `max_height` above 28 centres
-    the strip's line in a taller image of the same background.
+    it sees text. A phrase too long for `max_width` shrinks its font (down to 9 px). The strip is always 28 px high;
+    `max_height` is only a bound (any value of at least 28 gives the same strip).
     """
     return render_phrase_layout(text, rng, max_width, max_height, font_range)[0]
 
@@ -283,7 +283,7 @@ def render_phrase_layout(text: str, rng: random.Random, max_width: int = MAX_STR
         font = _font(fkey, size)
     text_w = _MEASURE.textlength(line, font=font)
     w = min(max(4 * CELL, max_width // CELL * CELL), max(4 * CELL, _round_up(text_w + rng.randint(4, 40))))
-    h = max(CELL, min(max_height, CELL) // CELL * CELL)
+    h = CELL
     bg, ink = _colour_pair(rng)
     img = _background(rng, w, h, bg)
     draw = ImageDraw.Draw(img)
