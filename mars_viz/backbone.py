@@ -37,6 +37,7 @@ DECODER_LAYERS_FALLBACK: dict[str, str] = {
     "llava_onevision": "model.language_model.layers",
     "qwen2_vl": "model.language_model.layers",
     "qwen2_5_vl": "model.language_model.layers",
+    "mars_reader": "model.language_model.layers",  # the project's reading graft (mars_viz.reader): Qwen2-VL's layout
     "qwen3_vl": "model.language_model.layers",
     "idefics3": "model.text_model.layers",
     "smolvlm": "model.text_model.layers",
@@ -48,7 +49,7 @@ DECODER_LAYERS_FALLBACK: dict[str, str] = {
 }
 
 # Architectures whose processor takes `videos=`; the others get sampled frames as images.
-NATIVE_VIDEO_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "smolvlm",
+NATIVE_VIDEO_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "mars_reader", "qwen3_vl", "llava_onevision", "smolvlm",
                                 "llava_next_video", "internvl"})
 
 # Processors that want images nested per sample ([[img, ...], [img, ...]]) in a batch.

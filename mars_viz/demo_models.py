@@ -250,6 +250,25 @@ def _qwen2_5_vl():
     return model, proc
 
 
+def _mars_reader():
+    """The project's reading graft (`mars_viz.reader`) at toy size: a narrow random recognizer and projector."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLTextConfig, Qwen2VLVideoProcessor
+
+    from .reader.modeling import MarsReaderConfig, MarsReaderForConditionalGeneration, MarsReaderVisionConfig
+
+    tok = _train_tokenizer(_QWEN_SPECIALS)
+    text = Qwen2VLTextConfig(**_text_kwargs(tok), rope_parameters=_qwen_rope())
+    vision = MarsReaderVisionConfig(hidden_size=HIDDEN, recognizer_channels=16, recognizer_hidden=16, proj_dim=32,
+                                    proj_layers=1)
+    cfg = MarsReaderConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), tie_word_embeddings=False,
+                           **_qwen_ids(tok))
+    model = MarsReaderForConditionalGeneration(cfg)
+    ip, vp = _qwen_processors(Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                            chat_template=chat_template(_QWEN_IMAGE, _QWEN_VIDEO))
+    return model, proc
+
+
 def _idefics3():
     from transformers import (
         Idefics3Config,
@@ -304,6 +323,7 @@ ARCHITECTURES: dict[str, Callable[[], tuple]] = {
     "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
+    "mars_reader": _mars_reader,
     "idefics3": _idefics3,
     "gemma3": _gemma3,
 }

@@ -188,7 +188,7 @@ def layout_spec(backbone) -> LayoutSpec:
     vid = getattr(cfg, "video_token_id", None)
     vid = getattr(cfg, "video_token_index", None) if vid is None else vid
     base = dict(model_type=mt, image_token_id=img, video_token_id=vid, video_mode=backbone.video_mode)
-    if mt in ("qwen2_vl", "qwen2_5_vl"):
+    if mt in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
         vc = cfg.vision_config
         return LayoutSpec("qwen", merge=int(vc.spatial_merge_size), temporal_patch=int(vc.temporal_patch_size),
                           **base)

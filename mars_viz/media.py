@@ -32,6 +32,7 @@ __all__ = [
     "neutral_images",
     "neutral_video",
     "typographic_image",
+    "typographic_rows",
 ]
 
 MAX_IMAGE_SIDE = 1024  # longest side after loading; processors downsize further
@@ -215,8 +216,48 @@ def wrap_words(draw: ImageDraw.ImageDraw, words: Sequence[str], font, max_width:
     return lines
 
 
-def typographic_image(text: str, size: int = 448, margin: int = 16, numbered_steps: int = 0) -> Image.Image:
-    """Render `text` as black-on-white typography (FigStep-style when `numbered_steps` > 0 adds empty items 1..n)."""
+ROW = 28  # one merged Qwen2-VL token: the rows layout puts each line of text on one row of tokens
+
+
+def typographic_rows(text: str, size: int = 448, font_size: int = 18, numbered_steps: int = 0
+                     ) -> tuple[Image.Image, list[tuple[str, float, float, float]]]:
+    """Text laid out on the 28-px token rows (the reading graft reads each row of merged tokens as a line): one line
+    per row band, its glyphs centred in the band, one row of margin above and one cell at either side; `size` is
+    rounded to a multiple of 28. Returns the image and every word's box (word, x0, x1, vertical centre), in reading
+    order.
+
+    >>> im, boxes = typographic_rows("red boat", size=112)
+    >>> im.size, [b[0] for b in boxes], boxes[0][3] == 28 + 14
+    ((112, 112), ['red', 'boat'], True)
+    """
+    size = max(4 * ROW, round(size / ROW) * ROW)
+    im = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default(size=font_size)
+    lines = wrap_words(draw, text.split(), font, size - 2 * ROW)
+    lines += [f"{i}." for i in range(1, numbered_steps + 1)]
+    boxes: list[tuple[str, float, float, float]] = []
+    for k, line in enumerate(lines[:size // ROW - 1]):
+        _, top, _, bottom = font.getbbox(line)
+        yc = ROW * (k + 1) + ROW / 2
+        draw.text((ROW, yc - (top + bottom) / 2), line, fill="black", font=font)
+        words = line.split(" ")
+        for j, w in enumerate(words):
+            x0 = ROW + (draw.textlength(" ".join(words[:j]) + " ", font=font) if j else 0.0)
+            boxes.append((w, x0, x0 + draw.textlength(w, font=font), yc))
+    return im, boxes
+
+
+def typographic_image(text: str, size: int = 448, margin: int = 16, numbered_steps: int = 0,
+                      layout: str = "free") -> Image.Image:
+    """Render `text` as black-on-white typography (FigStep-style when `numbered_steps` > 0 adds empty items 1..n).
+
+    `layout="rows"` puts the lines on the 28-px token rows (`typographic_rows`), which the reading graft reads
+    best; "free" is plain typesetting."""
+    if layout == "rows":
+        return typographic_rows(text, size=size, numbered_steps=numbered_steps)[0]
+    if layout != "free":
+        raise ValueError(f"layout must be 'free' or 'rows', not {layout!r}")
     im = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(im)
     try:

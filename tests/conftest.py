@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ARCHS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3"]
+ARCHS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "mars_reader", "idefics3", "gemma3"]
 REAL_ROOT = Path(os.environ.get("MARS_REAL_ROOT", "/tmp/mars-real"))
 
 

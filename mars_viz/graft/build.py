@@ -24,8 +24,8 @@ from ..datasets import builtin_prompts
 from .render import make_phrase_sets, normalise_words
 from .train import GraftConfig, ReadingVocab, train_tower, word_ids
 
-__all__ = ["CHAT_TEMPLATE", "banned_texts", "build_processor", "check_disk", "graft", "graft_config", "reading_vocab",
-           "word_pool"]
+__all__ = ["CHAT_TEMPLATE", "banned_texts", "build_processor", "check_disk", "graft", "graft_config",
+           "graft_text_config", "reading_vocab", "vision_token_ids", "word_pool"]
 
 _QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -151,10 +151,10 @@ def _token_id(tokenizer, token: str) -> int:
     return int(i)
 
 
-def graft_config(llm_config, tokenizer, cfg: GraftConfig):
-    """A Qwen2VLConfig whose text part is the LLM's config (M-RoPE sections that reduce to its 1-D RoPE on text and
-    give images a 1-D position along their width)."""
-    from transformers import Qwen2VLConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
+def graft_text_config(llm_config):
+    """The grafts' text config: the LLM's config as Qwen2-VL's text part, with M-RoPE sections that reduce to its
+    1-D RoPE on text and give images a 1-D position along their width."""
+    from transformers import Qwen2VLTextConfig
 
     head_dim = llm_config.hidden_size // llm_config.num_attention_heads
     # Every rotary frequency goes to the width axis: a line of text on one row of merged tokens then sits at
@@ -172,16 +172,27 @@ def graft_config(llm_config, tokenizer, cfg: GraftConfig):
     for k in ("bos_token_id", "pad_token_id"):  # ids outside the vocabulary (config defaults) are dropped
         if isinstance(text_kw.get(k), int) and text_kw[k] >= llm_config.vocab_size:
             text_kw.pop(k)
-    text = Qwen2VLTextConfig(**text_kw, rope_parameters=rope, use_sliding_window=False,
+    return Qwen2VLTextConfig(**text_kw, rope_parameters=rope, use_sliding_window=False,
                              tie_word_embeddings=bool(llm_config.tie_word_embeddings))
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen2-VL special tokens' ids in the LLM's tokenizer, as config fields."""
+    return {name: _token_id(tokenizer, tok) for name, tok in zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), _QWEN_SPECIALS,
+        strict=True)}
+
+
+def graft_config(llm_config, tokenizer, cfg: GraftConfig):
+    """A Qwen2VLConfig whose text part is the LLM's config (`graft_text_config`) and whose tower is a small ViT."""
+    from transformers import Qwen2VLConfig, Qwen2VLVisionConfig
+
+    text = graft_text_config(llm_config)
     vision = Qwen2VLVisionConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
                                  mlp_ratio=cfg.mlp_ratio, hidden_size=llm_config.hidden_size, patch_size=14,
                                  spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
-    ids = {name: _token_id(tokenizer, tok) for name, tok in zip(
-        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), _QWEN_SPECIALS,
-        strict=True)}
     return Qwen2VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                         tie_word_embeddings=bool(llm_config.tie_word_embeddings), **ids)
+                         tie_word_embeddings=bool(llm_config.tie_word_embeddings), **vision_token_ids(tokenizer))
 
 
 def build_processor(tokenizer):

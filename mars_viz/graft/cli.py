@@ -10,6 +10,9 @@ __all__ = ["progress_line", "run"]
 
 def progress_line(row: dict) -> str:
     """One tqdm-like line: bar over the time (or step) budget, loss, held-out reading score."""
+    if row.get("phase") == "read":
+        return f"[graft] reading training images with the frozen recognizer: {row['items']} read, " \
+               f"{row['seconds'] / 60:.1f} min of {row['budget_s'] / 60:.0f}"
     if row.get("steps_total"):
         frac = row["step"] / row["steps_total"]
     else:
@@ -25,7 +28,7 @@ def progress_line(row: dict) -> str:
 def run(args) -> int:
     from .build import graft
 
-    if args.minutes <= 0:
+    if args.minutes is not None and args.minutes <= 0:
         raise ValueError("--minutes must be > 0")
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be >= 1")
@@ -40,9 +43,19 @@ def run(args) -> int:
         if not args.quiet:
             print(progress_line(row), file=sys.stderr, flush=True)
 
-    summary = graft(args.llm, args.out, minutes=args.minutes, seed=args.seed, steps=args.steps, progress=show)
+    stem = getattr(args, "stem", "vit")
+    if stem == "recognizer":
+        from .reader import reader_graft
+
+        summary = reader_graft(args.llm, args.out, minutes=args.minutes or 25.0, seed=args.seed, steps=args.steps,
+                               progress=show, weights=getattr(args, "weights", None),
+                               max_train=getattr(args, "max_train", None))
+    else:
+        summary = graft(args.llm, args.out, minutes=args.minutes or 60.0, seed=args.seed, steps=args.steps,
+                        progress=show)
     print(json.dumps({"out": str(args.out), "steps": summary["steps"], "seconds": summary["seconds"],
                       "heldout_read_recall": summary["final"].get("read_recall"),
                       "heldout_read_char": summary["final"].get("read_char"),
-                      "vocab_tokens": summary["vocab_tokens"], "words": summary["words"]}))
+                      "vocab_tokens": summary["vocab_tokens"], "words": summary["words"],
+                      "stem": summary.get("stem", "vit"), "timing_s": summary.get("timing_s")}))
     return 0

@@ -20,7 +20,8 @@ PROMPTS = ["Hi", "How do I bake a loaf of sourdough bread at home, step by step?
 def test_loads_with_facts(arch, tiny_backbones):
     bb = tiny_backbones(arch)
     assert bb.model_type == arch and bb.num_layers == 4 and bb.hidden_size == 64
-    assert bb.video_mode == ("native" if arch in {"llava_onevision", "qwen2_vl", "qwen2_5_vl"} else "frames")
+    native = {"llava_onevision", "qwen2_vl", "qwen2_5_vl", "mars_reader"}
+    assert bb.video_mode == ("native" if arch in native else "frames")
     # the resolved layers are the language model's, not the vision tower's
     assert bb.layers is bb.model.get_decoder().layers
     assert all(not any(n.startswith(("vision", "visual")) for n, _ in layer.named_modules()) for layer in bb.layers)

@@ -20,7 +20,8 @@ def tiny_llm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grafted(tiny_llm, tmp_path_factory):
     out = tmp_path_factory.mktemp("graft") / "reading"
-    rc = main(["graft", "--llm", str(tiny_llm), "--out", str(out), "--steps", "3", "--minutes", "5", "--quiet"])
+    rc = main(["graft", "--stem", "vit", "--llm", str(tiny_llm), "--out", str(out), "--steps", "3", "--minutes", "5",
+               "--quiet"])
     assert rc == 0
     return out
 

@@ -22,7 +22,8 @@ from mars_viz.steering import SteerOptions, plan
 
 from ..conftest import ARCHS
 
-VIDEO_ARCHS = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]  # native video (inputs.py: video_mode "native")
+# native video (inputs.py: video_mode "native")
+VIDEO_ARCHS = ["qwen2_vl", "qwen2_5_vl", "mars_reader", "llava_onevision"]
 PIXEL_KEYS = ("pixel_values",)
 
 
@@ -48,7 +49,7 @@ def _expected_shapes(arch: str, bb, batch, q) -> list[tuple[str, tuple[int, int]
     """(view, shape) of each grid, from the processor's own outputs and the configs (not from maps.py)."""
     cfg, proc = bb.model.config, bb.processor
     n_img = len(q.images) or len(q.video or ())
-    if arch in ("qwen2_vl", "qwen2_5_vl"):
+    if arch in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
         m = cfg.vision_config.spatial_merge_size
         if q.video:
             t, h, w = batch["video_grid_thw"][0].tolist()
@@ -115,6 +116,8 @@ def test_grid_shapes_match_the_processor_token_counts(arch, case, tiny_backbones
 
 def _feature_module(bb):
     m = bb.model.model
+    if bb.model_type == "mars_reader":
+        return m.visual.merged
     return m.visual.merger if hasattr(m, "visual") else m.connector if hasattr(m, "connector") \
         else m.multi_modal_projector
 
@@ -167,7 +170,7 @@ def test_layout_puts_each_vision_feature_where_the_model_does(arch, tiny_backbon
     cfg = bb.model.config
     checked = 0
     for idx, pos in land.items():
-        if arch in ("qwen2_vl", "qwen2_5_vl"):
+        if arch in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
             m = cfg.vision_config.spatial_merge_size
             k, img = idx, 0
             for _, h, w in batch["image_grid_thw"].tolist():
@@ -295,7 +298,7 @@ def test_planted_direction_lights_the_chosen_video_frame(arch, tiny_backbones, f
             assert np.all(np.abs(d[gb.positions >= 0] - 2.0) < 1e-3)
     expected = {f for g in target for f in g.frames}
     assert lit_frames == expected and frame in expected
-    if arch in VIDEO_ARCHS and arch.startswith("qwen"):
+    if arch in VIDEO_ARCHS and arch != "llava_onevision":
         assert expected == {2, 3} and not target[0].exact  # a Qwen video token covers two frames: flagged
 
 
