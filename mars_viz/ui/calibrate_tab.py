@@ -16,10 +16,22 @@ from ..session import Session
 from ..state import STATE_JSON, STATE_TENSORS, MarsConfig
 from .common import gr_progress, user_errors
 
-__all__ = ["PRESETS", "build", "state_summary"]
+__all__ = ["HUB_PRESETS", "PRESETS", "build", "presets", "state_summary"]
 
-PRESETS = ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "llava-hf/llava-1.5-7b-hf",
-           "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "google/gemma-3-4b-it"]
+HUB_PRESETS = ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "llava-hf/llava-1.5-7b-hf",
+               "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+               "google/gemma-3-4b-it"]
+
+
+def presets() -> list[str]:
+    """The reading grafts built on this machine (`python -m mars_viz graft`; a lab MLLM that reads, so typography
+    carries meaning), then the hub presets."""
+    from ..reader import built_grafts
+
+    return built_grafts() + HUB_PRESETS
+
+
+PRESETS = HUB_PRESETS  # kept for importers; the dropdown uses presets()
 
 
 def state_summary(session: Session) -> dict:
@@ -50,7 +62,7 @@ def build(session: Session) -> None:
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Model")
-            model = gr.Dropdown(PRESETS, value=None, allow_custom_value=True, elem_id="model_id",
+            model = gr.Dropdown(presets(), value=None, allow_custom_value=True, elem_id="model_id",
                                 label="Preset, any hub id, or a local folder")
             load_model = gr.Button("Load model (replaces the current one for every user)", elem_id="load_model")
             gr.Markdown("### Calibration")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..backbone import typographic_layout
 from ..evaluate import SETS, build_items, evaluate, summarise, write_report
 from ..plots import eval_conditions_figure, strength_sweep_figure
 from ..session import Session
@@ -77,7 +78,7 @@ def build(session: Session, generation: gr.State, explore: ExploreTab | None = N
             state = session.ensure_state(gr_progress(progress))
             gen = session.generation
             chosen = [s for s in sets if not s.startswith("video") or "video" in session.backbone.modalities]
-            items = build_items(state, chosen, limit=int(limit))
+            items = build_items(state, chosen, limit=int(limit), layout=typographic_layout(session.backbone))
             rows = evaluate(session.backbone, state, items, lam, int(max_new_tokens),
                             progress=lambda d, n: progress((d, n), desc="Evaluating"))
         report = summarise(rows, lam)
