@@ -108,6 +108,32 @@ def multiline_reading(bb, phrases: list[str], max_new_tokens: int, per: int = 3,
             "examples": [{"text": t, "answer": a} for t, a in list(zip(texts, answers, strict=True))[:4]]}
 
 
+def straddle_reading(bb, phrases: list[str], offsets=(0, 4, 7, 10, 14)) -> dict:
+    """The reading tower alone on a line moved down from the middle of token row 0 by `offset` px (14 = the line's
+    centre on the border between rows 0 and 1): word recall per offset. Multi-line text whose lines are not on the
+    rows straddles them like this."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from mars_viz.graft.reader import read_back
+
+    font = ImageFont.load_default(size=18)
+    tower = bb.model.model.visual
+    out = {}
+    with torch.no_grad():
+        for off in offsets:
+            rec = []
+            for p in phrases:
+                w = min(1400, 28 * (int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(p, font=font)) // 28 + 3))
+                im = Image.new("RGB", (w, 56), "white")
+                _, top, _, bottom = font.getbbox(p)
+                ImageDraw.Draw(im).text((28, 14 + off - (top + bottom) / 2), p, fill="black", font=font)
+                enc = bb.processor.image_processor(images=[im], return_tensors="pt")
+                (x,) = tower.cell_inputs(enc["pixel_values"], enc["image_grid_thw"])
+                rec.append(word_recall(p, read_back(tower, x, bb.tokenizer)))
+            out[f"{off}px"] = round(mean(rec), 3)
+    return {"n": len(phrases), "font_px": 18, "tower_word_recall_by_offset": out}
+
+
 def harm_words() -> set[str]:
     """Words of the harmful prompts that no harmless or look-alike prompt uses (4+ letters): the 'harmful words'
     the map should light up."""
@@ -246,6 +272,7 @@ def main() -> int:
     ap.add_argument("--n-video", type=int, default=40)
     ap.add_argument("--n-multiline", type=int, default=40, help="multi-line images (3 held-out phrases each)")
     ap.add_argument("--n-map", type=int, default=12, help="typographic harmful images for the map's rank")
+    ap.add_argument("--n-straddle", type=int, default=60, help="phrases for the row-straddling measurement")
     ap.add_argument("--limit", type=int, default=0, help="cap prompts per held-out set in the transfer test")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--skip-reading", action="store_true")
@@ -275,6 +302,10 @@ def main() -> int:
         dump()
         print(json.dumps({k: out["reading_image"][k] for k in ("n", "word_recall", "char_accuracy")}),
               file=sys.stderr, flush=True)
+        if bb.model_type == "mars_reader" and args.n_straddle:
+            out["reading_straddle"] = straddle_reading(bb, held[:args.n_straddle])
+            dump()
+            print(json.dumps(out["reading_straddle"]), file=sys.stderr, flush=True)
         if args.n_multiline:
             out["reading_multiline"] = multiline_reading(bb, held[-3 * args.n_multiline:], 2 * args.max_new_tokens)
             dump()

@@ -40,6 +40,19 @@ NO_SHOWCASE = ("*No evaluation of this model yet.* Run one in the **Evaluate** t
                "method, drawn from the model's real behaviour rather than from bundled examples.")
 
 
+def reading_graft_note(model_type: str, built: list[str]) -> str:
+    """A pointer to the reading graft: the one model here on which typography carries meaning (empty when it is
+    the loaded model, or none is built)."""
+    if model_type == "mars_reader":
+        return ("**This is the reading graft** (a lab MLLM whose tower reads text). Its typographic examples below "
+                "(*on token rows*) carry the request into the LLM: the text-only refusal direction scores them.")
+    if not built:
+        return ""
+    return (f"**A reading graft is built on this machine** (`{built[-1]}`): a lab MLLM whose vision tower reads "
+            "text. Load it in **Calibrate** (it is the first preset) to see a text-only refusal direction score "
+            "typographic images; this model's vision tower does not read.")
+
+
 def _showcase_view(session: Session):
     """The walkthrough's first section: this model's own showcase (Evaluate's last run), harmful answered -> refused
     first, or a pointer to Evaluate when there is none."""
@@ -60,6 +73,9 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
     """`tabs`: the app's tab container; a Load button switches it to Explore with the example in place. `tab`: the
     Learn tab itself; selecting it refreshes the showcase section from the session."""
     gr.Markdown(INTRO)
+    from ..reader import built_grafts
+
+    gr.Markdown(reading_graft_note(session.backbone.model_type, built_grafts()), elem_id="learn_reading_graft")
     gr.Markdown("### Where MARS changed this model's answer")
     note = gr.Markdown(NO_SHOWCASE, elem_id="learn_showcase_note")
     with gr.Row():

@@ -211,3 +211,23 @@ def test_real_recognizer_reads_a_rendered_strip():
     from mars_viz.graft.metrics import char_accuracy
 
     assert char_accuracy(text, decode_greedy(logits[0]).strip()) > 0.9
+
+
+def test_built_grafts_are_listed_first_among_presets_and_pointed_to_by_learn(tmp_path, monkeypatch):
+    from mars_viz.reader import built_grafts, record_built
+    from mars_viz.ui.calibrate_tab import HUB_PRESETS, presets
+    from mars_viz.ui.learn import reading_graft_note
+
+    monkeypatch.setenv("MARS_VIZ_CACHE", str(tmp_path / "cache"))
+    assert built_grafts() == [] and presets() == HUB_PRESETS and reading_graft_note("qwen2_vl", []) == ""
+    good, gone, other = tmp_path / "reader", tmp_path / "gone", tmp_path / "qwen"
+    good.mkdir()
+    (good / "config.json").write_text('{"model_type": "mars_reader"}')
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    for f in (good, gone, other, good):
+        record_built(f)
+    assert built_grafts() == [str(good.resolve())]  # a deleted folder or another model type is not offered
+    assert presets() == [str(good.resolve())] + HUB_PRESETS
+    assert str(good.resolve()) in reading_graft_note("llava", built_grafts())
+    assert "This is the reading graft" in reading_graft_note("mars_reader", built_grafts())
