@@ -241,8 +241,6 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file: pass a folder")
     t_start = time.time()
-    if weights is None:  # before anything slow: the weights are the one thing a fresh machine may lack
-        weights = ensure_weights(install)
     llm_config = _check_llm(str(llm))
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
     for tok in _QWEN_SPECIALS:
@@ -250,6 +248,8 @@ def reader_graft(llm: str, out: str | Path, minutes: float = 25.0, seed: int = 0
     llm_model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
     llm_model.eval().requires_grad_(False)
     check_disk(out, llm_model)
+    if weights is None:  # after the argument checks, before anything slow
+        weights = ensure_weights(install)
     embedding = llm_model.get_input_embeddings().weight  # [V, d], read only
 
     banned = banned_texts()
