@@ -17,21 +17,35 @@ import torch
 
 from .backbone import Backbone
 from .hooks import capture_residuals
-from .inputs import Query, build_batch
+from .inputs import Query, build_batch, instruction_offset
 
-__all__ = ["Progress", "collect_activations", "forward_last"]
+__all__ = ["Progress", "collect_activations", "collect_sites", "forward_last", "forward_sites"]
 
 Progress = Callable[[int, int], None]  # (done, total)
 
 
 @torch.inference_mode()
-def forward_last(backbone: Backbone, queries: Sequence[Query]) -> torch.Tensor:
-    """One forward pass over one left-padded batch; float32 `[B, L, d]` at the last prompt position."""
+def forward_sites(backbone: Backbone, queries: Sequence[Query], inst: bool = True) -> dict[str, torch.Tensor]:
+    """One forward pass over one left-padded batch: float32 `[B, L, d]` at the gate's positions, `{"post": ...,
+    "inst": ...}` (t_post, the last prompt position; t_inst, the last token of the user's text; `inputs.gate_index`).
+    """
     batch = build_batch(backbone, list(queries))
-    with capture_residuals(backbone.layers) as cap:
+    positions = None
+    if inst:
+        n, t = batch["input_ids"].shape
+        positions = torch.full((n, 1), t - 1 - instruction_offset(backbone), dtype=torch.long)
+    with capture_residuals(backbone.layers, positions=positions) as cap:
         # logits_to_keep=1: only the last position's logits are computed (capture never needs the rest).
         backbone.model(**batch, use_cache=False, logits_to_keep=1)
-    return cap.last()
+    out = {"post": cap.last()}
+    if inst:
+        out["inst"] = cap.at_positions()[:, :, 0]
+    return out
+
+
+def forward_last(backbone: Backbone, queries: Sequence[Query]) -> torch.Tensor:
+    """One forward pass over one left-padded batch; float32 `[B, L, d]` at the last prompt position."""
+    return forward_sites(backbone, queries, inst=False)["post"]
 
 
 def _order(queries: Sequence[Query]) -> list[int]:
@@ -41,10 +55,18 @@ def _order(queries: Sequence[Query]) -> list[int]:
 def collect_activations(backbone: Backbone, queries: Sequence[Query], batch_size: int = 8,
                         progress: Progress | None = None) -> torch.Tensor:
     """Residuals of every decoder layer at the last prompt position for each query: float32 `[N, L, d]` on CPU."""
+    return collect_sites(backbone, queries, batch_size, progress, inst=False)["post"]
+
+
+def collect_sites(backbone: Backbone, queries: Sequence[Query], batch_size: int = 8,
+                  progress: Progress | None = None, inst: bool = True) -> dict[str, torch.Tensor]:
+    """Residuals of every decoder layer at the gate's positions for each query: `{"post": [N, L, d], "inst":
+    [N, L, d]}` float32 on CPU (`forward_sites`), in the input order."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     n = len(queries)
-    out = torch.empty(n, backbone.num_layers, backbone.hidden_size, dtype=torch.float32)
+    out = {site: torch.empty(n, backbone.num_layers, backbone.hidden_size, dtype=torch.float32)
+           for site in (("post", "inst") if inst else ("post",))}
     order = _order(queries)
     done = 0
     if progress:
@@ -56,7 +78,9 @@ def collect_activations(backbone: Backbone, queries: Sequence[Query], batch_size
         while len(idx) < batch_size and i + len(idx) < n and \
                 queries[order[i + len(idx)]].modality == queries[idx[0]].modality:
             idx.append(order[i + len(idx)])
-        out[idx] = forward_last(backbone, [queries[j] for j in idx])
+        got = forward_sites(backbone, [queries[j] for j in idx], inst=inst)
+        for site, acts in got.items():
+            out[site][idx] = acts
         i += len(idx)
         done += len(idx)
         if progress:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activations import forward_last
+from .activations import forward_sites
 from .backbone import Backbone
 from .generate import PairResult, PairStrategy, stream_pair
 from .inputs import Query
@@ -33,13 +33,14 @@ class Analysis:
     query: Query
     options: SteerOptions
     result: PairResult
-    acts: torch.Tensor  # [L, d] raw residuals at the last prompt position
+    acts: torch.Tensor  # [L, d] raw residuals at the last prompt position (t_post)
     state_fingerprint: str  # `MarsState.fingerprint()` of the state it was computed with
     frame_scores: list[float] | None = None  # video: re-centred score of each sampled frame at the chosen layer
     frame_indices: list[int] | None = None
     notes: list[str] = field(default_factory=list)
     input_map: InputMap | None = None  # per-position scores at the detection layer, placed on the input (maps.py)
     push_residuals: torch.Tensor | None = None  # [T, d] the same prefill at the push layer (when it is another layer)
+    acts_inst: torch.Tensor | None = None  # [L, d] raw residuals at the last token of the user's text (t_inst)
 
     def to_json(self, maps: bool = False) -> dict:
         """The `run --json` object; `maps=True` adds the per-position scores and grids (`run --json --maps`)."""
@@ -67,7 +68,8 @@ class Analysis:
 def frame_scores(backbone: Backbone, state: MarsState, prompt: str, frames, options: SteerOptions) -> list[float]:
     """The gate's score (re-centred, at the detection layer) of each video frame shown alone as an image."""
     p = plan(state, options)
-    acts = forward_last(backbone, [Query(prompt, images=(f,)) for f in frames])[:, p.detect_layer]  # [F, d]
+    sites = forward_sites(backbone, [Query(prompt, images=(f,)) for f in frames], inst=p.gate_position == "inst")
+    acts = sites[p.gate_position][:, p.detect_layer]  # [F, d]
     return [float(x) for x in gate_scores(state, p, acts, ["image"] * len(frames), options.recenter)]
 
 
@@ -77,7 +79,8 @@ def gate_scorer(backbone: Backbone, state: MarsState, options: SteerOptions):
 
     @torch.inference_mode()
     def score(queries) -> list[float]:
-        acts = forward_last(backbone, list(queries))[:, p.detect_layer]  # [B, d]
+        acts = forward_sites(backbone, list(queries), inst=p.gate_position == "inst")[p.gate_position][
+            :, p.detect_layer]  # [B, d]
         return [float(x) for x in gate_scores(state, p, acts, [q.modality for q in queries], options.recenter)]
 
     return score
@@ -116,5 +119,5 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
         analysis = Analysis(query=query, options=options, result=upd.result, acts=upd.acts,
                             state_fingerprint=state.fingerprint(), frame_scores=fs,
                             frame_indices=frame_indices, notes=list(notes or []) + ([map_note] if map_note else []),
-                            input_map=imap, push_residuals=push_h)
+                            input_map=imap, push_residuals=push_h, acts_inst=upd.acts_inst)
         yield StreamUpdate(upd.unsteered, upd.steered, analysis)

@@ -77,6 +77,8 @@ class Backbone:
     video_mode: Literal["native", "frames", "none"]
     # (device, dtype) -> `generate.measure_pair_cost`'s result: measured once per placement, shown by `describe()`
     pair_costs: dict[tuple[str, str], dict] = field(default_factory=dict, repr=False, compare=False)
+    # `inputs.instruction_offset`'s result, measured once from the chat template
+    instruction_suffix: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokenizer(self):

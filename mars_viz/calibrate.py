@@ -12,7 +12,12 @@ Steps (our formulation of MARS; README, "The formulation"):
      layers whose separability reaches 90% of the best);
   6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level;
   7. for the "Where in the input" maps: per-position offsets of the neutral inputs at the detection layer
-     (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted).
+     (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted);
+  8. where the gate reads: the same centroids, thresholds and offsets at t_inst (the last token of the user's text;
+     fitted by intent: every harmful fit prompt against the harmless and look-alike ones), and the (position, layer)
+     with the best held-out detection rate minus false-positive rate on harmless and look-alike prompts
+     (`geometry.gate_rates`, `geometry.choose_gate_site`; the look-alikes it is measured on are a selection split
+     that no centroid uses and no evaluation reuses).
 
 Example:
     >>> state = calibrate(backbone, MarsConfig(max_prompts=64), progress=print)   # doctest: +SKIP
@@ -21,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import geometry as G
-from .activations import collect_activations
+from .activations import collect_activations, collect_sites
 from .backbone import Backbone
 from .datasets import builtin_prompts, prompts_hash, split
 from .generate import generate_batch, greedy_texts
@@ -38,7 +44,7 @@ from .judge import RefusalJudge, default_judge
 from .maps import neutral_position_offsets
 from .media import neutral_images, neutral_video
 from .projection import pca_basis, plane_basis, plane_coords
-from .state import Diagnostics, MarsConfig, MarsState
+from .state import Diagnostics, GateAxis, MarsConfig, MarsState
 from .steering import push_to_level_edit
 
 __all__ = ["CalibrationProgress", "calibrate", "refusal_logprob_gain", "split_sets"]
@@ -52,6 +58,8 @@ SEED_NEUTRAL_VIDEOS = 1000  # neutral video k (fit, for the video offset) uses s
 SEED_HELDOUT_VIDEOS = 2000  # neutral video i for held-out misalignment uses seed + 2000 + i
 HELDOUT_COLOUR_SHIFT = 7  # held-out misalignment pairs prompt i with neutral colour i + 7: unlike the fit pairs
 SEED_LOOKALIKE = 3  # the look-alike set's fit/held-out split
+SEED_LOOKALIKE_SELECT = 4  # the look-alike fit part's centroid / gate-selection split
+LOOKALIKE_SELECT_FRAC = 1 / 3  # share of the fit look-alikes kept out of the centroids to choose the gate's site
 
 
 def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
@@ -64,7 +72,8 @@ def _subsample(prompts: list[str], limit: int | None, seed: int) -> list[str]:
 def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
                lookalike: Sequence[str] | None = None) -> dict[str, list[str]]:
     """The exact fit / held-out prompt lists a calibration with `cfg` uses: keys u_fit, u_held, s_fit, s_held, and
-    la_fit, la_held (look-alikes: harmless requests with alarming words; empty when `cfg.lookalike` is off).
+    la_fit, la_sel, la_held (look-alikes: harmless requests with alarming words; la_fit joins the safe centroids,
+    la_sel chooses the gate's site, la_held is for evaluations; empty when `cfg.lookalike` is off).
 
     Evaluations call this to measure on prompts the state was not fitted on.
     """
@@ -75,13 +84,16 @@ def split_sets(cfg: MarsConfig, harmful: Sequence[str] | None = None, harmless: 
     u_fit, u_held = split(harmful, cfg.heldout_frac, cfg.seed)
     s_fit, s_held = split(harmless, cfg.heldout_frac, cfg.seed + SEED_HARMLESS)
     la_fit: list[str] = []
+    la_sel: list[str] = []
     la_held: list[str] = []
     if cfg.lookalike:
         looks = [p for p in (lookalike or builtin_prompts("lookalike")) if p not in set(harmless)]
         if len(looks) >= 2:
             la_fit, la_held = split(looks, cfg.lookalike_frac, cfg.seed + SEED_LOOKALIKE)
+        if len(la_fit) >= 2:
+            la_fit, la_sel = split(la_fit, LOOKALIKE_SELECT_FRAC, cfg.seed + SEED_LOOKALIKE_SELECT)
     return {"u_fit": u_fit, "u_held": u_held, "s_fit": s_fit, "s_held": s_held, "la_fit": la_fit,
-            "la_held": la_held, "harmful": harmful, "harmless": harmless}
+            "la_sel": la_sel, "la_held": la_held, "harmful": harmful, "harmless": harmless}
 
 
 def _stage(progress: CalibrationProgress | None, name: str):
@@ -184,16 +196,21 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     sets = split_sets(cfg, harmful, harmless)
     harmful, harmless = sets["harmful"], sets["harmless"]
     u_fit, u_held, s_fit, s_held = sets["u_fit"], sets["u_held"], sets["s_fit"], sets["s_held"]
-    la_fit = sets["la_fit"]
+    la_fit, la_sel = sets["la_fit"], sets["la_sel"]
+    jailbreak = [p for p in builtin_prompts("jailbreak") if p not in set(harmful)]  # only plotted (the plane)
     bs = cfg.batch_size
 
-    # 1. text activations --------------------------------------------------------------------------------------------
+    # 1. text activations at both gate positions (t_post: the last prompt position; t_inst: the user's last token) --
     texts = u_fit + u_held + s_fit + s_held + la_fit
-    acts = collect_activations(backbone, [Query(p) for p in texts], bs, _stage(progress, "text activations"))
+    extra = la_sel + jailbreak
+    sites = collect_sites(backbone, [Query(p) for p in texts + extra], bs, _stage(progress, "text activations"))
+    acts, acts_i = sites["post"][: len(texts)], sites["inst"][: len(texts)]  # [n, L, d]
     a, b, c, e = (len(u_fit), len(u_fit) + len(u_held), len(u_fit) + len(u_held) + len(s_fit),
                   len(texts) - len(la_fit))
     acts_u_fit, acts_u_held, acts_s_fit, acts_s_held = acts[:a], acts[a:b], acts[b:c], acts[c:e]  # [n, L, d]
     acts_la_fit = acts[e:]
+    n_sel = len(la_sel)
+    extra_sites = {k: v[len(texts):] for k, v in sites.items()}  # la_sel then jailbreak
 
     # 2. behaviour filter ---------------------------------------------------------------------------------------------
     behaviour: dict = {"enabled": cfg.behaviour_filter}
@@ -240,17 +257,21 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     n_prompts = s_fit[: cfg.neutral_prompts]
     idx_text = [s_fit.index(p) for p in n_prompts]
     images = neutral_images(cfg.k_neutral, seed=cfg.seed, size=cfg.neutral_size)
-    acts_img = collect_activations(backbone, [Query(p, images=(images[i % len(images)],))
-                                              for i, p in enumerate(n_prompts)], bs, _stage(progress, "neutral images"))
+    img_sites = collect_sites(backbone, [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(n_prompts)],
+                              bs, _stage(progress, "neutral images"))
+    acts_img = img_sites["post"]
+    text_idx = [b + i for i in idx_text]  # the same prompts as text, in `acts` / `acts_i`
     offsets = {"image": G.modality_offset(acts_img, acts_s_fit[idx_text])}
+    offsets_i = {"image": G.modality_offset(img_sites["inst"], acts_i[text_idx])}
     acts_vid = None
     if "video" in backbone.modalities:
         videos = [neutral_video(cfg.neutral_video_frames, seed=cfg.seed + SEED_NEUTRAL_VIDEOS + k,
                                 size=cfg.neutral_size) for k in range(cfg.k_neutral)]
-        acts_vid = collect_activations(backbone, [Query(p, video=tuple(videos[i % len(videos)]))
-                                                  for i, p in enumerate(n_prompts)], bs,
-                                       _stage(progress, "neutral videos"))
+        vid_sites = collect_sites(backbone, [Query(p, video=tuple(videos[i % len(videos)]))
+                                             for i, p in enumerate(n_prompts)], bs, _stage(progress, "neutral videos"))
+        acts_vid = vid_sites["post"]
         offsets["video"] = G.modality_offset(acts_vid, acts_s_fit[idx_text])
+        offsets_i["video"] = G.modality_offset(vid_sites["inst"], acts_i[text_idx])
 
     # misalignment on *held-out* safe prompts with neutral images (not the prompts the offset was fitted on)
     held_n = s_held[: cfg.neutral_prompts]
@@ -284,23 +305,51 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         if value is not None and not 0 <= value < backbone.num_layers:
             raise ValueError(f"{name} {value} is out of range 0..{backbone.num_layers - 1}")
     layer = cfg.layer if cfg.layer is not None else G.choose_layer(combined, allowed)
-    detect = cfg.detect_layer if cfg.detect_layer is not None else G.choose_detect_layer(sep)
+    # 8. (before t*, which does not depend on it) the gate's site: both positions' axes, rated on held-out prompts
+    mu_plus_i = G.mean_activation(acts_i[:a])  # by intent: every harmful fit prompt, refused or not
+    mu_minus_i = G.mean_activation(torch.cat([acts_i[b:c], acts_i[e:]]))
+    r_i, _ = G.refusal_direction(mu_plus_i, mu_minus_i)
+    s_u_held_i, s_s_held_i = G.unsafety_score(acts_i[a:b], mu_minus_i, r_i), G.unsafety_score(acts_i[c:e], mu_minus_i,
+                                                                                              r_i)
+    taus_i, _ = G.balanced_accuracy_threshold(s_u_held_i, s_s_held_i)
+    sel = {"post": G.unsafety_score(extra_sites["post"][:n_sel], mu_minus, r),
+           "inst": G.unsafety_score(extra_sites["inst"][:n_sel], mu_minus_i, r_i)}
+    rates = {"post": G.gate_rates(s_u_held, s_s_held, sel["post"], taus),
+             "inst": G.gate_rates(s_u_held_i, s_s_held_i, sel["inst"], taus_i)}
+    seps = {"post": sep, "inst": G.auroc(s_u_held_i, s_s_held_i)}
+    position, best = G.choose_gate_site({k: v["quality"] for k, v in rates.items()}, seps)
+    if cfg.gate_position is not None:
+        position = cfg.gate_position
+        best = int(torch.argmax(torch.where(torch.isfinite(rates[position]["quality"]), rates[position]["quality"],
+                                            torch.full_like(rates[position]["quality"], -math.inf))))
+    if cfg.detect_layer is not None:
+        best = cfg.detect_layer
+    # each position's own layer: the chosen one, and the best of the other position by the same measure
+    site_layers = {pos: best if pos == position else G.choose_gate_site({pos: rates[pos]["quality"]}, seps, (pos,))[1]
+                   for pos in rates}
+    detect = site_layers["post"]
+    inst_axis = GateAxis("inst", mu_plus_i, mu_minus_i, taus_i, offsets_i, site_layers["inst"])
+    gate_choice = {"position": position, "chosen_by": "override" if cfg.gate_position or cfg.detect_layer is not None
+                   else "held-out tpr - max(fpr harmless, fpr look-alike)", "n_lookalike_select": n_sel,
+                   **{pos: {"layer": site_layers[pos], "separability": [float(x) for x in seps[pos]],
+                            **{k: [float(x) for x in v] for k, v in rates[pos].items()}} for pos in rates}}
 
     # 6. target level t* ---------------------------------------------------------------------------------------------
     curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
                           cfg.filter_tokens, bs, _stage(progress, "target level"))
     t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)
 
-    # 7. per-position offsets for the "Where in the input" maps, at the detection layer (neutral media, fit prompts)
+    # 7. per-position offsets for the "Where in the input" maps, at the gate's layer (neutral media, fit prompts)
     map_stats: dict = {}
     if cfg.map_neutral > 0:
         k = cfg.map_neutral
         map_queries = {"image": [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(n_prompts[:k])]}
         if acts_vid is not None:
             map_queries["video"] = [Query(p, video=tuple(videos[i % len(videos)])) for i, p in enumerate(n_prompts[:k])]
-        cells, tokens = neutral_position_offsets(backbone, map_queries, detect, mu_minus[detect],
+        gate_layer, gate_mu_minus = site_layers[position], (mu_minus if position == "post" else mu_minus_i)
+        cells, tokens = neutral_position_offsets(backbone, map_queries, gate_layer, gate_mu_minus[gate_layer],
                                                  _stage(progress, "map offsets"))
-        map_stats = dict(map_layer=detect, map_cells=cells, map_tokens=tokens)
+        map_stats = dict(map_layer=gate_layer, map_cells=cells, map_tokens=tokens)
 
     # points for the centroid and plane plots: raw at the chosen layer (for UMAP), 2-D PCA at every layer
     every = [acts, acts_img] + ([acts_vid] if acts_vid is not None else [])
@@ -313,6 +362,14 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     plane_pc = plane_basis(all_acts, mu_minus, r)  # [L, d]
     plane_points = torch.stack([plane_coords(all_acts[:, i], mu_minus[i], r[i], plane_pc[i])
                                 for i in range(backbone.num_layers)], 1)  # [N, L, 2]
+    # the harmfulness x refusal plane: x at t_inst (the inst axis at its layer), y at t_post (the push layer)
+    li = site_layers["inst"]
+    hr_post = torch.cat([acts, extra_sites["post"]])[:, layer]  # [N, d]: texts, then la_sel, then jailbreak
+    hr_inst = torch.cat([acts_i, extra_sites["inst"]])[:, li]
+    hr_points = torch.stack([G.unsafety_score(hr_inst, mu_minus_i[li], r_i[li]),
+                             G.unsafety_score(hr_post, mu_minus[layer], r[layer])], dim=1).float()  # [N, 2]
+    hr_labels = (["harmful"] * b + ["harmless"] * (e - b) + ["look-alike"] * (len(la_fit) + n_sel)
+                 + ["jailbreak"] * len(jailbreak))
     diagnostics = Diagnostics(
         layer_scores=scores, target_curve=curve, spread_unsafe=s_u_fit.std(dim=0, unbiased=False),
         spread_safe=s_s_fit.std(dim=0, unbiased=False), balanced_accuracy=[float(x) for x in bacc],
@@ -322,8 +379,8 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
         calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
         proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video,
-        **map_stats)
+        **map_stats, gate_choice=gate_choice, hr_points=hr_points, hr_labels=hr_labels)
     return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
                      hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus, offsets=offsets, taus=taus,
                      layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics,
-                     detect_layer=detect)
+                     detect_layer=detect, inst=inst_axis, gate_position=position)

@@ -90,7 +90,7 @@ def _config_from_args(args):
 
     kw = {}
     for name in ("seed", "max_prompts", "k_neutral", "neutral_prompts", "curve_prompts", "steer_prompts", "margin",
-                 "batch_size", "layer", "detect_layer", "tau", "filter_tokens"):
+                 "batch_size", "layer", "detect_layer", "tau", "filter_tokens", "gate_position"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -115,12 +115,17 @@ def _cmd_fit(args) -> int:
     out = state.save(args.out)
     meta = json.loads((out / "mars_state.json").read_text())
     diag = state.diagnostics
-    gate = {"gate_fpr_heldout_harmless": diag.gate_fpr[state.detect_layer] if diag.gate_fpr else None,
-            "gate_fnr_heldout_harmful": diag.gate_fnr[state.detect_layer] if diag.gate_fnr else None,
-            "separability_at_detect_layer": float(diag.layer_scores.separability[state.detect_layer]),
+    site = diag.gate_choice.get(state.gate_position, {})
+    gl = state.gate_layer
+    gate = {"gate_layer": gl,
+            "gate_tpr_heldout_harmful": site["tpr"][gl] if site else None,
+            "gate_fpr_heldout_harmless": site["fpr_harmless"][gl] if site else None,
+            "gate_fpr_lookalike_select": site["fpr_lookalike"][gl] if site else None,
+            "separability_at_gate": site["separability"][gl] if site else None,
             "steerability_at_layer": float(diag.layer_scores.steerability[state.layer])}
-    print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "detect_layer", "tau",
-                                           "target_level", "target_curve")}
+    print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "gate_position",
+                                           "detect_layer", "inst_detect_layer", "tau", "target_level",
+                                           "target_curve")}
                      | gate | {"out": str(out), "behaviour": meta["behaviour"]}))
     return 0
 
@@ -128,7 +133,8 @@ def _cmd_fit(args) -> int:
 def _human(row: dict) -> str:
     gate = "open" if row["gate_open"] else "closed"
     mark = {True: " (refused)", False: ""}
-    return (f"[{row['modality']}] gate read at layer {row['detect_layer']}: s={row['score_gate']:.3f} "
+    return (f"[{row['modality']}] gate read at layer {row['detect_layer']} ({row['gate_position']}): "
+            f"s={row['score_gate']:.3f} "
             f"tau={row['tau']:.3f} gate={gate}; push at layer {row['layer']} (s={row['score_recentred']:.3f})\n"
             f"  unsteered{mark[row['unsteered']['refused']]}: {row['unsteered']['text']}\n"
             f"  steered{mark[row['steered']['refused']]}:   {row['steered']['text']}")
@@ -150,7 +156,7 @@ def _cmd_run(args) -> int:
     video = tuple(read_video(args.video, num_frames=args.frames).frames) if args.video else None
     options = SteerOptions(steer=not args.no_steer, strength=args.strength, layer=args.layer, tau=args.tau,
                            recenter=not args.no_recenter, target_level=args.target_level,
-                           detect_layer=args.detect_layer)
+                           detect_layer=args.detect_layer, gate_position=args.gate_position)
     state = MarsState.load(args.state)
     bb = _load(args)  # once for the whole file
     state.check_compatible(bb)
@@ -208,7 +214,7 @@ def _cmd_eval(args) -> int:
     if any(x < 0 for x in strengths):
         raise ValueError("strengths must be >= 0")
     rank, world, dist = _dist()
-    state = MarsState.load(args.state)
+    state = MarsState.load(args.state).with_overrides(gate_position=args.gate_position)
     if args.tau is not None:
         state = state.with_overrides(tau=args.tau)
     bb = _load(args)
@@ -241,6 +247,7 @@ def _cmd_eval(args) -> int:
     if rank == 0:
         report = summarise(rows, strengths)
         report["meta"] = {"model": bb.model_id, "state": str(args.state), "layer": state.layer, "tau": state.tau,
+                          "gate_position": state.gate_position, "gate_layer": state.gate_layer,
                           "target_level": state.target_level, "sets": list(sets), "limit": args.limit,
                           "strengths": list(strengths), "max_new_tokens": args.max_new_tokens}
         paths = write_report(report, rows, args.out)
@@ -318,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, help="gate ramp margin m (default 0.1)")
     p.add_argument("--layer", type=int, help="force the push (steering) layer")
     p.add_argument("--detect-layer", type=int, help="force the layer the gate reads")
+    p.add_argument("--gate-position", choices=("post", "inst"),
+                   help="force where the gate reads: post (prompt's last position) or inst (user's last token); "
+                        "default: chosen on held-out prompts")
     p.add_argument("--tau", type=float, help="force the gate threshold")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
@@ -339,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="lambda (default 1)")
     p.add_argument("--layer", type=int, help="override the push (steering) layer")
     p.add_argument("--detect-layer", type=int, help="override the layer the gate reads")
+    p.add_argument("--gate-position", choices=("post", "inst"),
+                   help="override where the gate reads: post (prompt's last position) or inst (user's last token)")
     p.add_argument("--tau", type=float)
     p.add_argument("--target-level", type=float, help="override t*, the trust region's outer wall")
     p.add_argument("--no-recenter", action="store_true")
@@ -363,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mm-safetybench,jailbreakv-28k,video-safetybench (local files, or the hub online)")
     p.add_argument("--data-dir", help="where standard sets live (default ~/.cache/mars_viz/datasets/<name>/)")
     p.add_argument("--tau", type=float, help="override the gate threshold")
+    p.add_argument("--gate-position", choices=("post", "inst"), help="override where the gate reads")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--batch-rows", type=int, default=32, help="generation rows per batch (CPU: bigger is cheaper)")
     p.add_argument("--seed", type=int, default=0)

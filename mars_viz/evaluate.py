@@ -141,9 +141,10 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
     A variant whose displacement is exactly zero produces the unsteered answer bit for bit, so it need not be
     decoded: on a CPU this roughly halves the evaluation (most harmless inputs keep the gate closed).
     """
-    from .activations import forward_last
+    from .activations import forward_sites
 
-    acts = forward_last(backbone, [it.query for it in chunk]).double()  # [n, L, d]
+    sites = {k: v.double() for k, v in forward_sites(backbone, [it.query for it in chunk]).items()}  # [n, L, d]
+    acts = sites["post"]
     out = []
     for i, it in enumerate(chunk):
         per = []
@@ -153,7 +154,8 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
                 continue
             p = plan(state, opt)
             delta = state.offset(it.query.modality, p.layer) if opt.recenter else None
-            gate = {"s": gate_scores(state, p, acts[i:i + 1, p.detect_layer], [it.query.modality], opt.recenter)}
+            h_gate = sites[p.gate_position][i:i + 1, p.detect_layer]
+            gate = {"s": gate_scores(state, p, h_gate, [it.query.modality], opt.recenter)}
             _, edit = mars_edit(state, opt, None if delta is None else delta[None].double(), gate)
             info: dict = {}
             edit(acts[i:i + 1, p.layer], info)

@@ -42,11 +42,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
-from .hooks import ResidualCapture, capture_residuals, capture_sequence
-from .inputs import Query, build_batch
+from .hooks import ResidualCapture, capture_residuals, capture_sequence, read_position
+from .inputs import Query, build_batch, gate_index, instruction_offset
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
-from .steering import SteerOptions, mars_steering, plan, probe_gate
+from .steering import SteerOptions, gate_scores, mars_steering, plan, probe_gate
 
 __all__ = ["AUTO_MAX_RATIO", "PAIR_STRATEGIES", "Answer", "PairResult", "PairStrategy", "PairUpdate", "generate_batch",
            "greedy_texts", "measure_pair_cost", "resolve_strategy", "run_pairs", "stream_pair"]
@@ -88,6 +88,7 @@ class PairResult:
     t_star_layer: int | None = None  # the layer t* was calibrated at (None: t* was given by the user)
     detect_layer: int | None = None  # where the gate read its score (None: the push layer)
     score_gate: float | None = None  # the re-centred score the gate read there
+    gate_position: str = "post"  # the position the gate read at: "post" (t_post) or "inst" (t_inst)
 
     @property
     def gate_layer(self) -> int:
@@ -107,7 +108,7 @@ class PairResult:
 
     def to_json(self) -> dict:
         out = {"prompt": self.prompt, "modality": self.modality, "layer": self.layer,
-               "detect_layer": self.gate_layer, "score_gate": self.gate_score,
+               "detect_layer": self.gate_layer, "gate_position": self.gate_position, "score_gate": self.gate_score,
                "score_raw": self.score_raw, "score_recentred": self.score_recentred, "tau": self.tau,
                "target_level": self.t_star, "target_level_layer": self.t_star_layer, "gate_open": self.gate_open,
                "gate_weight": self.gate_weight, "strength": self.strength, "recenter": self.recenter,
@@ -166,6 +167,39 @@ def _capturing(backbone: Backbone, capture: bool) -> Iterator[ResidualCapture | 
         return
     with capture_residuals(backbone.layers) as cap:
         yield cap
+
+
+@contextlib.contextmanager
+def _inst_capturing(backbone: Backbone, capture: bool, batch, out: dict) -> Iterator[None]:
+    """The residual of every layer at t_inst (the last token of the user's text) in the first forward call that
+    holds the whole prompt (a shared prefill of prompt[:-1] holds it too: t_inst comes before the last position),
+    written to `out["inst"]` (`[B, L, d]`); nothing when `capture` is off."""
+    if not capture:
+        yield
+        return
+    n, t = batch["input_ids"].shape
+    at = torch.full((n, 1), t - 1 - instruction_offset(backbone), dtype=torch.long)
+    with capture_residuals(backbone.layers, positions=at) as cap:
+        yield
+    out["inst"] = cap.at_positions()[:, :, 0]
+
+
+@contextlib.contextmanager
+def _prefix_gate(backbone: Backbone, state: MarsState, options: SteerOptions, modalities: Sequence[str],
+                 box: dict) -> Iterator[None]:
+    """A gate read at t_inst is read during the shared prefill of prompt[:-1] (which holds t_inst, not t_post):
+    its scores go to `box["s"]` and the steered pass gets them as `gate=`. Nothing for a gate at t_post."""
+    p = plan(state, options)
+    if not options.steer or p.gate_position != "inst":
+        yield
+        return
+
+    def read(h: torch.Tensor) -> None:
+        box["s"] = gate_scores(state, p, h, modalities, options.recenter)
+
+    # index from the end of the prefix, which lacks the prompt's last position
+    with read_position(backbone.layers[p.detect_layer], read, position=gate_index(backbone, "inst") + 1):
+        yield
 
 
 @contextlib.contextmanager
@@ -265,16 +299,18 @@ def _duplicated_rope_deltas(model: torch.nn.Module, rows: int, n: int) -> Iterat
 
 @torch.inference_mode()
 def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
-                     force_tokens: bool = False, probe=None, seq: dict | None = None):
+                     force_tokens: bool = False, probe=None, seq: dict | None = None, prefix_gate=None,
+                     inst: dict | None = None):
     """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
-    and the decode; `steering_ctx(gate)` (opened only around the decode) edits the primed rows. `probe(cache, dec)`,
-    when the gate is read after the push layer, runs the last prompt position unsteered first (on a copy of the
-    prefix cache) and returns the gate's scores."""
+    and the decode; `steering_ctx(gate)` (opened only around the decode) edits the primed rows. `prefix_gate(box)`
+    reads a t_inst gate during the prefill; `probe(cache, dec)`, when a t_post gate is read after the push layer,
+    runs the last prompt position unsteered first (on a copy of the prefix cache) and returns the gate's scores."""
     rows = batch["input_ids"].shape[0]
+    box: dict = {"s": None}
     with _kept_rope_deltas(backbone.model):
-        with _seq_capturing(backbone, seq):
+        with _seq_capturing(backbone, seq), prefix_gate(box), _inst_capturing(backbone, capture, batch, inst):
             cache, dec = _prefill_all_but_last(backbone, batch)
-        gate = None if probe is None else probe(cache, dec)
+        gate = box["s"] if probe is None else probe(cache, dec)
         cache.batch_repeat_interleave(2)
         dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
         with _duplicated_rope_deltas(backbone.model, rows, 2), steering_ctx(gate) as rec, \
@@ -288,16 +324,18 @@ def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, s
 @torch.inference_mode()
 def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modality: str,
                          max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False,
-                         seq: dict | None = None):
+                         seq: dict | None = None, inst: dict | None = None):
     """One query: shared prefill, the unsteered answer (reading the gate on the way), then the steered answer only
     if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0)."""
+    box: dict = {"s": None}
     with _kept_rope_deltas(backbone.model):
-        with _seq_capturing(backbone, seq):
+        with _seq_capturing(backbone, seq), _prefix_gate(backbone, state, options, [modality], box), \
+                _inst_capturing(backbone, capture, batch, inst):
             cache, dec = _prefill_all_but_last(backbone, batch)
         spare = copy.deepcopy(cache)
         kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
         n_prompt = dec["input_ids"].shape[1]
-        with mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe, \
+        with mars_steering(backbone, state, replace(options, steer=False), [modality], gate=box["s"]) as probe, \
                 _capturing(backbone, capture) as cap:
             out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
         acts = None if cap is None else cap.last()
@@ -397,9 +435,11 @@ def resolve_strategy(backbone: Backbone, strategy: str = "auto") -> str:
 def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, judge: RefusalJudge,
                max_new_tokens: int, stream: queue.Queue | None = None, capture: bool = False,
                strategy: PairStrategy = "auto", force_tokens: bool = False, seq: dict | None = None
-               ) -> tuple[list[PairResult], torch.Tensor | None]:
+               ) -> tuple[list[PairResult], dict[str, torch.Tensor] | None]:
     """Both answers for a chunk of queries with one strategy. `stream` (one query only) receives the tokens of
     each answer slot as `_RowStreamer` posts them. `options.steer=False` runs one plain batch whatever the strategy.
+    With `capture`, the unsteered residuals of every layer at both gate positions come back as `{"post": [n, L, d],
+    "inst": [n, L, d]}` (else None).
     `seq` (one query only; `{"layers": [...]}`) receives the prefill's residuals at every position at those layers
     (`seq["h"]`, `[1, T, d]` each), with the input ids and media metadata: the per-position maps."""
     n = len(chunk)
@@ -414,20 +454,22 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
         # gate_first pays off where rows cost linearly, so batching queries buys nothing: one query at a time.
         parts = [_run_chunk(backbone, state, [q], options, judge, max_new_tokens, None, capture, strategy,
                             force_tokens) for q in chunk]
-        acts = torch.cat([a for _, a in parts]) if capture else None
-        return [r for res, _ in parts for r in res], acts
+        sites = {k: torch.cat([a[k] for _, a in parts]) for k in ("post", "inst")} if capture else None
+        return [r for res, _ in parts for r in res], sites
+    p = plan(state, options)
+    inst: dict = {}
     with _kept_rope_deltas(backbone.model):
         if options.steer and strategy == "gate_first":
             streamers = (None, None) if stream is None else (_RowStreamer(stream, (0,)), _RowStreamer(stream, (1,)))
             batch = build_batch(backbone, chunk)
             gen, info, acts = _generate_gate_first(backbone, state, batch, options, modalities[0], max_new_tokens,
-                                                   streamers, capture, force_tokens, seq)
+                                                   streamers, capture, force_tokens, seq, inst)
             plain, steered = gen[:1], gen[1:]
         elif options.steer and strategy == "batched":
             rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
             streamer = None if stream is None else _RowStreamer(stream, (0, 1))
             probe = None
-            if plan(state, options).reads_later:
+            if p.reads_later and p.gate_position == "post":
                 def probe(cache, dec):  # the last prompt position, unsteered, on a copy of the prefix cache
                     spare = copy.deepcopy(cache)
                     return probe_gate(backbone, state, options, modalities, lambda: backbone.model.generate(
@@ -436,20 +478,18 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
             gen, rec, acts = _generate_shared(
                 backbone, batch, max_new_tokens, streamer,
                 lambda gate: mars_steering(backbone, state, options, modalities, rows=rows, gate=gate), capture,
-                force_tokens, probe, seq)
+                force_tokens, probe, seq, lambda box: _prefix_gate(backbone, state, options, modalities, box), inst)
             plain, steered, info = gen[0::2], gen[1::2], rec.info
         else:  # doubled: [q0, q1, ..., q0', q1', ...], or the plain rows alone when not steering
             doubled = chunk + chunk if options.steer else chunk
             rows = torch.tensor([False] * n + [True] * n) if options.steer else None
             streamer = None if stream is None else _RowStreamer(stream, (0, 1) if options.steer else (0,))
             batch = build_batch(backbone, doubled)
-            gate = None
-            if options.steer and plan(state, options).reads_later:  # the gate first: one unsteered prefill
-                plain_batch = build_batch(backbone, chunk)
-                gate = probe_gate(backbone, state, options, modalities, lambda: backbone.model(**plain_batch))
-            # capture is registered after the steering hook: row i (unsteered) sees the raw residual stream
-            with mars_steering(backbone, state, options, modalities, rows=rows, gate=gate) as rec, \
-                    _capturing(backbone, capture) as cap, _seq_capturing(backbone, seq):
+            # mars_steering reads the gate wherever it sits (a later layer: an unsteered probe of the first call).
+            # Capture is registered after the steering hook: row i (unsteered) sees the raw residual stream.
+            with mars_steering(backbone, state, options, modalities, rows=rows) as rec, \
+                    _capturing(backbone, capture) as cap, _seq_capturing(backbone, seq), \
+                    _inst_capturing(backbone, capture, batch, inst):
                 gen = generate_batch(backbone, batch, max_new_tokens, streamer, force_tokens)
             acts = None if cap is None else cap.last()[:n]  # [n, L, d]
             plain, steered = gen[:n], (gen[n:] if options.steer else gen[:n])
@@ -467,8 +507,9 @@ def _run_chunk(backbone: Backbone, state: MarsState, chunk: list[Query], options
             unsteered=Answer(plain[i][1], verdict[i], plain[i][0]),
             steered=Answer(steered[i][1], verdict[n + i], steered[i][0]),
             t_star_layer=None if options.target_level is not None else state.layer,
-            detect_layer=int(info["detect_layer"]), score_gate=float(info["s_gate"][i])))
-    return results, acts
+            detect_layer=int(info["detect_layer"]), score_gate=float(info["s_gate"][i]),
+            gate_position=str(info["gate_position"])))
+    return results, (None if acts is None else {"post": acts, "inst": inst["inst"][:n]})
 
 
 def run_pairs(backbone: Backbone, state: MarsState, queries: Sequence[Query], options: SteerOptions,
@@ -525,7 +566,8 @@ class PairUpdate:
     steered: str
     done: bool = False
     result: PairResult | None = None
-    acts: torch.Tensor | None = None  # [L, d] raw residuals of the input at the last prompt position
+    acts: torch.Tensor | None = None  # [L, d] raw residuals of the input at the last prompt position (t_post)
+    acts_inst: torch.Tensor | None = None  # [L, d] the same at the last token of the user's text (t_inst)
     seq: dict | None = None  # with `seq_layers`: {"h": {layer: [T, d]}, "input_ids": [T], "meta": {...}}
 
 
@@ -551,7 +593,7 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
                 keep = seq["attention_mask"][0].bool()
                 seq = {"h": {i: h[0][keep] for i, h in seq["h"].items()}, "input_ids": seq["input_ids"][0][keep],
                        "meta": seq["meta"]}
-            q.put(("done", (res[0], acts[0], seq)))
+            q.put(("done", (res[0], acts["post"][0], acts["inst"][0], seq)))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             q.put(("error", e))
 
@@ -569,8 +611,9 @@ def stream_pair(backbone: Backbone, state: MarsState, query: Query, options: Ste
             elif kind == "error":
                 raise payload[0]
             else:
-                res, acts, seq = payload[0]
-                yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts, seq=seq)
+                res, acts, acts_inst, seq = payload[0]
+                yield PairUpdate(res.unsteered.text, res.steered.text, done=True, result=res, acts=acts,
+                                 acts_inst=acts_inst, seq=seq)
                 return
     finally:
         # Even when the consumer stops early (a closed browser tab), the generation and its hooks must finish

@@ -38,6 +38,8 @@ __all__ = [
     "auroc",
     "balanced_accuracy_threshold",
     "choose_detect_layer",
+    "choose_gate_site",
+    "gate_rates",
     "choose_layer",
     "choose_target_level",
     "combined_score",
@@ -713,6 +715,57 @@ def choose_detect_layer(separability: Tensor, tol: float = 0.005) -> int:
         raise ValueError("separability is empty: compute layer scores first")
     finite = torch.where(torch.isfinite(sep), sep, torch.full_like(sep, -math.inf))
     return int(torch.nonzero(finite >= float(finite.max()) - tol).flatten()[0])
+
+
+def gate_rates(s_unsafe: Tensor, s_safe: Tensor, s_lookalike: Tensor | None, taus: Tensor) -> dict[str, Tensor]:
+    """How a gate with thresholds ``taus [L]`` does on held-out scores ``[N, L]``: ``tpr`` (opens on harmful),
+    ``fpr_harmless``, ``fpr_lookalike`` (zeros when there are none) and ``quality = tpr - max(both fprs)``, all ``[L]``.
+
+    >>> r = gate_rates(torch.tensor([[1.0], [0.9]]), torch.tensor([[0.0], [0.6]]), torch.tensor([[0.7]]),
+    ...                torch.tensor([0.5]))
+    >>> [round(float(r[k][0]), 2) for k in ("tpr", "fpr_harmless", "fpr_lookalike", "quality")]
+    [1.0, 0.5, 1.0, 0.0]
+    """
+    su, ss, t = _f64(s_unsafe), _f64(s_safe), _f64(taus)
+    _check_non_empty(su, "s_unsafe")
+    _check_non_empty(ss, "s_safe")
+    tpr = (su > t).double().mean(0)
+    fpr_s = (ss > t).double().mean(0)
+    fpr_la = torch.zeros_like(fpr_s) if s_lookalike is None or s_lookalike.numel() == 0 else \
+        (_f64(s_lookalike) > t).double().mean(0)
+    return {"tpr": tpr, "fpr_harmless": fpr_s, "fpr_lookalike": fpr_la, "quality": tpr - torch.maximum(fpr_s, fpr_la)}
+
+
+def choose_gate_site(quality: dict[str, Tensor], separability: dict[str, Tensor],
+                     order: Sequence[str] = ("post", "inst")) -> tuple[str, int]:
+    """The gate's (position, layer): the best held-out ``quality`` (``gate_rates``) over positions and layers.
+
+    Ties (within 1e-9) go to the higher separability, then to the earlier position in ``order`` (t_post first: the
+    established reading), then to the earlier layer.
+
+    >>> choose_gate_site({"post": torch.tensor([0.5, 0.8]), "inst": torch.tensor([0.9, 0.7])},
+    ...                  {"post": torch.tensor([0.9, 0.9]), "inst": torch.tensor([0.9, 0.9])})
+    ('inst', 0)
+    >>> choose_gate_site({"post": torch.tensor([0.5, 0.9]), "inst": torch.tensor([0.9, 0.7])},
+    ...                  {"post": torch.tensor([0.9, 0.99]), "inst": torch.tensor([0.9, 0.9])})
+    ('post', 1)
+    """
+    best: tuple[float, float, int, int] | None = None
+    site = ("", -1)
+    for rank, pos in enumerate(order):
+        if pos not in quality:
+            continue
+        q, sep = _f64(quality[pos]).reshape(-1), _f64(separability[pos]).reshape(-1)
+        for layer in range(q.numel()):
+            if not math.isfinite(float(q[layer])):
+                continue
+            key = (round(float(q[layer]), 9), float(sep[layer]) if math.isfinite(float(sep[layer])) else -1.0,
+                   -rank, -layer)
+            if best is None or key > best:
+                best, site = key, (pos, layer)
+    if best is None:
+        raise ValueError("no finite gate quality at any position and layer")
+    return site
 
 
 def choose_layer(combined: Tensor, allowed: range | None = None) -> int:

@@ -167,17 +167,21 @@ class EditRecord:
 
 @contextlib.contextmanager
 def edit_position(layer: nn.Module, edit: Callable[[torch.Tensor, dict], torch.Tensor],
-                  position: int = -1, rows: torch.Tensor | None = None) -> Iterator[EditRecord]:
+                  position: int = -1, rows: torch.Tensor | None = None,
+                  paused: Callable[[], bool] | None = None) -> Iterator[EditRecord]:
     """Replace the residual after `layer` at one prompt position, during the first forward call (prefill) only.
 
     `edit(h, info) -> h_new` receives the residual `[B', d]` at `position` for the selected `rows` (a bool mask
     `[batch]`, default all) and may write diagnostics into `info`. Every other position, every other row and every
     later call (decode steps) pass through untouched; the change still reaches later tokens through the KV cache.
-    The handle is removed in `finally`.
+    While `paused()` is true, calls pass through uncounted (a probe forward run inside the context, e.g.
+    `steering.mars_steering` reading a later gate first). The handle is removed in `finally`.
     """
     rec = EditRecord()
 
     def hook(_module, _args, output):
+        if paused is not None and paused():
+            return None
         rec.calls += 1
         if rec.edited_calls:
             return None

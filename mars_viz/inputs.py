@@ -20,9 +20,15 @@ from PIL import Image
 
 from .backbone import NESTED_IMAGE_TYPES, Backbone
 
-__all__ = ["MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "render_chat"]
+__all__ = ["GATE_POSITIONS", "MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "gate_index",
+           "instruction_offset", "render_chat"]
 
 MAX_PROMPT_CHARS = 8000
+# Where the gate reads (Zhao et al. 2025, "LLMs Encode Harmfulness and Refusal Separately"): "post" is the prompt's
+# last position (after the chat template's closing tokens; where the model decides to refuse, and where MARS pushes),
+# "inst" the last token of the user's instruction (where it encodes whether the request is harmful).
+GATE_POSITIONS = ("post", "inst")
+_SENTINEL = "Describe the weather in Paris today"
 Modality = Literal["text", "image", "video"]
 
 
@@ -116,3 +122,37 @@ def build_batch(backbone: Backbone, queries: list[Query]):
             kwargs["videos"] = videos
         enc = backbone.processor(**kwargs)
     return enc.to(backbone.input_device)
+
+
+def instruction_offset(backbone: Backbone) -> int:
+    """How many template tokens follow the user's text in a templated prompt (end of turn + generation prompt):
+    t_inst is the position `-1 - instruction_offset` of every left-padded row, t_post is `-1`.
+
+    The user's text is the last part of the turn (media come first, `_content`), so the offset is the same for every
+    prompt and modality. Measured once from the chat template and checked token by token: a template whose suffix
+    would merge with the user's last token is refused with a clear error rather than read at a wrong position.
+    """
+    if backbone.instruction_suffix is not None:
+        return backbone.instruction_suffix
+    text = render_chat(backbone, Query(_SENTINEL))
+    end = text.rfind(_SENTINEL)
+    if end < 0:
+        raise ValueError(f"{backbone.model_id}'s chat template does not keep the user's text verbatim: the gate "
+                         "cannot find the instruction's last token (use --gate-position post)")
+    tok = backbone.tokenizer
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    head = tok(text[: end + len(_SENTINEL)], add_special_tokens=False)["input_ids"]
+    k = len(full) - len(head)
+    if k < 1 or full[: len(head)] != head:
+        raise ValueError(f"{backbone.model_id}'s chat template merges the user's last token with the text after it: "
+                         "the gate cannot read the instruction's last token (use --gate-position post)")
+    backbone.instruction_suffix = k
+    return k
+
+
+def gate_index(backbone: Backbone, position: str) -> int:
+    """The gate's position as an index from the end of the prompt: -1 for "post", `-1 - instruction_offset` for
+    "inst"."""
+    if position not in GATE_POSITIONS:
+        raise ValueError(f"unknown gate position {position!r}: use one of {', '.join(GATE_POSITIONS)}")
+    return -1 if position == "post" else -1 - instruction_offset(backbone)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .geometry import LayerScores
 
-__all__ = ["FORMAT_VERSION", "Diagnostics", "MarsConfig", "MarsState", "STATE_JSON", "STATE_TENSORS"]
+__all__ = ["FORMAT_VERSION", "Diagnostics", "GateAxis", "MarsConfig", "MarsState", "STATE_JSON", "STATE_TENSORS"]
 
 FORMAT_VERSION = 1
 STATE_TENSORS = "mars_state.safetensors"
@@ -54,6 +54,7 @@ class MarsConfig:
     layer: int | None = None  # override the push (steering) layer
     detect_layer: int | None = None  # override the layer the gate reads
     tau: float | None = None  # override the gate threshold
+    gate_position: str | None = None  # override where the gate reads: "post" or "inst" (None: chosen by measurement)
     batch_size: int = 8
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,11 +103,18 @@ class Diagnostics:
     map_layer: int | None = None
     map_cells: dict[str, torch.Tensor] = field(default_factory=dict)  # "image.patches" -> [rows, cols, d] per cell
     map_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [d] over all its media tokens
+    # The gate's position (`calibrate._choose_gate`): per position, per layer, held-out detection and false-positive
+    # rates and the quality the choice maximised; {} for states fitted before positions existed.
+    gate_choice: dict[str, Any] = field(default_factory=dict)
+    # The harmfulness x refusal plane: per calibration prompt (harmful, harmless, look-alike and jailbreak text),
+    # x = harmfulness score at t_inst (the inst axis at its layer), y = refusal score at t_post (the push layer).
+    hr_points: torch.Tensor | None = None  # [N, 2]
+    hr_labels: list[str] = field(default_factory=list)
 
     _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
-                "plane_points")
+                "plane_points", "hr_points")
     _JSON = ("balanced_accuracy", "gate_fpr", "gate_fnr", "steerability_gain_nats", "allowed_layers",
-             "misalignment_video_before", "misalignment_video_after", "map_layer")
+             "misalignment_video_before", "misalignment_video_after", "map_layer", "gate_choice", "hr_labels")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}
@@ -116,6 +124,41 @@ class Diagnostics:
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Diagnostics):
+            return NotImplemented
+        return _fields_equal(self, other)
+
+
+@dataclass
+class GateAxis:
+    """What the gate reads at one prompt position ("post" or "inst", `inputs.GATE_POSITIONS`): the centroids,
+    thresholds and modality offsets of every layer there, and the layer it reads by default. Tensors are float64."""
+
+    position: str
+    mu_plus: torch.Tensor  # [L, d]
+    mu_minus: torch.Tensor  # [L, d]
+    taus: torch.Tensor  # [L]
+    offsets: dict[str, torch.Tensor]  # modality -> [L, d]
+    detect_layer: int
+
+    @property
+    def r(self) -> torch.Tensor:
+        return self.mu_plus - self.mu_minus
+
+    def offset(self, modality: str, layer: int) -> torch.Tensor | None:
+        """delta for `modality` at `layer` (`[d]`) at this position, or None for text."""
+        if modality == "text":
+            return None
+        if modality not in self.offsets:
+            raise ValueError(f"this state has no {modality} offset (fitted modalities: {sorted(self.offsets)}): "
+                             "refit with neutral inputs of that modality")
+        return self.offsets[modality][layer]
+
+    def to(self, device: str | torch.device) -> GateAxis:
+        return replace(self, mu_plus=self.mu_plus.to(device), mu_minus=self.mu_minus.to(device),
+                       taus=self.taus.to(device), offsets={m: t.to(device) for m, t in self.offsets.items()})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GateAxis):
             return NotImplemented
         return _fields_equal(self, other)
 
@@ -140,11 +183,19 @@ class MarsState:
     target_level: float  # t*, calibrated at `layer`
     config: MarsConfig
     diagnostics: Diagnostics
-    detect_layer: int = -1  # the layer the gate reads (its own tau and offsets); -1: the same as `layer`
+    detect_layer: int = -1  # the layer the gate reads at t_post (its own tau and offsets); -1: the same as `layer`
+    # The harmfulness axis at t_inst (fitted by intent: every harmful fit prompt, no behaviour filter); None for
+    # states fitted before gate positions existed, which read at t_post.
+    inst: GateAxis | None = None
+    gate_position: str = "post"  # where the gate reads by default ("post" or "inst"); the push is always at t_post
 
     def __post_init__(self) -> None:
         if self.detect_layer < 0:
             self.detect_layer = self.layer
+        if self.gate_position not in ("post", "inst"):
+            raise ValueError(f"unknown gate position {self.gate_position!r}: use post or inst")
+        if self.gate_position == "inst" and self.inst is None:
+            raise ValueError("gate position inst needs the t_inst fit (state.inst)")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MarsState):
@@ -154,7 +205,8 @@ class MarsState:
     def to(self, device: str | torch.device) -> MarsState:
         """A copy whose steering tensors live on `device` (diagnostics stay where they are: they are only plotted)."""
         return replace(self, mu_plus=self.mu_plus.to(device), mu_minus=self.mu_minus.to(device),
-                       taus=self.taus.to(device), offsets={m: t.to(device) for m, t in self.offsets.items()})
+                       taus=self.taus.to(device), offsets={m: t.to(device) for m, t in self.offsets.items()},
+                       inst=None if self.inst is None else self.inst.to(device))
 
     # ---- derived --------------------------------------------------------------------------------------------------
     @property
@@ -167,9 +219,33 @@ class MarsState:
         return self.r.norm(dim=-1)
 
     @property
+    def positions(self) -> tuple[str, ...]:
+        """The gate positions this state can read at: ("post",) or ("post", "inst")."""
+        return ("post",) if self.inst is None else ("post", "inst")
+
+    def gate_axis(self, position: str | None = None) -> GateAxis:
+        """What the gate reads at `position` (default: the state's gate position). "post" shares the push's
+        centroids and offsets (a view, no copy)."""
+        position = self.gate_position if position is None else position
+        if position == "post":
+            return GateAxis("post", self.mu_plus, self.mu_minus, self.taus, self.offsets, self.detect_layer)
+        if position == "inst":
+            if self.inst is None:
+                raise ValueError("this state has no t_inst fit (fitted before gate positions): refit it to read the "
+                                 "gate at the instruction's last token, or use gate position post")
+            return self.inst
+        raise ValueError(f"unknown gate position {position!r}: use post or inst")
+
+    @property
+    def gate_layer(self) -> int:
+        """The layer the gate reads at the state's gate position."""
+        return self.gate_axis().detect_layer
+
+    @property
     def tau(self) -> float:
-        """Gate threshold at the detection layer (the config override wins)."""
-        return float(self.config.tau) if self.config.tau is not None else float(self.taus[self.detect_layer])
+        """Gate threshold at the gate's position and layer (the config override wins)."""
+        axis = self.gate_axis()
+        return float(self.config.tau) if self.config.tau is not None else float(axis.taus[axis.detect_layer])
 
     def fingerprint(self) -> str:
         """A short hash of what steers (model identity, centroids, offsets, thresholds, layers, t*).
@@ -177,9 +253,13 @@ class MarsState:
         Results computed with one state carry it, so a result from another model or state is recognised instead of
         being re-scored against whatever is loaded now.
         """
+        inst = self.inst
         h = hashlib.sha256(json.dumps([self.model_id, self.model_type, self.num_layers, self.hidden_size, self.layer,
-                                       self.detect_layer, self.tau, self.target_level, sorted(self.offsets)]).encode())
-        for t in (self.mu_plus, self.mu_minus, self.taus, *(self.offsets[m] for m in sorted(self.offsets))):
+                                       self.detect_layer, self.tau, self.target_level, sorted(self.offsets),
+                                       self.gate_position, None if inst is None else inst.detect_layer]).encode())
+        extra = () if inst is None else (inst.mu_plus, inst.mu_minus, inst.taus,
+                                         *(inst.offsets[m] for m in sorted(inst.offsets)))
+        for t in (self.mu_plus, self.mu_minus, self.taus, *(self.offsets[m] for m in sorted(self.offsets)), *extra):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -197,10 +277,12 @@ class MarsState:
         elif diag.behaviour.get("fallback"):
             out.append("the behaviour filter fell back (too few refusals): the unsafe centroid mixes refused and "
                        "answered prompts")
-        sep = float(diag.layer_scores.separability[self.detect_layer])
+        site = diag.gate_choice.get(self.gate_position, {})
+        seps = site.get("separability") or [float(x) for x in diag.layer_scores.separability]
+        sep = float(seps[self.gate_layer])
         if sep < 0.6:
-            out.append(f"held-out separability at the gate's layer {self.detect_layer} is {sep:.2f}, near chance "
-                       "(0.5): the gate cannot tell harmful from harmless text")
+            out.append(f"held-out separability at the gate's layer {self.gate_layer} ({self.gate_position}) is "
+                       f"{sep:.2f}, near chance (0.5): the gate cannot tell harmful from harmless text")
         return out
 
     def offset(self, modality: str, layer: int | None = None) -> torch.Tensor | None:
@@ -230,12 +312,17 @@ class MarsState:
         diag = self.diagnostics
         tensors = {"mu_plus": self.mu_plus, "mu_minus": self.mu_minus, "taus": self.taus, **diag.tensors()}
         tensors.update({f"offset.{m}": t for m, t in self.offsets.items()})
+        if self.inst is not None:
+            tensors.update({"inst.mu_plus": self.inst.mu_plus, "inst.mu_minus": self.inst.mu_minus,
+                            "inst.taus": self.inst.taus})
+            tensors.update({f"inst.offset.{m}": t for m, t in self.inst.offsets.items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / STATE_TENSORS))
         meta = {
             "format_version": FORMAT_VERSION,
             "model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
             "hidden_size": self.hidden_size, "layer": self.layer, "detect_layer": self.detect_layer, "tau": self.tau,
-            "target_level": self.target_level,
+            "target_level": self.target_level, "gate_position": self.gate_position,
+            "inst_detect_layer": None if self.inst is None else self.inst.detect_layer,
             "target_curve": {_level_key(k): v for k, v in diag.target_curve.items()},
             "layer_scores": diag.layer_scores.to_dict(),
             "r_norm": [float(x) for x in self.r_norm],
@@ -287,7 +374,12 @@ class MarsState:
                 offsets={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("offset.")},
                 taus=tensors["taus"], layer=int(meta["layer"]), target_level=float(meta["target_level"]),
                 config=MarsConfig.from_dict(meta.get("config", {})), diagnostics=diag,
-                detect_layer=int(meta.get("detect_layer", meta["layer"])))  # single-layer states: detect = push
+                detect_layer=int(meta.get("detect_layer", meta["layer"])),  # single-layer states: detect = push
+                inst=None if "inst.mu_plus" not in tensors else GateAxis(
+                    "inst", tensors["inst.mu_plus"], tensors["inst.mu_minus"], tensors["inst.taus"],
+                    {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith("inst.offset.")},
+                    int(meta["inst_detect_layer"])),
+                gate_position=meta.get("gate_position", "post"))  # states before positions read at t_post
         except KeyError as e:
             raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None
         shape = (state.num_layers, state.hidden_size)
@@ -297,12 +389,21 @@ class MarsState:
         return state
 
     def with_overrides(self, *, layer: int | None = None, tau: float | None = None,
-                       detect_layer: int | None = None) -> MarsState:
-        """A copy with the push layer, the detection layer and/or the gate threshold overridden (fitted values are
-        kept; t* stays the one calibrated at the fitted push layer)."""
+                       detect_layer: int | None = None, gate_position: str | None = None) -> MarsState:
+        """A copy with the push layer, the gate's position, its layer (at that position) and/or its threshold
+        overridden (fitted values are kept; t* stays the one calibrated at the fitted push layer)."""
         import copy
 
         new = copy.copy(self)
+        if gate_position is not None:
+            self.gate_axis(gate_position)  # raises for an unknown position or a state without the inst fit
+            new.gate_position = gate_position
+        if detect_layer is not None and new.gate_position == "inst":
+            if not -self.num_layers <= detect_layer < self.num_layers:
+                raise ValueError(f"detect_layer {detect_layer} is out of range: the model has {self.num_layers} "
+                                 f"layers (0..{self.num_layers - 1})")
+            new.inst = replace(self.inst, detect_layer=detect_layer % self.num_layers)
+            detect_layer = None
         for name, value in (("layer", layer), ("detect_layer", detect_layer)):
             if value is None:
                 continue

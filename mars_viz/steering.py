@@ -5,8 +5,11 @@ function for `hooks.edit_position`. The maths is `geometry.mars_response`; the h
 else happens here.
 
 Conditional MARS: the gate may read its score at another layer than the push (the layer that separates best need
-not be the one that steers best; IBM's CAST checks a condition at one layer and adds a behaviour vector at another).
-A detection layer before the push layer is read in the same forward; one after it is probed first (`probe_gate`).
+not be the one that steers best; IBM's CAST checks a condition at one layer and adds a behaviour vector at another),
+and at another position: t_post (the prompt's last position, where the model decides to refuse) or t_inst (the last
+token of the user's text, where it encodes whether the request is harmful; Zhao et al. 2025). The push is always at
+t_post. A gate at a layer up to the push layer is read in the same forward (t_inst never sees the push); one after
+it is read first, by an unsteered probe of the same call up to the gate's layer (`mars_steering` does it itself).
 
 Example:
     >>> opts = SteerOptions(strength=1.0, recenter=True)
@@ -18,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +32,7 @@ import torch
 from .backbone import Backbone
 from .geometry import MarsRule, mars_response, unsafety_score
 from .hooks import EditRecord, edit_position, read_position
+from .inputs import GATE_POSITIONS, gate_index
 from .state import MarsState
 
 __all__ = ["Plan", "SteerOptions", "gate_scores", "mars_edit", "mars_steering", "plan", "probe_gate",
@@ -46,8 +51,11 @@ class SteerOptions:
     target_level: float | None = None  # override t*, the trust region's outer wall
     mode: Literal["mars", "ungated"] = "mars"
     detect_layer: int | None = None  # override the layer the gate reads
+    gate_position: str | None = None  # override where the gate reads: "post" or "inst" (None: the state's choice)
 
     def __post_init__(self) -> None:
+        if self.gate_position is not None and self.gate_position not in GATE_POSITIONS:
+            raise ValueError(f"gate_position must be one of {', '.join(GATE_POSITIONS)}, got {self.gate_position!r}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"strength must be a finite number >= 0, got {self.strength}")
         if self.tau is not None and not math.isfinite(self.tau):
@@ -64,6 +72,12 @@ class Plan:
     detect_layer: int  # the gate reads the re-centred score here, against this layer's tau
     rule: MarsRule
     t_star_layer: int | None  # the layer t* was calibrated at (None: t* given by the user)
+    gate_position: str = "post"  # where the gate reads: "post" (t_post) or "inst" (t_inst); the push is at t_post
+
+    @property
+    def separate_gate(self) -> bool:
+        """The gate reads another site (layer or position) than the one the push edits."""
+        return self.detect_layer != self.layer or self.gate_position != "post"
 
     @property
     def reads_later(self) -> bool:
@@ -81,32 +95,35 @@ def _layer_index(state: MarsState, value: int, name: str) -> int:
 def plan(state: MarsState, options: SteerOptions) -> Plan:
     """The state's fitted layers, threshold and t* with the user's overrides applied.
 
-    A detection-layer override uses that layer's own fitted threshold unless tau is given; a push-layer override
-    keeps t* (calibrated at the fitted push layer: `t_star_layer` says so).
+    A gate position or detection-layer override uses that site's own fitted threshold unless tau is given; a
+    push-layer override keeps t* (calibrated at the fitted push layer: `t_star_layer` says so).
     """
+    position = state.gate_position if options.gate_position is None else options.gate_position
+    axis = state.gate_axis(position)
     layer = _layer_index(state, state.layer if options.layer is None else options.layer, "layer")
-    detect = _layer_index(state, state.detect_layer if options.detect_layer is None else options.detect_layer,
+    detect = _layer_index(state, axis.detect_layer if options.detect_layer is None else options.detect_layer,
                           "detect_layer")
     if options.tau is not None:
         tau = float(options.tau)
-    elif detect == state.detect_layer:
+    elif position == state.gate_position and detect == axis.detect_layer:
         tau = state.tau
     else:
-        tau = float(state.taus[detect])
+        tau = float(axis.taus[detect])
     t_star = float(state.target_level if options.target_level is None else options.target_level)
     rule = MarsRule(tau=tau, t_star=t_star, margin=float(state.config.margin), strength=options.strength,
                     gated=options.mode == "mars", steer=options.steer)
     return Plan(layer=layer, detect_layer=detect, rule=rule,
-                t_star_layer=None if options.target_level is not None else state.layer)
+                t_star_layer=None if options.target_level is not None else state.layer, gate_position=position)
 
 
 def gate_scores(state: MarsState, p: Plan, h_detect: torch.Tensor, modalities: Sequence[str],
                 recenter: bool) -> torch.Tensor:
-    """The score the gate reads: `h_detect [B, d]` (residuals at the detection layer) re-centred by each row's
-    modality offset at that layer, along that layer's axis -> `[B]` float64."""
-    deltas = _row_deltas(state, p.detect_layer, modalities, recenter)
+    """The score the gate reads: `h_detect [B, d]` (residuals at the gate's layer and position) re-centred by each
+    row's modality offset there, along that site's axis -> `[B]` float64. The one place the gate's score is made."""
+    axis = state.gate_axis(p.gate_position)
+    deltas = _row_deltas(state, p.detect_layer, modalities, recenter, p.gate_position)
     h = h_detect.double() if deltas is None else h_detect.double() - deltas.to(h_detect.device)
-    return unsafety_score(h, state.mu_minus[p.detect_layer].to(h.device), state.r[p.detect_layer].to(h.device))
+    return unsafety_score(h, axis.mu_minus[p.detect_layer].to(h.device), axis.r[p.detect_layer].to(h.device))
 
 
 def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | None, gate: dict | None = None):
@@ -123,13 +140,15 @@ def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | No
     def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
         d = None if deltas is None else deltas.to(h.device)
         g = None if gate is None else gate.get("s")
-        if p.detect_layer != p.layer and g is None:
-            raise RuntimeError(f"the gate (layer {p.detect_layer}) was not read before the push (layer {p.layer})")
+        if p.separate_gate and g is None:
+            raise RuntimeError(f"the gate (layer {p.detect_layer}, {p.gate_position}) was not read before the push "
+                               f"(layer {p.layer})")
         out = mars_response(h, mu_minus.to(h.device), r.to(h.device), p.rule, d,
                             gate_score=None if g is None else g.to(h.device))
         s_raw = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B]
         planned = out.planned_norm.float().cpu()
-        info.update(layer=p.layer, detect_layer=p.detect_layer, tau=p.rule.tau, t_star=p.rule.t_star,
+        info.update(layer=p.layer, detect_layer=p.detect_layer, gate_position=p.gate_position, tau=p.rule.tau,
+                    t_star=p.rule.t_star,
                     s_raw=s_raw.cpu(), s_recentred=out.score.cpu(), s_gate=out.gate_score.cpu(),
                     gate_weight=out.gate_weight.cpu(), gate_open=out.gate_open.cpu(), planned_norm=planned,
                     displacement_norm=planned if p.rule.steer else torch.zeros(h.shape[0]))
@@ -150,59 +169,112 @@ def push_to_level_edit(mu_minus: torch.Tensor, r: torch.Tensor, levels: torch.Te
     return edit
 
 
-def _row_deltas(state: MarsState, layer: int, modalities: Sequence[str], recenter: bool) -> torch.Tensor | None:
+def _row_deltas(state: MarsState, layer: int, modalities: Sequence[str], recenter: bool,
+                position: str = "post") -> torch.Tensor | None:
+    """Per-row modality offsets `[B, d]` at `layer` and `position` (zeros for text rows); None without re-centring."""
     if not recenter:
         return None
+    axis = state.gate_axis(position)
     rows = []
     for m in modalities:
-        off = state.offset(m, layer)
+        off = axis.offset(m, layer)
         rows.append(torch.zeros(state.hidden_size, dtype=torch.float64) if off is None else off.double())
     return torch.stack(rows)  # [B, d]
+
+
+class _GateRead(Exception):
+    """Ends a probe forward once the gate's layer has been read (the rest of the model is not needed)."""
+
+
+@contextlib.contextmanager
+def _probe_first_call(backbone: Backbone, layer: int, position: int, read: Callable[[torch.Tensor], None],
+                      rows: torch.Tensor | None, probing: dict) -> Iterator[None]:
+    """Before the first forward call inside the context, run that same call once, unsteered, up to `layer`, and give
+    `read` the residual at `position` there. The probe works on a copy of the call's KV cache, so the real call
+    finds the cache as it was; `probing["on"]` is true while it runs (the push's hook pauses meanwhile)."""
+    done = False
+
+    def stop(h: torch.Tensor) -> None:
+        read(h)
+        raise _GateRead
+
+    def pre(module, args, kwargs):
+        nonlocal done
+        if done or probing["on"]:
+            return None
+        done, probing["on"] = True, True
+        try:
+            kw = dict(kwargs)
+            for key in ("past_key_values", "cache"):
+                if kw.get(key) is not None:
+                    kw[key] = copy.deepcopy(kw[key])
+            with read_position(backbone.layers[layer], stop, position=position, rows=rows):
+                try:
+                    module(*args, **kw)
+                except _GateRead:
+                    pass
+        finally:
+            probing["on"] = False
+        return None
+
+    handle = backbone.model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
 def mars_steering(backbone: Backbone, state: MarsState, options: SteerOptions, modalities: Sequence[str],
                   rows: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> Iterator[EditRecord]:
-    """Steer the rows selected by `rows` (bool `[batch]`, default all) of the next forward / generate call.
+    """Steer the rows selected by `rows` (bool `[batch]`, default all) of the next forward / generate call, whose
+    first forward must see the whole prompt (a plain `generate` or forward).
 
     `modalities` names the modality of each *selected* row, so each is re-centred by its own offset (at the push
-    layer, and at the detection layer for the gate). When the gate is read at another layer:
+    layer, and at the gate's site). The gate is read wherever it sits, with no help from the caller:
 
-    - detection layer before the push layer: a reading hook there sets the gate in the same forward;
-    - after it, with steering on: pass `gate` (`[B']`, e.g. from `probe_gate` or an earlier unsteered pass), since
-      the push must know it first; with steering off, both layers are read and nothing is changed.
+    - at the push layer and t_post: in the push's own hook;
+    - at a layer up to the push layer (either position), or at t_inst of any layer up to it: a reading hook there
+      sets the gate earlier in the same forward;
+    - at a layer after the push layer, with steering on: the first call is first run once unsteered up to the
+      gate's layer (`_probe_first_call`, on a copy of its KV cache), then steered; with steering off, both sites are
+      read in one forward and nothing is changed.
+
+    `gate` (`[B']`, e.g. read from a shared prefill) skips the reading.
     """
     state.check_compatible(backbone)
     p = plan(state, options)
     deltas = _row_deltas(state, p.layer, modalities, options.recenter)
-    two = p.detect_layer != p.layer
     box: dict = {"s": gate}
-    _, edit = mars_edit(state, options, deltas, box if two else None)
+    _, edit = mars_edit(state, options, deltas, box if p.separate_gate else None)
+    where = gate_index(backbone, p.gate_position)
+    probing = {"on": False}
 
-    def read_gate(h: torch.Tensor) -> None:  # h [B', d] at the detection layer
+    def read_gate(h: torch.Tensor) -> None:  # h [B', d] at the gate's layer and position
         box["s"] = gate_scores(state, p, h, modalities, options.recenter)
 
     with contextlib.ExitStack() as stack:
-        if two and gate is None and p.reads_later:
+        if p.separate_gate and gate is None and p.reads_later:
             if options.steer:
-                raise ValueError(f"the gate is read at layer {p.detect_layer}, after the push at layer {p.layer}: "
-                                 "read it first (steering.probe_gate) and pass gate=")
-            # steering off: keep the push layer's residual, finish when the gate is read later in the forward
-            pending: dict = {}
-            rec = EditRecord()
-            stack.enter_context(read_position(backbone.layers[p.layer], lambda h: pending.update(h=h), rows=rows))
+                stack.enter_context(_probe_first_call(backbone, p.detect_layer, where, read_gate, rows, probing))
+            else:
+                # steering off: keep the push layer's residual, finish when the gate is read later in the forward
+                pending: dict = {}
+                rec = EditRecord()
+                stack.enter_context(read_position(backbone.layers[p.layer], lambda h: pending.update(h=h), rows=rows))
 
-            def finish(h: torch.Tensor) -> None:
-                read_gate(h)
-                edit(pending["h"], rec.info)
-                rec.edited_calls += 1
+                def finish(h: torch.Tensor) -> None:
+                    read_gate(h)
+                    edit(pending["h"], rec.info)
+                    rec.edited_calls += 1
 
-            stack.enter_context(read_position(backbone.layers[p.detect_layer], finish, rows=rows))
-            yield rec
-            return
-        if two and gate is None:
-            stack.enter_context(read_position(backbone.layers[p.detect_layer], read_gate, rows=rows))
-        yield stack.enter_context(edit_position(backbone.layers[p.layer], edit, position=-1, rows=rows))
+                stack.enter_context(read_position(backbone.layers[p.detect_layer], finish, position=where, rows=rows))
+                yield rec
+                return
+        elif p.separate_gate and gate is None:
+            stack.enter_context(read_position(backbone.layers[p.detect_layer], read_gate, position=where, rows=rows))
+        yield stack.enter_context(edit_position(backbone.layers[p.layer], edit, position=-1, rows=rows,
+                                                paused=lambda: probing["on"]))
 
 
 @torch.inference_mode()
@@ -222,7 +294,8 @@ def row_steering(backbone: Backbone, state: MarsState, specs: Sequence[SteerOpti
     MARS, MARS without re-centring and the ungated baseline (at several strengths) as rows of one batch.
 
     All rows must resolve to the same push layer. `gates[i]` is row i's gate score when the gate is read at another
-    layer (probed beforehand, as the evaluation does). `rec.info["rows"]` holds one info dict per steered row.
+    site (layer or position; probed beforehand, as the evaluation does). `rec.info["rows"]` holds one info dict per
+    steered row.
     """
     state.check_compatible(backbone)
     active = [(i, o) for i, o in enumerate(specs) if o is not None]
@@ -234,7 +307,7 @@ def row_steering(backbone: Backbone, state: MarsState, specs: Sequence[SteerOpti
     layer = layers.pop() if layers else state.layer
     edits = []
     for i, o in active:
-        two = plan(state, o).detect_layer != layer
+        two = plan(state, o).separate_gate
         if two and (gates is None or gates[i] is None):
             raise ValueError("the gate is read at another layer: pass gates= (probed scores per row)")
         box = {"s": torch.tensor([float(gates[i])], dtype=torch.float64)} if two else None

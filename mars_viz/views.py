@@ -59,9 +59,10 @@ class LayerView:
 
 
 def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerOptions,
-            layer: int | None = None) -> LayerView:
-    """Score and steer the captured (unsteered) residuals `acts [L, d]` with the push at `layer` (default: the
-    options' / state's) and the gate read at the detection layer, as the hook does.
+            layer: int | None = None, acts_inst: torch.Tensor | None = None) -> LayerView:
+    """Score and steer the captured (unsteered) residuals `acts [L, d]` (t_post) with the push at `layer` (default:
+    the options' / state's) and the gate read at its layer and position (`acts_inst [L, d]` for t_inst), as the
+    hook does.
 
     Pure maths through `geometry.mars_response`, so it honours strength, mode and steer exactly as the hook does.
     """
@@ -71,7 +72,10 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
     h = acts[layer].double()  # [d]
     mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
     delta = state.offset(modality, layer) if opts.recenter else None
-    s_gate = gate_scores(state, p, acts[p.detect_layer][None].double(), [modality], opts.recenter)  # [1]
+    at_gate = acts if p.gate_position == "post" else acts_inst
+    if at_gate is None:
+        raise ValueError("the gate reads t_inst but this result holds no residuals there: run it again")
+    s_gate = gate_scores(state, p, at_gate[p.detect_layer][None].double(), [modality], opts.recenter)  # [1]
     out = G.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
     h_rec = h if delta is None else G.recentre(h, delta)  # [d]
     h_steered = h_rec + out.displacement  # [d]
@@ -157,7 +161,7 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
     """All dashboard figures for the current analysis at `layer`, plus the layer view used."""
     view = None
     if analysis is not None:
-        view = rescore(state, analysis.acts, analysis.query.modality, analysis.options, layer)
+        view = rescore(state, analysis.acts, analysis.query.modality, analysis.options, layer, analysis.acts_inst)
         layer = view.layer
     figs = state_figures(state, layer, view, method)
     if analysis is not None and analysis.frame_scores is not None:

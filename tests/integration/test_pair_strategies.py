@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from mars_viz import generate as G
+from mars_viz.activations import forward_sites
 from mars_viz.generate import (
     PAIR_STRATEGIES,
     generate_batch,
@@ -20,7 +22,7 @@ from mars_viz.generate import (
 from mars_viz.hooks import count_hooks
 from mars_viz.inputs import Query, build_batch
 from mars_viz.media import neutral_images
-from mars_viz.steering import SteerOptions, gate_scores, mars_steering, plan, probe_gate
+from mars_viz.steering import SteerOptions, gate_scores, mars_steering, plan
 
 from ..conftest import ARCHS
 
@@ -37,14 +39,18 @@ def _rope_state(bb) -> list:
     return [o.rope_deltas for o in G._rope_owners(bb.model)]
 
 
+def reference_gate(bb, state, options: SteerOptions, q: Query):
+    """The gate's score from an independent plain forward: the residuals at both positions (`forward_sites`), scored
+    at the plan's layer and position."""
+    p = plan(state, options)
+    h = forward_sites(bb, [q])[p.gate_position][:, p.detect_layer]  # [1, d]
+    return gate_scores(state, p, h, [q.modality], options.recenter)
+
+
 def steered_reference(bb, state, options: SteerOptions, q: Query) -> list[int]:
-    """One full steered generation, on its own: the gate probed first by a plain forward when it is read after the
-    push layer (what every strategy must reproduce token for token)."""
-    gate = None
-    if plan(state, options).reads_later:
-        batch = build_batch(bb, [q])
-        gate = probe_gate(bb, state, options, [q.modality], lambda: bb.model(**batch))
-    with mars_steering(bb, state, options, [q.modality], gate=gate):
+    """One full steered generation, on its own, with the gate given from `reference_gate` (what every strategy must
+    reproduce token for token)."""
+    with mars_steering(bb, state, options, [q.modality], gate=reference_gate(bb, state, options, q)):
         return generate_batch(bb, build_batch(bb, [q]), N_TOKENS)[0][0]
 
 
@@ -175,14 +181,16 @@ def test_unknown_strategy_is_refused_clearly(tiny_backbones, fitted):
 RELATIONS = {"detect<push": 1, "detect=push": 2, "detect>push": 3}  # push at layer 2 of the tiny models' 4
 
 
+@pytest.mark.parametrize("position", ["post", "inst"])
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
-def test_two_layer_gate_on_every_strategy(strategy, arch, relation, tiny_backbones, fitted, separate):
-    """Conditional MARS: the gate read before, at or after the push layer. Closed: bit-identical answers. Open:
-    exactly the tokens of a separate steered generation, the gate probed first where it comes after the push."""
+def test_two_layer_gate_on_every_strategy(strategy, arch, relation, position, tiny_backbones, fitted, separate):
+    """Conditional MARS: the gate read before, at or after the push layer, at t_post or t_inst. Closed:
+    bit-identical answers. Open: exactly the tokens of a separate steered generation given the gate of a plain
+    forward, and the gate's score is that of the unsteered input at its own layer and position."""
     bb = tiny_backbones(arch)
-    state = fitted(arch).with_overrides(layer=2, detect_layer=RELATIONS[relation])
+    state = fitted(arch).with_overrides(layer=2, detect_layer=RELATIONS[relation], gate_position=position)
     q = _image_query()
     plain = separate(arch, q)[0]
     closed = _stream(bb, state, q, CLOSED, strategy)[-1].result
@@ -193,17 +201,40 @@ def test_two_layer_gate_on_every_strategy(strategy, arch, relation, tiny_backbon
     assert opened.gate_open and opened.unsteered.token_ids == plain
     # the gate's score is the detection layer's, read from the unsteered input (captured in the same run)
     p = plan(state, OPEN)
-    expect = gate_scores(state, p, final.acts[p.detect_layer][None], [q.modality], True)
+    at_gate = final.acts if position == "post" else final.acts_inst
+    expect = gate_scores(state, p, at_gate[p.detect_layer][None], [q.modality], True)
     assert opened.gate_score == pytest.approx(float(expect[0]), rel=1e-4, abs=1e-4)
+    assert opened.gate_score == pytest.approx(float(reference_gate(bb, state, OPEN, q)[0]), rel=1e-4, abs=1e-4)
     assert opened.steered.token_ids == steered_reference(bb, state, OPEN, q)
-    assert opened.to_json()["detect_layer"] == RELATIONS[relation]
+    assert (opened.to_json()["detect_layer"], opened.to_json()["gate_position"]) == (RELATIONS[relation], position)
 
 
-def test_a_later_gate_must_be_known_before_the_push(tiny_backbones, fitted):
-    bb = tiny_backbones("llava")
-    state = fitted("llava").with_overrides(layer=1, detect_layer=3)
+@pytest.mark.parametrize("call", ["generate", "forward"])
+@pytest.mark.parametrize("position", ["post", "inst"])
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_mars_steering_reads_the_gate_wherever_it_sits(relation, position, call, tiny_backbones, fitted):
+    """The context manager alone, as a library user calls it (no gate given): before, at or after the push layer,
+    at either position, under `generate` and a plain forward. It reads the same score as an independent forward,
+    edits exactly once, and steers exactly as when that score is handed to it; no hook stays behind."""
+    bb = tiny_backbones("qwen2_vl")
+    state = fitted("qwen2_vl").with_overrides(layer=2, detect_layer=RELATIONS[relation], gate_position=position)
     q = _image_query()
-    with pytest.raises(ValueError, match="read it first"):
-        with mars_steering(bb, state, OPEN, [q.modality]):
-            pass
-    assert sum(_ours(layer) for layer in bb.layers) == 0
+    expect = reference_gate(bb, state, OPEN, q)
+    hooks_before = count_hooks(bb.model)
+
+    def go(**kw):
+        batch = build_batch(bb, [q])
+        with mars_steering(bb, state, OPEN, [q.modality], **kw) as rec:
+            if call == "generate":
+                out = generate_batch(bb, batch, N_TOKENS)[0][0]
+            else:
+                out = bb.model(**batch).logits[0, -1]
+        return rec, out
+
+    rec, got = go()
+    assert rec.edited_calls == 1 and rec.change_norm[0] > 0
+    assert float(rec.info["s_gate"][0]) == pytest.approx(float(expect[0]), rel=1e-5, abs=1e-5)
+    assert (rec.info["detect_layer"], rec.info["gate_position"]) == (RELATIONS[relation], position)
+    _, ref = go(gate=expect)
+    assert got == ref if call == "generate" else torch.equal(got, ref)
+    assert _no_hook_of_ours(bb, hooks_before)
