@@ -33,7 +33,7 @@ from .inputs import Query, build_batch
 from .judge import default_judge
 from .media import neutral_images
 from .state import MarsConfig, MarsState
-from .steering import SteerOptions, mars_steering
+from .steering import SteerOptions, mars_steering, plan
 
 __all__ = ["run_bench"]
 
@@ -125,6 +125,9 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
         out["calibration_s"] = total
         out["calibration_forward_share"] = acc["t"] / total
 
+    p = plan(state, SteerOptions())
+    out["gate"] = {"position": p.gate_position, "layer": p.detect_layer, "push_layer": p.layer,
+                   "read_after_push": p.reads_later}  # after the push: steer overhead includes the gate's probe
     say("steer overhead")
     image = neutral_images(1, seed=11)[0]
     q_img = Query("Describe this picture in detail.", images=(image,))

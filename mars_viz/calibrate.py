@@ -349,7 +349,7 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         gate_layer, gate_mu_minus = site_layers[position], (mu_minus if position == "post" else mu_minus_i)
         cells, tokens = neutral_position_offsets(backbone, map_queries, gate_layer, gate_mu_minus[gate_layer],
                                                  _stage(progress, "map offsets"))
-        map_stats = dict(map_layer=gate_layer, map_cells=cells, map_tokens=tokens)
+        map_stats = dict(map_layer=gate_layer, map_position=position, map_cells=cells, map_tokens=tokens)
 
     # points for the centroid and plane plots: raw at the chosen layer (for UMAP), 2-D PCA at every layer
     every = [acts, acts_img] + ([acts_vid] if acts_vid is not None else [])

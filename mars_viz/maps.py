@@ -489,9 +489,11 @@ def position_scores(state, options: SteerOptions, h: torch.Tensor, kinds: Sequen
     diag = state.diagnostics
     cells = getattr(diag, "map_cells", None) or {}
     tokens = getattr(diag, "map_tokens", None) or {}
-    if getattr(diag, "map_layer", None) != p.detect_layer or not tokens:
+    measured = (getattr(diag, "map_layer", None), getattr(diag, "map_position", "post"))
+    if measured != (p.detect_layer, p.gate_position) or not tokens:
         why = ("this state has no per-position offsets (fitted before the maps existed)" if not tokens else
-               f"the per-position offsets were measured at layer {diag.map_layer}, not at layer {p.detect_layer}")
+               f"the per-position offsets were measured at layer {measured[0]} for the gate at t_{measured[1]}, "
+               f"not at layer {p.detect_layer} for t_{p.gate_position}")
         notes.append(f"{why}: image and video tokens are re-centred by the mean modality offset (the gate's δ)")
         scores[media] = gate_scores(state, p, h[media], [kinds[i] for i in media], recenter=True).cpu()
         return scores.numpy(), "mean modality offset", notes

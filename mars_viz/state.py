@@ -101,6 +101,7 @@ class Diagnostics:
     # "Where in the input" maps (`maps.neutral_position_offsets`): per-position offsets at `map_layer` measured on the
     # neutral inputs, minus mu_minus there. States fitted before the maps have none (the maps then say so).
     map_layer: int | None = None
+    map_position: str = "post"  # the gate position the per-position offsets were measured for (its mu_minus)
     map_cells: dict[str, torch.Tensor] = field(default_factory=dict)  # "image.patches" -> [rows, cols, d] per cell
     map_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [d] over all its media tokens
     # The gate's position (`calibrate._choose_gate`): per position, per layer, held-out detection and false-positive
@@ -114,7 +115,8 @@ class Diagnostics:
     _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
                 "plane_points", "hr_points")
     _JSON = ("balanced_accuracy", "gate_fpr", "gate_fnr", "steerability_gain_nats", "allowed_layers",
-             "misalignment_video_before", "misalignment_video_after", "map_layer", "gate_choice", "hr_labels")
+             "misalignment_video_before", "misalignment_video_after", "map_layer", "gate_choice", "hr_labels",
+             "map_position")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}

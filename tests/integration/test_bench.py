@@ -31,3 +31,19 @@ def test_bench_json_has_the_ratios(tiny_dirs, tmp_path):
     # capture keeps L * d float32 per query, whatever the prompt length
     assert data["activation_bytes_per_query_short"] == data["activation_bytes_per_query_long"] == 4 * 64 * 4
     assert data["prompt_tokens_short_long"][1] > 5 * data["prompt_tokens_short_long"][0]
+
+
+def test_bench_runs_to_the_end_with_the_gate_read_after_the_push(tiny_dirs, fitted, tmp_path):
+    """The LLaVA graft's fitted state reads its gate at layer 23, after the push at 21: `bench` stopped at "steer
+    overhead" with "read it first". A state with the gate after the push, at t_inst, must run every stage."""
+    state = fitted("llava").with_overrides(layer=1, detect_layer=3, gate_position="inst")
+    folder = state.save(tmp_path / "late-gate")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mars_viz", "bench", "--model", str(tiny_dirs("llava")), "--state",
+                        str(folder), "--repeats", "1", "--new-tokens", "3", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["gate"] == {"position": "inst", "layer": 3, "push_layer": 1, "read_after_push": True}
+    assert data["steer_overhead"] > 0 and set(data["pair_vs_single_by_strategy"]) == {"gate_first", "batched",
+                                                                                       "doubled"}
