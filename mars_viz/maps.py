@@ -98,6 +98,7 @@ class InputMap:
     modality: str = "text"  # the input's modality (text positions are re-centred by its offset, as the gate does)
     layout_notes: list[str] = field(default_factory=list)  # the layout's own notes (kept when re-scored)
     h: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [T, d] the residuals scored
+    gate_at: int = -1  # the position the gate reads (t_post: the last; t_inst: the user's last token), from the start
 
     @property
     def exact(self) -> bool:
@@ -116,7 +117,7 @@ class InputMap:
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "recenter": self.recenter, "offset_source": self.offset_source,
-                "exact": self.exact, "notes": list(self.notes),
+                "exact": self.exact, "notes": list(self.notes), "gate_at": self.gate_at % len(self.tokens),
                 "positions": [{"pos": i, "token": t, "kind": k, "score": float(s)}
                               for i, (t, k, s) in enumerate(zip(self.tokens, self.kinds, self.scores, strict=True))],
                 "grids": [g.to_json() for g in self.grids]}
@@ -524,9 +525,10 @@ def position_scores(state, options: SteerOptions, h: torch.Tensor, kinds: Sequen
 
 
 def build_input_map(spec: LayoutSpec, decode: Callable[[int], str], state, options: SteerOptions, query,
-                    ids: Sequence[int], h: torch.Tensor, meta: dict) -> InputMap:
+                    ids: Sequence[int], h: torch.Tensor, meta: dict, gate_at: int = -1) -> InputMap:
     """The `InputMap` of one query from its unpadded prompt ids, residuals `h [T, d]` at the detection layer and the
-    processor's media metadata (`image_grid_thw`, `image_sizes`, ...). `decode(id)` gives a token's text."""
+    processor's media metadata (`image_grid_thw`, `image_sizes`, ...). `decode(id)` gives a token's text; `gate_at`
+    is the position the gate reads (`inputs.gate_index`)."""
     ids = [int(t) for t in ids]
     if h.shape[0] != len(ids):
         raise ValueError(f"{h.shape[0]} residuals for {len(ids)} prompt positions")
@@ -548,7 +550,7 @@ def build_input_map(spec: LayoutSpec, decode: Callable[[int], str], state, optio
     return InputMap(layer=plan(state, options).detect_layer, recenter=options.recenter,
                     tokens=[decode(t) for t in ids], kinds=kinds, scores=scores, grids=grids, offset_source=source,
                     notes=list(dict.fromkeys(layout_notes + more)), modality=query.modality,
-                    layout_notes=layout_notes, h=h.detach().float().cpu())
+                    layout_notes=layout_notes, h=h.detach().float().cpu(), gate_at=gate_at % len(ids))
 
 
 def rescore(state, m: InputMap, options: SteerOptions, h: torch.Tensor | None = None,
@@ -557,10 +559,11 @@ def rescore(state, m: InputMap, options: SteerOptions, h: torch.Tensor | None = 
 
     `h` `[T, d]` and `layer`: score residuals the same prefill kept at another layer (the push layer) on the same
     grids. The per-position offsets are measured at the gate's layer only, so there media tokens are re-centred by the
-    mean modality offset, and the map says so.
+    mean modality offset, and the map says so. That map is scored along the push's own axis (t_post's), whatever
+    position the gate reads at.
     """
     if layer is not None:
-        options = replace(options, detect_layer=layer)
+        options = replace(options, detect_layer=layer, gate_position="post")
     h = m.h if h is None else h
     if h is None:
         raise ValueError("this map kept no residuals: run the input again")
@@ -577,10 +580,13 @@ def rescore(state, m: InputMap, options: SteerOptions, h: torch.Tensor | None = 
 
 def input_map(backbone, state, options: SteerOptions, query, seq: dict) -> InputMap:
     """`build_input_map` from a `PairUpdate.seq` (or `capture_prompt_positions`) on a loaded backbone."""
-    layer = plan(state, options).detect_layer
+    from .inputs import gate_index
+
+    p = plan(state, options)
     tok = backbone.tokenizer
     return build_input_map(layout_spec(backbone), lambda t: tok.decode([t]), state, options, query,
-                           seq["input_ids"].tolist(), seq["h"][layer], seq["meta"])
+                           seq["input_ids"].tolist(), seq["h"][p.detect_layer], seq["meta"],
+                           gate_at=gate_index(backbone, p.gate_position))
 
 
 # ---- fit-time statistics -------------------------------------------------------------------------------------------

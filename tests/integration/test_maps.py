@@ -260,14 +260,14 @@ def test_planted_direction_lights_exactly_the_chosen_image_cells(arch, tiny_back
     m0 = base.input_map
     layer = plan(state, SteerOptions()).detect_layer
     assert m0.layer == layer and m0.offset_source == "per-position"
-    # the map's last position is the gate's own score (one scoring function)
-    assert m0.scores[-1] == pytest.approx(base.result.score_gate, abs=1e-6)
+    # the gate's own position in the map is the gate's own score (one scoring function)
+    assert m0.scores[m0.gate_at] == pytest.approx(base.result.score_gate, abs=1e-6)
     grids = m0.grids
     first = next(g for g in grids if g.index == 0)
     second = next(g for g in grids if g.index == 1)
     chosen = [(grids.index(first), first.shape[0] - 1, first.shape[1] - 1), (grids.index(second), 0, 0)]
     positions = [int(grids[g].positions[r, c]) for g, r, c in chosen]
-    r = state.r[layer]
+    r = state.gate_axis().r[layer]
     c = 3.0 * float(r.norm())
     planted = _run_map(bb, state, q, plant=(layer, positions, (c * r / r.norm()).float()))
     m1 = planted.input_map
@@ -288,7 +288,7 @@ def test_planted_direction_lights_the_chosen_video_frame(arch, tiny_backbones, f
     assert target, [g.frames for g in m0.grids]
     positions = [int(p) for g in target for p in g.positions[g.positions >= 0].tolist()]
     layer = m0.layer
-    r = state.r[layer]
+    r = state.gate_axis().r[layer]
     m1 = _run_map(bb, state, q, plant=(layer, positions, (2.0 * r).float())).input_map
     lit_frames = set()
     for gb, ga in zip(m0.grids, m1.grids, strict=True):
@@ -330,7 +330,7 @@ def test_recentring_switch_and_old_state_fallback(tiny_backbones, fitted, tmp_pa
 def test_fitted_state_round_trips_the_map_statistics(fitted, tmp_path):
     state = fitted("llava_onevision")
     d = state.diagnostics
-    assert d.map_layer == state.detect_layer
+    assert (d.map_layer, d.map_position) == (state.gate_layer, state.gate_position)
     assert {"image.base", "image.tiles", "video.frames"} <= set(d.map_cells)
     assert MarsState.load(state.save(tmp_path / "s")) == state
 
@@ -348,7 +348,7 @@ def test_input_map_from_a_text_prompt_is_all_text(tiny_backbones, fitted):
     a = _run_map(bb, state, Query("How do I bake bread?"))
     m = a.input_map
     assert m.grids == [] and set(m.kinds) == {"text"} and len(m.tokens) == len(m.scores)
-    assert m.scores[-1] == pytest.approx(a.result.score_gate, abs=1e-6)
+    assert m.scores[m.gate_at] == pytest.approx(a.result.score_gate, abs=1e-6)
     assert "".join(m.tokens).endswith("assistant")
 
 
@@ -369,7 +369,7 @@ def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backb
     raw: list[float] = []
     for i, p in enumerate(prompts):
         q = Query(p, images=(images[i % len(images)],))
-        seq = capture_prompt_positions(bb, q, [state.detect_layer])
+        seq = capture_prompt_positions(bb, q, [state.gate_layer])
         for g in input_map(bb, state, opts, q, seq).grids:
             by_view.setdefault(g.view, []).append(g.scores)
         m_raw = input_map(bb, state, SteerOptions(recenter=False), q, seq)
@@ -385,11 +385,11 @@ def test_push_layer_map_from_the_same_prefill(tiny_backbones, fitted):
     from mars_viz.views import map_figures
 
     bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")
-    push = 1 if state.detect_layer != 1 else 2
+    push = 1 if state.gate_layer != 1 else 2
     opts = SteerOptions(layer=push)
     q = Query("What colour is this?", images=_images(1))
     a = _run_map(bb, state, q, opts)
-    assert a.input_map.layer == state.detect_layer and a.push_residuals.shape == a.input_map.h.shape
+    assert a.input_map.layer == state.gate_layer and a.push_residuals.shape == a.input_map.h.shape
     # the kept residuals are the push layer's (up to the float noise of a cached vs an uncached forward)
     alone = capture_prompt_positions(bb, q, [push])["h"][push]
     assert torch.allclose(alone, a.push_residuals, atol=1e-4)
@@ -399,7 +399,7 @@ def test_push_layer_map_from_the_same_prefill(tiny_backbones, fitted):
     assert m.scores[-1] == pytest.approx(a.result.score_recentred, abs=1e-6)  # the push layer's own score
     assert "(the push layer)" in str(map_figures(a, state, at_push=True)["map_image"].layout.title.text)
     same = _run_map(bb, state, q)  # gate and push at one layer: nothing else to show
-    if state.layer == state.detect_layer:
+    if state.layer == state.gate_layer:
         assert same.push_residuals is None
         with pytest.raises(ValueError, match="same layer"):
             map_figures(same, state, at_push=True)

@@ -33,7 +33,7 @@ def test_run_json_maps_image_and_video(tiny_dirs, fitted, tmp_path):
     assert all(m["positions"][p]["kind"] == "image" for p in placed)
     assert g["scores"][0][0] == m["positions"][placed[0]]["score"]
     # the last position is scored as the gate scores it (to float rounding of a batched product)
-    assert abs(m["positions"][-1]["score"] - row["score_gate"]) < 1e-6
+    assert abs(m["positions"][m["gate_at"]]["score"] - row["score_gate"]) < 1e-6
 
     video = write_video(tmp_path / "v.mp4", neutral_video(6, seed=4, size=64), fps=4)
     r = _run("run", "--model", tiny_dirs("qwen2_vl"), "--state", state_dir, "--prompt", "What happens?",
