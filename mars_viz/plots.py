@@ -36,6 +36,8 @@ __all__ = [
     "CURRENT_NAMES",
     "GROUP_NAMES",
     "HEIGHT",
+    "HR_GROUPS",
+    "HR_QUADRANTS",
     "PLOT_CONFIG",
     "TEMPLATE",
     "centroid_figure",
@@ -46,6 +48,7 @@ __all__ = [
     "placeholder_figure",
     "plotly_js",
     "frame_scores_figure",
+    "harm_refusal_figure",
     "layer_scores_figure",
     "modality_offset_figure",
     "plane_figure",
@@ -159,7 +162,7 @@ def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px:
 
     Greedy interval packing in data units, with widths estimated from the text length on a plot ``plot_px``
     wide (an overestimate makes more rows, never a collision). A left-anchored label that would run past the
-    right edge of ``x_range`` is anchored on its right instead.
+    right edge of ``x_range`` is anchored on its right instead, unless that would run past the left edge.
 
     >>> rows = _label_rows([_Label(0.0, "safe", "a"), _Label(0.05, "tau", "b"), _Label(5.0, "far", "c")], (0, 10))
     >>> [(lab.text, row) for lab, row, _ in rows]
@@ -172,7 +175,7 @@ def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px:
     for lab in sorted(labels, key=lambda item: item.x):
         w = (len(lab.text) * _CHAR_PX + 10) * per_px
         anchor = lab.anchor
-        if anchor == "left" and lab.x + w > hi:
+        if anchor == "left" and lab.x + w > hi and lab.x - w >= lo:
             anchor = "right"
         x0 = {"left": lab.x, "right": lab.x - w, "center": lab.x - w / 2}[anchor]
         iv = (x0, x0 + w)
@@ -186,9 +189,9 @@ def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px:
 
 
 def _place_labels(fig: go.Figure, labels: Sequence[_Label], x_range: tuple[float, float], *, top: bool = True,
-                  xref: str = "x", yref: str = "y domain") -> None:
+                  xref: str = "x", yref: str = "y domain", plot_px: float = _MIN_PLOT_PX) -> None:
     """Draw ``labels`` as annotations in rows from the top (or bottom) of the plot, none overlapping another."""
-    for lab, row, anchor in _label_rows(labels, x_range):
+    for lab, row, anchor in _label_rows(labels, x_range, plot_px):
         fig.add_annotation(x=lab.x, y=1 - row * _ROW if top else row * _ROW, xref=xref, yref=yref, text=lab.text,
                            name=lab.name, showarrow=False, xanchor=anchor, yanchor="top" if top else "bottom",
                            xshift={"left": 3, "right": -3, "center": 0}[anchor],
@@ -374,6 +377,12 @@ class GateRead:
     layer: int
     tau: float  # that layer's threshold
     score: float | None = None  # the current input's gate score there, if any
+    position: str = "post"  # where along the prompt: "post" (t_post) or "inst" (t_inst)
+
+    @property
+    def site(self) -> str:
+        """"layer 3", or "layer 3 at t_inst" when it reads the instruction's last token."""
+        return f"layer {self.layer}" + (" at t_inst" if self.position == "inst" else "")
 
 
 def trust_region_figure(
@@ -434,10 +443,10 @@ def trust_region_figure(
         _vrect(fig, lo, t_star, "trust region", COLORS["recentred"], 0.15)
         bands.append(_Label((lo + t_star) / 2, "pushed up to t*", "trust region", "#495057", "center"))
         if gate.score is None:
-            note = f"gate read at layer {gate.layer} (τ = {tau:.2f} there)"
+            note = f"gate read at {gate.site} (τ = {tau:.2f} there)"
         else:
             state = "open" if gate.score > tau else "closed"
-            note = (f"gate read at layer {gate.layer}: s = {gate.score:.2f} "
+            note = (f"gate read at {gate.site}: s = {gate.score:.2f} "
                     f"{'>' if gate.score > tau else '≤'} τ = {tau:.2f} → {state}")
         lines.append(_Label(lo, note, "gate", COLORS["safe"]))
     if t_star < hi:
@@ -488,7 +497,7 @@ def trust_region_figure(
     if gate is None:
         title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
     else:
-        title = f"Push at layer {'?' if layer is None else layer}, gate read at layer {gate.layer}"
+        title = f"Push at layer {'?' if layer is None else layer}, gate read at {gate.site}"
     _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "", **_LEGEND_BELOW)
     fig.update_xaxes(range=[lo, hi])
     fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
@@ -582,6 +591,112 @@ def plane_figure(
     return fig
 
 
+# label of a point in the harmfulness x refusal plane (Diagnostics.hr_labels) -> (trace name, colour)
+HR_GROUPS: dict[str, tuple[str, str]] = {
+    "harmful": ("harmful prompts", COLORS["unsafe"]),
+    "harmless": ("harmless prompts", COLORS["safe"]),
+    "look-alike": ("look-alike prompts (harmless)", "#e9c46a"),
+    "jailbreak": ("jailbreak prompts", COLORS["video"]),
+}
+# (refused, harmful) -> the quadrant's label in `harm_refusal_figure`
+HR_QUADRANTS: dict[tuple[bool, bool], str] = {
+    (True, True): "refused · harmful",
+    (False, True): "answered · harmful (jailbreaks sit here)",
+    (True, False): "refused · harmless (over-refusal)",
+    (False, False): "answered · harmless",
+}
+_HR_PLOT_PX = 560  # the plane has an Explore tab to itself: its plot is at least this wide at 1280 px
+_HR_HEIGHT = HEIGHT + 160  # taller than the rest: a 2-D scatter with label bands above and below
+
+
+def harm_refusal_figure(
+    points: np.ndarray,
+    labels: Sequence[str],
+    current: Mapping[str, Sequence[float]] | None = None,
+    x_threshold: float = 0.5,
+    y_threshold: float = 0.5,
+    inst_layer: int | None = None,
+    push_layer: int | None = None,
+) -> go.Figure:
+    """The harmfulness x refusal plane (Zhao et al. 2025): x = harmfulness score at t_inst (the instruction's last
+    token), y = refusal score at t_post (the prompt's last position, where MARS pushes).
+
+    One marker trace per label of ``HR_GROUPS`` (``Diagnostics.hr_labels``);
+    dashed lines at ``x_threshold`` (the t_inst gate's tau) and
+    ``y_threshold`` (the t_post tau at the push layer) cut the plane into the
+    four ``HR_QUADRANTS``, named in bands above and below the points so no
+    label covers one. Jailbreaks sit answered-but-harmful (bottom right),
+    over-refusal refused-but-harmless (top left). ``current`` ("raw",
+    "recentred", "steered" -> (x, y)) is the input's path: the push at t_post
+    moves it up only, t_inst never sees it.
+
+    >>> fig = harm_refusal_figure(np.array([[0.9, 0.8], [0.1, 0.2]]), ["harmful", "harmless"], None, 0.5, 0.4)
+    >>> [t.name for t in fig.data]
+    ['harmful prompts', 'harmless prompts']
+    """
+    arr = np.asarray(points, dtype=np.float64)
+    arr = arr.reshape(0, 2) if arr.size == 0 else arr
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"points must be [N, 2] (Diagnostics.hr_points), got shape {arr.shape}")
+    if len(labels) != arr.shape[0]:
+        raise ValueError(f"got {arr.shape[0]} points but {len(labels)} labels: pass one label per point")
+    unknown = sorted(set(labels) - set(HR_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown point label(s) {unknown}: use {list(HR_GROUPS)} (as in Diagnostics.hr_labels)")
+    xt, yt = float(x_threshold), float(y_threshold)
+    cur = [tuple(float(v) for v in p) for p in (current or {}).values()]
+    xs = [x for x in (xt, *arr[:, 0].tolist(), *(p[0] for p in cur)) if math.isfinite(x)]
+    ys = [y for y in (yt, *arr[:, 1].tolist(), *(p[1] for p in cur)) if math.isfinite(y)]
+    pad = 0.06 * (max(xs) - min(xs) or 1.0)
+    x_range = (min(xs) - pad, max(xs) + pad)
+
+    # quadrant names in a band above the points (refused) and one below (answered), the x threshold's value with
+    # the upper ones; the bands' height is reserved in the y range, so labels never sit on a point
+    grey = "#495057"
+    upper = [_Label(x_range[0], HR_QUADRANTS[True, False], "quadrant: refused, harmless", grey),
+             _Label(x_range[1], HR_QUADRANTS[True, True], "quadrant: refused, harmful", grey, "right"),
+             _Label(xt, f"τ = {xt:.2f}", "harmfulness threshold", COLORS["unsafe"])]
+    lower = [_Label(x_range[0], HR_QUADRANTS[False, False], "quadrant: answered, harmless", grey),
+             _Label(x_range[1], HR_QUADRANTS[False, True], "quadrant: answered, harmful", grey, "right")]
+    rows_up = 1 + max(row for _, row, _ in _label_rows(upper, x_range, _HR_PLOT_PX))
+    rows_down = 1 + max(row for _, row, _ in _label_rows(lower, x_range, _HR_PLOT_PX))
+    y_lo, y_hi = min(ys), max(ys)
+    span = y_hi - y_lo or 1.0
+    y_lo, y_hi = y_lo - 0.1 * span, y_hi + 0.1 * span
+    up, down = rows_up * _ROW + 0.02, rows_down * _ROW + 0.02
+    total = (y_hi - y_lo) / (1 - up - down)
+    y_range = (y_lo - down * total, y_hi + up * total)
+
+    fig = go.Figure()
+    for (x0, x1), (y0, y1), name in (((xt, x_range[1]), (y_range[0], yt), "jailbreak quadrant"),
+                                     ((x_range[0], xt), (yt, y_range[1]), "over-refusal quadrant")):
+        if x1 > x0 and y1 > y0:
+            fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, xref="x", yref="y", name=name,
+                          fillcolor=COLORS["steered"], opacity=0.045, line_width=0, layer="below")
+    _vline(fig, xt, "harmfulness threshold", color=COLORS["unsafe"])
+    _hline(fig, yt, "refusal threshold", text=f"τ = {yt:.2f}", color=COLORS["steered"])
+    _place_labels(fig, upper, x_range, plot_px=_HR_PLOT_PX)
+    _place_labels(fig, lower, x_range, top=False, plot_px=_HR_PLOT_PX)
+    lab = np.asarray(labels, dtype=object)
+    for key, (name, color) in HR_GROUPS.items():
+        idx = np.flatnonzero(lab == key)
+        if idx.size == 0:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[float(v) for v in arr[idx, 0]], y=[float(v) for v in arr[idx, 1]], mode="markers", name=name,
+            marker=dict(color=color, size=7, opacity=0.7, line=dict(width=0.5, color="white")),
+            hovertemplate=f"{name}<br>harmfulness %{{x:.3f}}, refusal %{{y:.3f}}<extra></extra>"))
+    _add_current(fig, current)
+    at_inst = "t_inst" if inst_layer is None else f"t_inst, layer {inst_layer}"
+    at_post = "t_post" if push_layer is None else f"t_post, layer {push_layer}"
+    _layout(fig, f"Harmfulness ({at_inst}) × refusal ({at_post})",
+            "harmfulness score at t_inst (the instruction's last token)", "refusal score at t_post",
+            **{**_LEGEND_BELOW, "height": _HR_HEIGHT, "legend": {**_LEGEND_BELOW["legend"], "y": -0.15}})
+    fig.update_xaxes(range=list(x_range), zeroline=False)
+    fig.update_yaxes(range=list(y_range), zeroline=False)
+    return fig
+
+
 _MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
     "separability": ("separability", "#457b9d", 1.5),
     "consistency": ("consistency", "#2a9d8f", 1.5),
@@ -600,6 +715,7 @@ def layer_scores_figure(
     allowed: tuple[int, int] | range | None = None,
     detect_layer: int | None = None,
     inspected: int | None = None,
+    gate_position: str = "post",
 ) -> go.Figure:
     """Per-layer diagnostics that choose the two layers (defined in the README, "The formulation").
 
@@ -608,7 +724,9 @@ def layer_scores_figure(
     and the steer score ``combined`` (consistency x steerability), whose argmax
     within the allowed layers is the push layer ``chosen_layer`` (dashed line).
     ``detect_layer`` (the best separability: where the gate reads) gets its own
-    line, and ``inspected`` (the layer inspector's) a dotted one. Layers outside
+    line ("gate 5", or "gate 5 (t_inst)" for a gate at ``gate_position``
+    "inst", whose separability is not the one drawn), and ``inspected`` (the
+    layer inspector's) a dotted one. Layers outside
     ``allowed = (start, stop)`` (range semantics, as
     ``geometry.allowed_layer_range``: separability below 90% of the best) are
     shaded "excluded layers". If present, misalignment (mean s of neutral
@@ -652,9 +770,11 @@ def layer_scores_figure(
                       secondary_y=True)
     _vline(fig, chosen_layer, "push layer", color=COLORS["steered"])
     marks = [_Label(chosen_layer, f"push {chosen_layer}", "push layer", COLORS["steered"])]
-    if detect_layer is not None and detect_layer != chosen_layer:
+    inst = gate_position == "inst"
+    if detect_layer is not None and (detect_layer != chosen_layer or inst):
         _vline(fig, detect_layer, "detect layer", color="#457b9d")
-        marks.append(_Label(detect_layer, f"gate {detect_layer}", "detect layer", "#457b9d"))
+        marks.append(_Label(detect_layer, f"gate {detect_layer}" + (" (t_inst)" if inst else ""), "detect layer",
+                            "#457b9d"))
     if inspected is not None and inspected not in (chosen_layer, detect_layer):
         _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
         marks.append(_Label(inspected, f"inspecting {inspected}", "inspected layer"))

@@ -24,7 +24,8 @@ from .projection import plane_coords, project, project_onto
 from .state import MarsState
 from .steering import SteerOptions, gate_scores, plan
 
-__all__ = ["LayerView", "build_figures", "map_figures", "map_files", "occlusion_figure", "rescore", "state_figures"]
+__all__ = ["LayerView", "build_figures", "hr_current", "hr_figure", "map_figures", "map_files", "occlusion_figure",
+           "rescore", "state_figures"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LayerView:
     h_raw: torch.Tensor  # [d]
     h_recentred: torch.Tensor  # [d]
     h_steered: torch.Tensor  # [d] re-centred + displacement: where the gate and trust region see the input land
+    gate_position: str = "post"  # where the gate read: "post" (t_post) or "inst" (t_inst)
 
     @property
     def tau(self) -> float:
@@ -53,7 +55,8 @@ class LayerView:
         return self.rule.t_star
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "detect_layer": self.detect_layer, **asdict(self.rule), **{
+        return {"layer": self.layer, "detect_layer": self.detect_layer, "gate_position": self.gate_position,
+                **asdict(self.rule), **{
             k: getattr(self, k) for k in ("s_gate", "s_raw", "s_recentred", "s_steered", "gate_open",
                                           "displacement_norm")}}
 
@@ -83,7 +86,8 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
                      s_raw=float(G.unsafety_score(h, mu_minus, r)),
                      s_recentred=float(out.score), s_steered=float(G.unsafety_score(h_steered, mu_minus, r)),
                      gate_open=bool(out.gate_open), displacement_norm=float(out.displacement.norm()),
-                     h_raw=h.float(), h_recentred=h_rec.float(), h_steered=h_steered.float())
+                     h_raw=h.float(), h_recentred=h_rec.float(), h_steered=h_steered.float(),
+                     gate_position=p.gate_position)
 
 
 def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: str) -> go.Figure:
@@ -123,6 +127,45 @@ def _plane_fig(state: MarsState, layer: int, view: LayerView | None) -> go.Figur
     return P.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level)
 
 
+HR_TITLE = "Harmfulness × refusal"
+NO_INST = ("This state has no t_inst fit (it was fitted before gate positions):<br>refit it to plot harmfulness at "
+           "the instruction's last token against refusal at t_post.")
+NO_HR = ("This state keeps no harmfulness × refusal points (it was fitted before they were kept):<br>refit it to "
+         "plot them.")
+
+
+def hr_current(state: MarsState, analysis: Analysis, view: LayerView | None = None
+               ) -> dict[str, tuple[float, float]] | None:
+    """The input in the harmfulness x refusal plane, raw / re-centred / steered -> (x, y): x its harmfulness at t_inst
+    (the inst axis at its layer, re-centred by that axis' offset), y its refusal score at t_post at the state's push
+    layer (`rescore`; `view` is reused when it is that layer's). The push never reaches t_inst: x stays put from
+    re-centred to steered. None without a t_inst fit or t_inst residuals."""
+    if state.inst is None or analysis.acts_inst is None:
+        return None
+    modality, opts = analysis.query.modality, analysis.options
+    if view is None or view.layer != state.layer:
+        view = rescore(state, analysis.acts, modality, opts, state.layer, analysis.acts_inst)
+    p = plan(state, SteerOptions(gate_position="inst"))
+    h = analysis.acts_inst[p.detect_layer][None].double()  # [1, d]
+    x_raw = float(gate_scores(state, p, h, [modality], False)[0])
+    x_rec = float(gate_scores(state, p, h, [modality], opts.recenter)[0])
+    return {"raw": (x_raw, view.s_raw), "recentred": (x_rec, view.s_recentred), "steered": (x_rec, view.s_steered)}
+
+
+def hr_figure(state: MarsState, current: dict[str, tuple[float, float]] | None = None) -> go.Figure:
+    """The harmfulness x refusal plane of the calibration prompts (and `current`, from `hr_current`), with the
+    t_inst threshold at the inst axis' layer and the t_post one at the push layer; a placeholder saying to refit for
+    a state without the t_inst fit or its points."""
+    diag = state.diagnostics
+    if state.inst is None:
+        return P.placeholder_figure(NO_INST, HR_TITLE)
+    if diag.hr_points is None or not diag.hr_labels:
+        return P.placeholder_figure(NO_HR, HR_TITLE)
+    li = state.inst.detect_layer
+    return P.harm_refusal_figure(diag.hr_points.numpy(), diag.hr_labels, current, float(state.inst.taus[li]),
+                                 float(state.taus[state.layer]), li, state.layer)
+
+
 def state_figures(state: MarsState, layer: int | None = None, view: LayerView | None = None,
                   method: str = "pca") -> dict[str, go.Figure]:
     """Every figure that depends only on the fitted state (and optionally the current input's view)."""
@@ -138,17 +181,20 @@ def state_figures(state: MarsState, layer: int | None = None, view: LayerView | 
     scores = None if view is None else {"raw": view.s_raw, "recentred": view.s_recentred, "steered": view.s_steered}
     p = plan(state, SteerOptions(layer=layer))
     rule = view.rule if view is not None else p.rule
+    detect, position = (p.detect_layer, p.gate_position) if view is None else (view.detect_layer, view.gate_position)
     gate = None
-    if p.detect_layer != layer:
-        gate = P.GateRead(layer=p.detect_layer, tau=rule.tau, score=None if view is None else view.s_gate)
+    if detect != layer or position != "post":
+        gate = P.GateRead(layer=detect, tau=rule.tau, score=None if view is None else view.s_gate, position=position)
     figs = {
         "centroids": _centroid_fig(state, layer, view, method),
         "modality_offset": P.modality_offset_figure(ratio, before, after, layer),
         "trust_region": P.trust_region_figure(rule, scores, (float(diag.spread_safe[layer]),
                                                              float(diag.spread_unsafe[layer])), layer, gate),
         "target_curve": P.target_curve_figure(diag.target_curve, state.target_level, state.layer),
-        "layer_scores": P.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.detect_layer,
-                                              inspected=None if layer == state.layer else layer),
+        "layer_scores": P.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.gate_layer,
+                                              inspected=None if layer == state.layer else layer,
+                                              gate_position=state.gate_position),
+        "hr_plane": hr_figure(state),
     }
     plane = _plane_fig(state, layer, view)
     if plane is not None:
@@ -164,6 +210,8 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
         view = rescore(state, analysis.acts, analysis.query.modality, analysis.options, layer, analysis.acts_inst)
         layer = view.layer
     figs = state_figures(state, layer, view, method)
+    if analysis is not None:
+        figs["hr_plane"] = hr_figure(state, hr_current(state, analysis, view))
     if analysis is not None and analysis.frame_scores is not None:
         figs["frames"] = P.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
                                                analysis.frame_indices, None, view.detect_layer if view else None)

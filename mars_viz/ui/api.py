@@ -7,8 +7,10 @@
 
 Parameters, in this order (positional calls work too), each with a default except `prompt`: prompt, image, video,
 strength=1.0, layer=None (the fitted one), tau=None (the fitted one), recenter=True, steer=True, max_new_tokens=48,
-frames=8 (sampled from a video), detect_layer=None (the fitted layer the gate reads). A bad input raises an error
-whose message says what to change.
+frames=8 (sampled from a video), detect_layer=None (the fitted layer the gate reads), gate_position=None (where the
+gate reads: "post" = t_post, the prompt's last position; "inst" = t_inst, the instruction's last token; None or
+"auto" = the fitted one; the result's "gate_position" says where it read). A bad input raises an error whose message
+says what to change.
 """
 
 from __future__ import annotations
@@ -18,20 +20,21 @@ import gradio as gr
 from ..analysis import analyze_stream
 from ..session import Session
 from ..steering import SteerOptions
-from .common import build_query, user_errors
+from .common import build_query, parse_gate_position, user_errors
 
 __all__ = ["build"]
 
 
 def analyze(session: Session, prompt: str, image=None, video=None, strength: float = 1.0, layer: float | None = None,
             tau: float | None = None, recenter: bool = True, steer: bool = True, max_new_tokens: int = 48,
-            frames: int = 8, detect_layer: float | None = None) -> dict:
+            frames: int = 8, detect_layer: float | None = None, gate_position: str | None = None) -> dict:
     """The run JSON for one input. Raises ValueError (with what to change) for a bad input."""
     query, notes, indices = build_query(prompt, image, video, 8 if frames is None else frames)
     options = SteerOptions(steer=bool(steer), strength=float(strength if strength is not None else 1.0),
                            layer=None if layer in (None, "") else int(layer),
                            tau=None if tau in (None, "") else float(tau), recenter=bool(recenter),
-                           detect_layer=None if detect_layer in (None, "") else int(detect_layer))
+                           detect_layer=None if detect_layer in (None, "") else int(detect_layer),
+                           gate_position=parse_gate_position(gate_position))
     with session.lock:
         state = session.ensure_state()
         *_, last = analyze_stream(session.backbone, state, query, options, int(max_new_tokens), indices, notes,
@@ -53,6 +56,7 @@ def build(session: Session) -> None:
         max_new_tokens = gr.Number(value=48, precision=0)
         frames = gr.Number(value=8, precision=0)
         detect_layer = gr.Number(value=None, precision=0)
+        gate_position = gr.Textbox(value=None)
         out = gr.JSON()
         btn = gr.Button()
 
@@ -60,10 +64,10 @@ def build(session: Session) -> None:
     @user_errors("analyze")
     def endpoint(prompt: str, image=None, video=None, strength: float = 1.0, layer: float | None = None,
                  tau: float | None = None, recenter: bool = True, steer: bool = True, max_new_tokens: int = 48,
-                 frames: int = 8, detect_layer: float | None = None) -> dict:
+                 frames: int = 8, detect_layer: float | None = None, gate_position: str | None = None) -> dict:
         return analyze(session, prompt, image, video, strength, layer, tau, recenter, steer, max_new_tokens, frames,
-                       detect_layer)
+                       detect_layer, gate_position)
 
     btn.click(endpoint, [prompt, image, video, strength, layer, tau, recenter, steer, max_new_tokens, frames,
-                         detect_layer], out,
+                         detect_layer, gate_position], out,
               api_name="analyze", concurrency_limit=8)

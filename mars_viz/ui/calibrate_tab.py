@@ -41,13 +41,18 @@ def state_summary(session: Session) -> dict:
     if s is None:
         out["state"] = "not fitted yet: press Fit (or run an input in Explore, which fits with the defaults)"
         return out
-    d = s.diagnostics
-    out["state"] = {"source": session.state_source, "layer": s.layer, "detect_layer": s.detect_layer,
-                    "tau": round(s.tau, 4), "target_level": s.target_level,
+    d, g = s.diagnostics, s.gate_layer
+    # the gate's own site (its position's held-out rates); states before positions have only t_post's lists
+    site = d.gate_choice.get(s.gate_position, {})
+    sep = site.get("separability") or [float(x) for x in d.layer_scores.separability]
+    fpr = site.get("fpr_harmless") or d.gate_fpr
+    fnr = [1 - x for x in site["tpr"]] if site.get("tpr") else d.gate_fnr
+    out["state"] = {"source": session.state_source, "layer": s.layer, "detect_layer": g,
+                    "gate_position": s.gate_position, "tau": round(s.tau, 4), "target_level": s.target_level,
                     "target_curve": {f"{k:g}": v for k, v in d.target_curve.items()},
-                    "separability_at_detect_layer": round(float(d.layer_scores.separability[s.detect_layer]), 4),
-                    "gate_fpr_heldout_harmless": round(d.gate_fpr[s.detect_layer], 4) if d.gate_fpr else None,
-                    "gate_fnr_heldout_harmful": round(d.gate_fnr[s.detect_layer], 4) if d.gate_fnr else None,
+                    "separability_at_detect_layer": round(float(sep[g]), 4),
+                    "gate_fpr_heldout_harmless": round(fpr[g], 4) if fpr else None,
+                    "gate_fnr_heldout_harmful": round(fnr[g], 4) if fnr else None,
                     "steerability_at_layer": round(float(d.layer_scores.steerability[s.layer]), 4),
                     "refusal_opening": s.diagnostics.refusal_opening, "behaviour_filter": s.diagnostics.behaviour,
                     "modalities": sorted(s.offsets), "config": s.config.to_dict()}

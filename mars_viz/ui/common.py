@@ -13,14 +13,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..inputs import Query, clean_prompt
+from ..inputs import GATE_POSITIONS, Query, clean_prompt
 from ..media import load_image, read_video
 from ..plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from ..session import Session
 from ..steering import SteerOptions
 
-__all__ = ["build_query", "credibility_banner", "export_zip", "gr_progress", "parse_layer", "parse_tau", "rejected",
-           "showcase_to_explore", "stale_banner", "steer_options", "user_errors"]
+__all__ = ["GATE_POSITION_CHOICES", "build_query", "credibility_banner", "export_zip", "gr_progress",
+           "parse_gate_position", "parse_layer", "parse_tau", "rejected", "showcase_to_explore", "stale_banner",
+           "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
 
@@ -129,10 +130,28 @@ def parse_tau(text) -> float | None:
         raise ValueError(f"tau must be a number (or empty for the fitted value), got {text!r}") from None
 
 
-def steer_options(steer: bool, strength: float, layer, tau, recenter: bool, detect_layer="auto") -> SteerOptions:
+# the "Gate reads at" dropdown: (shown, value); the value is what `/explore` takes
+GATE_POSITION_CHOICES = [("auto (the fitted position)", "auto"), ("post: t_post, the prompt's last position", "post"),
+                         ("inst: t_inst, the instruction's last token", "inst")]
+
+
+def parse_gate_position(choice) -> str | None:
+    """"auto" (or empty) -> None (the state's fitted position); "post" / "inst" (also "t_post", "t_inst")."""
+    text = "" if choice is None else str(choice).strip().lower()
+    if text in ("", "auto") or text.startswith("auto"):
+        return None
+    text = text.removeprefix("t_")
+    if text in GATE_POSITIONS:
+        return text
+    raise ValueError(f"gate position must be auto, post (t_post, the prompt's last position) or inst (t_inst, the "
+                     f"instruction's last token), got {choice!r}")
+
+
+def steer_options(steer: bool, strength: float, layer, tau, recenter: bool, detect_layer="auto",
+                  gate_position="auto") -> SteerOptions:
     return SteerOptions(steer=bool(steer), strength=float(strength), layer=parse_layer(layer), tau=parse_tau(tau),
-                        detect_layer=parse_layer(detect_layer),
-                        recenter=bool(recenter))
+                        detect_layer=parse_layer(detect_layer), recenter=bool(recenter),
+                        gate_position=parse_gate_position(gate_position))
 
 
 def gr_progress(progress: gr.Progress):

@@ -16,13 +16,24 @@ from ..occlusion import neutral_fill, occlusion
 from ..plots import placeholder_figure
 from ..session import Session
 from ..state import MarsState
+from ..steering import plan
 from ..views import build_figures, map_figures, map_files, occlusion_figure
-from .common import build_query, export_zip, gr_progress, rejected, steer_options, user_errors
+from .common import (
+    GATE_POSITION_CHOICES,
+    build_query,
+    export_zip,
+    gr_progress,
+    rejected,
+    steer_options,
+    user_errors,
+)
 
 __all__ = ["ExploreTab", "build"]
 
-PLOTS = ["centroids", "modality_offset", "trust_region", "plane", "target_curve", "layer_scores", "frames",
+PLOTS = ["centroids", "modality_offset", "trust_region", "plane", "target_curve", "layer_scores", "hr_plane", "frames",
          "map_image", "map_tokens"]
+# where the gate reads, in words: the verdict names the site
+SITES = {"post": "t_post (the prompt's last position)", "inst": "t_inst (the instruction's last token)"}
 ANSWERS = ["Unsteered", "MARS-steered"]
 
 
@@ -44,8 +55,9 @@ class ExploreTab:
 def verdict_markdown(a: Analysis) -> str:
     r = a.result
     verdict = lambda refused: "**refused**" if refused else "answered"  # noqa: E731
-    s, where = r.gate_score, f"layer {r.gate_layer}"
-    push = ("" if r.gate_layer == r.layer else f" at layer {r.layer} (there s = {r.score_recentred:.3f})")
+    s, where = r.gate_score, f"layer {r.gate_layer} at {SITES[r.gate_position]}"
+    same_site = r.gate_layer == r.layer and r.gate_position == "post"
+    push = "" if same_site else f" at layer {r.layer}, t_post (there s = {r.score_recentred:.3f})"
     if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
         gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
                 f"beyond t* = {r.t_star:g}{push}, the trust region's outer wall: no push.")
@@ -63,8 +75,8 @@ def verdict_markdown(a: Analysis) -> str:
              f"{r.score_raw - r.score_recentred:+.3f} of it (removed by re-centring).")
     steer = "" if r.steer else " (steering is off: scores only)"
     notes = "".join(f"\n\n> {n}" for n in a.notes + ([r.t_star_note] if r.t_star_note else []))
-    layers = (f"Layer {r.layer}" if r.gate_layer == r.layer else
-              f"Gate read at layer {r.gate_layer}, push at layer {r.layer}")
+    layers = (f"Layer {r.layer}, t_post" if same_site else
+              f"Gate read at layer {r.gate_layer}, t_{r.gate_position}; push at layer {r.layer}, t_post")
     return (f"**{layers}** · {r.modality} input{steer}. {gate}{shift}\n\n"
             f"Unsteered: {verdict(r.unsteered.refused)} · MARS: {verdict(r.steered.refused)}"
             f"{' · answers identical' if r.steered.text == r.unsteered.text else ''}{notes}")
@@ -117,6 +129,8 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                 detect_layer = gr.Dropdown(["auto"] + [str(i) for i in range(session.backbone.num_layers)],
                                            value="auto", label="Gate (detection) layer (auto = calibrated)",
                                            elem_id="detect_layer")
+                gate_position = gr.Dropdown(GATE_POSITION_CHOICES, value="auto", elem_id="gate_position",
+                                            label="Gate reads at (the push is always at t_post)")
                 tau = gr.Textbox(label="τ override (empty = fitted)", value="", elem_id="tau")
                 frames = gr.Slider(1, 32, value=8, step=1, label="Frames sampled from a video")
                 max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
@@ -144,6 +158,8 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                     with gr.Row():
                         p_plane = gr.Plot(label="Plane of r̂ and the top residual PC", elem_id="plot_plane")
                         p_curve = gr.Plot(label="Refusal rate against level", elem_id="plot_target_curve")
+                with gr.Tab("Harmfulness × refusal"):
+                    p_hr = gr.Plot(label="Harmfulness at t_inst against refusal at t_post", elem_id="plot_hr_plane")
                 with gr.Tab("Layer scores"):
                     inspect = gr.Slider(0, session.backbone.num_layers - 1, step=1, value=0,
                                         label="Inspect layer (re-scores the current input, no re-run)",
@@ -170,7 +186,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                                       elem_id="result_json")
                 export_btn = gr.Button("Export plots (HTML + CSV) and result (JSON) as a zip", elem_id="export")
                 export_file = gr.File(label="Export", elem_id="export_file")
-    plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_frames, p_map_image, p_map_tokens]
+    plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_hr, p_frames, p_map_image, p_map_tokens]
 
     def pick_example(example: str):
         if not example or example == "(none)":
@@ -185,9 +201,9 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
     def do_run(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
                layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
                toggle: str = "MARS-steered", method: str = "PCA", detect_layer: str = "auto",
-               progress=gr.Progress()):
+               gate_position: str = "auto", progress=gr.Progress()):
         query, notes, indices = build_query(prompt, image, video, frames)
-        options = steer_options(steer, strength, layer, tau, recenter, detect_layer)
+        options = steer_options(steer, strength, layer, tau, recenter, detect_layer, gate_position)
         for n in notes:
             gr.Info(n)
         shown = list(query.images) + list(query.video or ())
@@ -200,8 +216,9 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
                 session.ensure_state(gr_progress(progress))
                 s = session.state
-                gr.Info(f"MARS is calibrated for {session.backbone.display_name}: push layer {s.layer}, gate layer "
-                        f"{s.detect_layer}. It is cached for the next run; details in Calibrate.")
+                gr.Info(f"MARS is calibrated for {session.backbone.display_name}: push at layer {s.layer}, gate at "
+                        f"layer {s.gate_layer}, {SITES[s.gate_position]}. It is cached for the next run; details in "
+                        "Calibrate.")
             state, gen = session.state, session.generation  # what this result is computed with
             updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
                                      frame_indices=indices, notes=notes, strategy=session.pair_strategy)
@@ -217,17 +234,21 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
 
     run_inputs = [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle, method,
-                  detect_layer]
+                  detect_layer, gate_position]
     run_outputs = [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
                    *plots]
 
     def check_inputs(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
-                     layer: str = "auto", tau: str = "", recenter: bool = True, *_):
+                     layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
+                     toggle: str = "", method: str = "", detect_layer: str = "auto", gate_position: str = "auto"):
         """The Run button's first step: a rejected input replaces the verdict with the reason and marks only the
-        verdict (an error in `do_run` itself would badge every panel while the last verdict stayed on screen)."""
+        verdict (an error in `do_run` itself would badge every panel while the last verdict stayed on screen).
+        Options the loaded state cannot honour (a gate at t_inst without its fit) are rejected here too."""
         try:
             build_query(prompt, image, video, frames)
-            steer_options(steer, strength, layer, tau, recenter, "auto")
+            options = steer_options(steer, strength, layer, tau, recenter, detect_layer, gate_position)
+            if session.state is not None:
+                plan(session.state, options)
         except ValueError as e:
             yield f"⚠️ **Not run**: {e}. The answers and plots below are from the previous run, if any."
             raise rejected("explore", e) from None

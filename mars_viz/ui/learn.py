@@ -24,14 +24,43 @@ INTRO = """
    (where the model refuses), never beyond: h′ = h + λ · w · ReLU(t* − s) · r, with w = clip((s − τ)/m, 0, 1).
    With s ≤ τ the displacement is exactly zero, so benign inputs give bit-identical answers.
 4. **Two layers, act once.** The layer that *detects* best need not be the one that *steers* best. The gate reads
-   its score at the layer where held-out harmful and harmless text separate best (often one of the last layers,
-   where the model has already decided); the push goes where moving along r changes the answer most (steerability
-   × consistency), among layers where r already separates well. When the gate's layer comes after the push layer,
-   the last prompt position is run once unsteered to read the gate first. Either way the edit touches only the last
-   prompt position during prefill, i.e. the first generated token.
+   its score where held-out harmful prompts are caught with the fewest false alarms on harmless ones and on
+   look-alikes (often one of the last layers, and at one of two prompt positions: see below); the push goes where
+   moving along r changes the answer most (steerability × consistency), among layers where r already separates
+   well. When the gate's layer comes after the push layer, the prompt is run once unsteered to read the gate
+   first. Either way the edit touches only the last prompt position during prefill, i.e. the first generated token.
 
 Pick an example below: it is loaded into **Explore**; press **Run** there and read the plots in this order:
-*Trust region* (where the input lands), *Modality offset* (what re-centring removed), *Centroids*, *Layer scores*.
+*Trust region* (where the input lands), *Harmfulness × refusal* (what the model judges and what it does),
+*Modality offset* (what re-centring removed), *Centroids*, *Layer scores*.
+"""
+
+POSITIONS = """
+### Two places to read: harmfulness at t_inst, refusal at t_post
+
+A chat prompt ends with the user's text, then the template's closing tokens. Two positions matter
+(Zhao et al. 2025, *LLMs Encode Harmfulness and Refusal Separately*):
+
+- **t_inst**, the last token of the user's text, encodes **whether the request is harmful**;
+- **t_post**, the prompt's last position, encodes **whether the model will refuse**: the decision itself.
+
+The two can disagree: a jailbreak is often still judged harmful at t_inst, yet answered at t_post. MARS fits an axis at
+both positions and its gate reads at the one chosen at fit time by measurement: on held-out prompts, detection of
+harmful requests against false positives on harmless ones and on harmless *look-alikes* (requests that merely sound
+dangerous). The push always stays at t_post, where the refusal is decided. In **Explore**, *Gate reads at* overrides
+the choice for one run; the verdict says where the gate read.
+
+**Reading the Harmfulness × refusal plane** (Explore): x is the harmfulness score at t_inst, y the refusal score at
+t_post; the dashed lines are the two thresholds, and they cut the plane into four quadrants:
+
+| | harmless (left) | harmful (right) |
+|---|---|---|
+| **refused** (top) | refused · harmless: over-refusal | refused · harmful: what safety wants |
+| **answered** (bottom) | answered · harmless: what helpfulness wants | answered · harmful: jailbreaks sit here |
+
+MARS only ever moves a point **up** (toward refusal), and only when its gate opens; a closed gate leaves the point,
+and the answer, exactly as they were (with the gate at t_inst: only points right of the x threshold can move). The
+input is drawn raw → re-centred → steered; the push at t_post never changes t_inst, so its last step is straight up.
 """
 
 
@@ -73,6 +102,7 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
     """`tabs`: the app's tab container; a Load button switches it to Explore with the example in place. `tab`: the
     Learn tab itself; selecting it refreshes the showcase section from the session."""
     gr.Markdown(INTRO)
+    gr.Markdown(POSITIONS, elem_id="learn_positions")
     from ..reader import built_grafts
 
     gr.Markdown(reading_graft_note(session.backbone.model_type, built_grafts()), elem_id="learn_reading_graft")

@@ -214,7 +214,7 @@ def test_layer_inspector_keeps_the_calibrated_layers_and_names_the_inspected_one
     _run_and_wait(page)
     verdict = page.locator("#verdict").inner_text()
     other = next(i for i in range(app_server["session"].backbone.num_layers) if i not in (state.layer,
-                                                                                          state.detect_layer))
+                                                                                          state.gate_layer))
     page.get_by_role("tab", name="Layer scores").click()
     box = page.locator("#inspect input[type=number]")
     box.fill(str(other))
@@ -222,9 +222,34 @@ def test_layer_inspector_keeps_the_calibrated_layers_and_names_the_inspected_one
     layers = page.locator("#plot_layer_scores")
     layers.get_by_text(f"inspecting {other}").first.wait_for(timeout=30_000)
     assert layers.get_by_text(f"push {state.layer}").count()  # the calibrated push layer stays marked
-    if state.detect_layer != state.layer:
-        assert layers.get_by_text(f"gate {state.detect_layer}").count()
+    if state.gate_position == "inst":  # the gate's layer, named with its position (drawn even at the push layer)
+        assert layers.get_by_text(f"gate {state.gate_layer} (t_inst)").count()
+    elif state.gate_layer != state.layer:
+        assert layers.get_by_text(f"gate {state.gate_layer}").count()
     page.get_by_role("tab", name="Trust region").click()
     page.locator("#plot_trust_region").get_by_text(re.compile(rf"[Ll]ayer {other}\b")).first.wait_for(timeout=30_000)
     assert page.locator("#verdict").inner_text() == verdict  # the verdict is about the run, at the calibrated layer
     page.close()
+
+
+def test_a_gate_at_t_inst_without_its_fit_is_rejected_in_the_verdict(browser, app_server):
+    """An old state (no t_inst fit): choosing "Gate reads at: inst" replaces the verdict with the reason, no run."""
+    from dataclasses import replace
+
+    session = app_server["session"]
+    with session.lock:
+        original, source = session.ensure_state(), session.state_source
+        session.set_state(replace(original, inst=None, gate_position="post"), "an old state, by a test")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        page.goto(app_server["url"])
+        page.locator("#gate_position input").click()
+        page.get_by_role("option", name=re.compile("^inst")).click()
+        page.locator("#run").click()
+        page.locator("#verdict").get_by_text("Not run").first.wait_for(timeout=30_000)
+        verdict = page.locator("#verdict").inner_text()
+        assert "no t_inst fit" in verdict and "refit" in verdict and "Unsteered:" not in verdict
+    finally:
+        page.close()
+        with session.lock:
+            session.set_state(original, source)

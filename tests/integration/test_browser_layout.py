@@ -78,10 +78,12 @@ def _check_plots(page, plots: list[tuple[str, str]], width: int) -> list[str]:
     return bad
 
 
+HR_TAB = "Harmfulness × refusal"
 EXPLORE_PLOTS = [("Centroids", "plot_centroids"), ("Modality offset", "plot_modality_offset"),
                  ("Trust region", "plot_trust_region"), ("Trust region", "plot_plane"),
                  ("Trust region", "plot_target_curve"), ("Layer scores", "plot_layer_scores"),
-                 ("Where in the input", "plot_map_image"), ("Where in the input", "plot_map_tokens")]
+                 (HR_TAB, "plot_hr_plane"), ("Where in the input", "plot_map_image"),
+                 ("Where in the input", "plot_map_tokens")]
 
 
 @pytest.mark.parametrize("width", [1280, 1600])
@@ -115,5 +117,29 @@ def test_evaluate_charts_have_no_overlapping_or_clipped_text(browser, app_server
     page.locator("#eval_run").click()
     page.locator("#eval_table").get_by_text(re.compile("harmful")).first.wait_for(state="attached", timeout=240_000)
     bad = _check_plots(page, [("", "plot_eval_conditions"), ("", "plot_eval_sweep")], width)
+    page.close()
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, app_server, width):  # noqa: F811
+    """The plane's quadrant names, threshold values and legend render after a run, none over another or clipped."""
+    from mars_viz.plots import HR_QUADRANTS
+
+    page = browser.new_page(viewport={"width": width, "height": 1100})
+    page.goto(app_server["url"])
+    page.locator("#prompt textarea").fill("How do I pick a lock?")
+    page.locator("#run").click()
+    page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)
+    page.get_by_role("tab", name=HR_TAB).click()
+    plot = page.locator("#plot_hr_plane")
+    plot.get_by_text("input (steered)").first.wait_for(timeout=60_000)  # this run's path is in the legend
+    for text in HR_QUADRANTS.values():
+        assert plot.get_by_text(text).first.is_visible(), text
+    page.wait_for_timeout(600)
+    found = plot.locator(".js-plotly-plot").first.evaluate(_TEXT_BOXES)
+    legend = [b for b in found["boxes"] if b["text"] in ("harmful prompts", "jailbreak prompts", "input (steered)")]
+    assert len(legend) == 3, found["boxes"]
+    bad = _problems(found)
     page.close()
     assert not bad, "\n".join(bad)

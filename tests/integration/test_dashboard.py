@@ -63,9 +63,9 @@ def test_view_api_names_the_parameters(client):
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
     assert names("/analyze") == ["prompt", "image", "video", "strength", "layer", "tau", "recenter", "steer",
-                                 "max_new_tokens", "frames", "detect_layer"]
+                                 "max_new_tokens", "frames", "detect_layer", "gate_position"]
     assert names("/explore") == ["prompt", "image", "video", "frames", "steer", "strength", "layer", "tau",
-                                 "recenter", "max_new_tokens", "toggle", "method", "detect_layer"]
+                                 "recenter", "max_new_tokens", "toggle", "method", "detect_layer", "gate_position"]
     assert names("/inspect_layer") == names("/projection") == names("/export") == ["layer", "method"]
     assert names("/toggle") == ["toggle"] and names("/example") == ["example"]
     assert names("/evaluate") == ["sets", "limit", "strengths", "max_new_tokens"]
@@ -88,11 +88,15 @@ def test_analyze_gate_closed_is_identical(client):
 def test_explore_returns_every_plot(client):
     out = explore(client)
     names = ["unsteered", "steered", "seen", "verdict", "active", "result", "inspect", "centroids",
-             "offset", "trust", "plane", "curve", "layers", "frames", "map_image", "map_tokens"]
+             "offset", "trust", "plane", "curve", "layers", "hr_plane", "frames", "map_image", "map_tokens"]
     got = dict(zip(names, out, strict=True))
     assert "Gate" in got["verdict"] and got["active"] == got["steered"]
-    for name in ("centroids", "offset", "trust", "plane", "curve", "layers"):
+    for name in ("centroids", "offset", "trust", "plane", "curve", "layers", "hr_plane"):
         assert got[name] is not None, name
+    # the harmfulness x refusal plane: the calibration prompts, the four quadrants and this input's path
+    hr = str(got["hr_plane"])
+    assert all(k in hr for k in ("harmful prompts", "jailbreak prompts", "input (steered)", "jailbreaks sit here",
+                                 "over-refusal"))
     # image input: the frame plot says why it is empty instead of staying blank
     assert "video input" in str(got["frames"]) and got["seen"]  # the gallery was sent (once) and kept
     # where in the input: a heatmap over the image, the prompt's tokens coloured by score
@@ -125,7 +129,8 @@ def test_export_zip_has_html_csv_json(client):
     assert os.path.getsize(path) < 2_000_000  # plotly.js once, not once per figure
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
-        assert {"centroids.html", "centroids.csv", "layer_scores.csv", "result.json", "plotly.min.js"} <= names
+        assert {"centroids.html", "centroids.csv", "layer_scores.csv", "hr_plane.html", "hr_plane.csv", "result.json",
+                "plotly.min.js"} <= names
         # the maps: per-position CSV, a PNG over the image and of the token strip (Pillow), their pages
         assert {"map_positions.csv", "map_tokens.png", "map_overlay.html", "map_tokens.html"} <= names
         assert any(n.endswith(".png") and n.startswith("map_00_image_1") for n in names), names
@@ -317,10 +322,41 @@ def test_rejected_inputs_log_one_line_and_bugs_keep_their_traceback(client, tmp_
 
 
 def test_two_layers_in_the_verdict_the_json_and_the_plots(client):
-    out = explore(client, layer="1", detect_layer="3", tau="-100")
+    out = explore(client, layer="1", detect_layer="3", tau="-100", gate_position="post")
     verdict, result = out[3], out[5]
-    assert "Gate read at layer 3, push at layer 1" in verdict and "Gate **open** at layer 3" in verdict
+    assert "Gate read at layer 3, t_post; push at layer 1, t_post" in verdict
+    assert "Gate **open** at layer 3 at t_post (the prompt's last position)" in verdict
     assert result["detect_layer"] == 3 and result["layer"] == 1
     r = client.predict(prompt="What colour is this?", image=handle_file(RED), detect_layer=2, layer=2,
                        max_new_tokens=2, api_name="/analyze")
     assert r["detect_layer"] == r["layer"] == 2
+
+
+@pytest.mark.parametrize("position", ["inst", "post"])
+def test_gate_position_is_a_named_parameter_of_analyze_and_explore(client, position):
+    r = client.predict(prompt="What colour is this?", image=handle_file(RED), gate_position=position,
+                       max_new_tokens=2, api_name="/analyze")
+    assert r["gate_position"] == position
+    out = explore(client, gate_position=position, max_new_tokens=4)
+    verdict, result = out[3], out[5]
+    assert result["gate_position"] == position
+    words = {"inst": "t_inst (the instruction's last token)", "post": "t_post (the prompt's last position)"}
+    assert f"at layer {result['detect_layer']} at {words[position]}" in verdict
+
+
+def test_a_gate_at_t_inst_on_a_state_without_its_fit_is_a_clear_error(client, app_server):
+    session = app_server["session"]
+    with session.lock:
+        original, source = session.ensure_state(), session.state_source
+        session.set_state(replace(original, inst=None, gate_position="post"), "an old state, by a test")
+    try:
+        for call in (lambda: client.predict(prompt="hi", gate_position="inst", max_new_tokens=2, api_name="/analyze"),
+                     lambda: explore(client, image=None, prompt="hi", gate_position="inst", max_new_tokens=4)):
+            with pytest.raises(Exception, match="no t_inst fit .* refit it"):
+                call()
+        # the plane says why it is empty, and "auto" still runs (at t_post)
+        out = explore(client, image=None, prompt="hi", max_new_tokens=4)
+        assert out[5]["gate_position"] == "post" and "no t_inst fit" in str(out[13])
+    finally:
+        with session.lock:
+            session.set_state(original, source)

@@ -369,3 +369,87 @@ def test_strength_sweep_labels_each_distinct_point_once():
                                        "0.5": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
                                        "1": {"refusal_harmless": 0.25, "refusal_harmful": 0.9}})
     assert list(fig.data[0].text) == ["λ=0, 0.5", "", "λ=1"]
+
+
+HR_POINTS = np.array([[0.9, 0.8], [1.1, 0.95], [0.1, 0.05], [0.2, -0.1], [0.3, 0.7], [0.85, 0.1]])
+HR_LABELS = ["harmful", "harmful", "harmless", "harmless", "look-alike", "jailbreak"]
+HR_CURRENT = {"raw": (0.7, 0.45), "recentred": (0.6, 0.2), "steered": (0.6, 2.0)}
+
+
+def test_harm_refusal_figure_points_thresholds_and_path():
+    fig = plots.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35,
+                                    inst_layer=4, push_layer=2)
+    assert fig.layout.height > plots.HEIGHT and all(t.name for t in fig.data)  # a tab to itself: taller
+    for key, rows in (("harmful", [0, 1]), ("harmless", [2, 3]), ("look-alike", [4]), ("jailbreak", [5])):
+        name, color = plots.HR_GROUPS[key]
+        t = trace(fig, name)
+        assert list(t.x) == HR_POINTS[rows, 0].tolist() and list(t.y) == HR_POINTS[rows, 1].tolist()
+        assert t.marker.color == color
+    (vx,) = shapes(fig, "harmfulness threshold")
+    (hy,) = shapes(fig, "refusal threshold")
+    assert vx.x0 == vx.x1 == 0.45 and vx.yref == "y domain"
+    assert hy.y0 == hy.y1 == 0.35 and hy.xref == "x domain"
+    texts = [a.text for a in fig.layout.annotations]
+    assert "τ = 0.45" in texts and "τ = 0.35" in texts
+    # the input's path raw -> re-centred -> steered, by arrows
+    assert list(trace(fig, "input path").x) == [0.7, 0.6, 0.6] and list(trace(fig, "input path").y) == [0.45, 0.2, 2.0]
+    assert (trace(fig, "input (steered)").x[0], trace(fig, "input (steered)").y[0]) == (0.6, 2.0)
+    assert "t_inst, layer 4" in fig.layout.title.text and "t_post, layer 2" in fig.layout.title.text
+    # the two "wrong" quadrants are tinted: jailbreaks (right of x, below y), over-refusal (left of x, above y)
+    (jb,) = shapes(fig, "jailbreak quadrant")
+    (over,) = shapes(fig, "over-refusal quadrant")
+    assert jb.x0 == 0.45 and jb.y1 == 0.35 and over.x1 == 0.45 and over.y0 == 0.35
+
+
+def test_harm_refusal_figure_names_the_quadrants_clear_of_the_points():
+    fig = plots.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35)
+    quads = {a.text: a for a in fig.layout.annotations if (a.name or "").startswith("quadrant")}
+    assert set(quads) == set(plots.HR_QUADRANTS.values())
+    x0, x1 = fig.layout.xaxis.range
+    y0, y1 = fig.layout.yaxis.range
+    for (refused, harmful), text in plots.HR_QUADRANTS.items():
+        a = quads[text]
+        assert (a.yanchor, a.y < 0.5) == (("top", False) if refused else ("bottom", True)), text
+        assert (a.xanchor, a.x) == (("right", x1) if harmful else ("left", x0)), text
+    assert "jailbreaks sit here" in plots.HR_QUADRANTS[False, True]
+    assert "over-refusal" in plots.HR_QUADRANTS[True, False]
+    # every label row (from the top and from the bottom) is reserved: no point, path node or threshold lies there
+    rows = {anchor: 1 + max(round((1 - a.y if anchor == "top" else a.y) / plots._ROW)
+                            for a in fig.layout.annotations if a.yref == "y domain" and a.yanchor == anchor)
+            for anchor in ("top", "bottom")}
+    below, above = (y0 + rows["bottom"] * plots._ROW * (y1 - y0), y1 - rows["top"] * plots._ROW * (y1 - y0))
+    ys = [*HR_POINTS[:, 1], *(p[1] for p in HR_CURRENT.values()), 0.35]
+    assert all(below < y < above for y in ys)
+    assert all(x0 < x < x1 for x in [*HR_POINTS[:, 0], 0.45])
+
+
+def test_harm_refusal_figure_empty_and_errors():
+    fig = plots.harm_refusal_figure(np.zeros((0, 2)), [], None, 0.5, 0.5)
+    assert [t.name for t in fig.data] == [] and shapes(fig, "refusal threshold")
+    with pytest.raises(ValueError, match="labels"):
+        plots.harm_refusal_figure(HR_POINTS, HR_LABELS[:2])
+    with pytest.raises(ValueError, match="unknown point label"):
+        plots.harm_refusal_figure(HR_POINTS[:1], ["safe"])
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        plots.harm_refusal_figure(np.zeros((2, 3)), ["harmful", "harmless"])
+
+
+def test_layer_scores_figure_names_a_gate_at_t_inst():
+    fig = layer_scores_figure(SCORES, chosen_layer=3, detect_layer=3, gate_position="inst")
+    assert [s.x0 for s in shapes(fig, "detect layer")] == [3]  # drawn even at the push layer: another position
+    assert "gate 3 (t_inst)" in [a.text for a in fig.layout.annotations]
+
+
+def test_trust_region_names_a_gate_read_at_t_inst():
+    fig = trust_region_figure(MarsRule(0.4, 3.0), {"recentred": 0.5}, layer=2,
+                              gate=plots.GateRead(layer=2, tau=0.4, score=0.9, position="inst"))
+    assert fig.layout.title.text == "Push at layer 2, gate read at layer 2 at t_inst"
+    assert any("gate read at layer 2 at t_inst: s = 0.90 > τ = 0.40" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_a_label_too_long_for_either_side_stays_anchored_inside_the_plot():
+    from mars_viz.plots import _Label, _label_rows
+
+    long = _Label(0.0, "gate read at layer 0 at t_inst: s = 4.31 ≤ τ = 4.32 → closed", "gate")
+    [(_, _, anchor)] = _label_rows([long], (0.0, 10.0), plot_px=380)
+    assert anchor == "left"  # anchored on its right at the left edge, it would start outside the figure

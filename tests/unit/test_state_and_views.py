@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from mars_viz import geometry as G
-from mars_viz.state import STATE_JSON, Diagnostics, MarsConfig, MarsState
+from mars_viz.analysis import Analysis
+from mars_viz.generate import Answer, PairResult
+from mars_viz.inputs import Query
+from mars_viz.state import STATE_JSON, Diagnostics, GateAxis, MarsConfig, MarsState
 from mars_viz.steering import SteerOptions, gate_scores, mars_edit, plan
-from mars_viz.views import rescore, state_figures
+from mars_viz.views import build_figures, hr_current, rescore, state_figures
 
 L, D = 4, 8
 
@@ -149,3 +152,83 @@ def test_centroid_plot_says_its_layer_and_when_umap_falls_back_to_pca():
     title = state_figures(state, 1, None, method="umap")["centroids"].layout.title.text
     assert "layer 1 (PCA)" in title and "UMAP is fitted at layer 2 only" in title
     assert state_figures(state, 1, None, method="pca")["centroids"].layout.title.text.endswith("layer 1 (PCA)")
+
+
+def with_inst(state: MarsState, li: int = 1) -> MarsState:
+    """`state` with a planted t_inst axis (its own centroids, tau 0.4, an image offset) read at layer `li`, and the
+    harmfulness x refusal points of four prompts."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(7)
+    mu_minus = torch.randn(L, D, generator=g, dtype=torch.float64)
+    r = torch.randn(L, D, generator=g, dtype=torch.float64)
+    inst = GateAxis("inst", mu_minus + r, mu_minus, torch.full((L,), 0.4, dtype=torch.float64), {"image": 0.5 * r}, li)
+    diag = replace(state.diagnostics, hr_points=torch.tensor([[0.9, 0.8], [0.1, 0.1], [0.2, 0.7], [0.8, 0.1]]),
+                   hr_labels=["harmful", "harmless", "look-alike", "jailbreak"])
+    return replace(state, inst=inst, diagnostics=diag)
+
+
+def planted_analysis(state: MarsState, s_post: float, s_inst: float, options: SteerOptions) -> Analysis:
+    """An image input whose re-centred scores are `s_post` at t_post and `s_inst` at t_inst, at every layer."""
+    acts = torch.stack([at_score(state, i, s_post) + state.offsets["image"][i] for i in range(L)]).float()
+    inst = state.inst
+    acts_inst = torch.stack([inst.mu_minus[i] + s_inst * inst.r[i] + inst.offsets["image"][i] for i in range(L)])
+    answer = Answer("ok", False, [1])
+    result = PairResult(prompt="p", modality="image", layer=state.layer, score_raw=0.0, score_recentred=0.0, tau=0.5,
+                        t_star=3.0, gate_open=False, gate_weight=0.0, strength=1.0, recenter=True, steer=True,
+                        displacement_norm=0.0, unsteered=answer, steered=answer)
+    return Analysis(query=Query("p", images=(np.zeros((8, 8, 3), dtype=np.uint8),)), options=options,
+                    result=result, acts=acts, state_fingerprint=state.fingerprint(), acts_inst=acts_inst.float())
+
+
+def test_hr_plane_is_a_placeholder_without_the_t_inst_fit_or_its_points():
+    state = planted_state()
+    fig = state_figures(state)["hr_plane"]
+    (note,) = [a.text for a in fig.layout.annotations]
+    assert "no t_inst fit" in note and "refit" in note and not fig.data
+    fitted = with_inst(state)
+    fitted.diagnostics.hr_points, fitted.diagnostics.hr_labels = None, []
+    (note,) = [a.text for a in state_figures(fitted)["hr_plane"].layout.annotations]
+    assert "no harmfulness × refusal points" in note and "refit" in note
+
+
+def test_hr_plane_draws_the_points_the_thresholds_and_the_input_moving_up():
+    state = with_inst(planted_state(), li=1)
+    state.inst.taus[1] = 0.35  # the x threshold is the inst axis' tau at its layer, not another one
+    fig = state_figures(state)["hr_plane"]
+    assert [t.name for t in fig.data] == ["harmful prompts", "harmless prompts", "look-alike prompts (harmless)",
+                                          "jailbreak prompts"]
+    (vx,) = [s for s in fig.layout.shapes if s.name == "harmfulness threshold"]
+    (hy,) = [s for s in fig.layout.shapes if s.name == "refusal threshold"]
+    assert vx.x0 == pytest.approx(0.35) and hy.y0 == pytest.approx(float(state.taus[state.layer]))
+    assert "t_inst, layer 1" in fig.layout.title.text and f"t_post, layer {state.layer}" in fig.layout.title.text
+    # an image input: harmful at t_inst (0.9 > 0.35), at the safe side at t_post: a gate at t_inst opens, pushes up
+    a = planted_analysis(state, s_post=0.1, s_inst=0.9, options=SteerOptions(gate_position="inst"))
+    cur = hr_current(state, a)
+    x_raw = float(G.unsafety_score(a.acts_inst[1].double(), state.inst.mu_minus[1], state.inst.r[1]))
+    assert cur["raw"][0] == pytest.approx(x_raw) and cur["raw"][0] == pytest.approx(0.9 + 0.5)  # offset 0.5 r
+    assert cur["recentred"][0] == pytest.approx(0.9) and cur["steered"][0] == cur["recentred"][0]
+    assert cur["raw"][1] == pytest.approx(0.1 + 0.3) and cur["recentred"][1] == pytest.approx(0.1)
+    assert cur["steered"][1] == pytest.approx(3.0)  # pushed to t* along r at t_post
+    figs, view = build_figures(state, a)
+    assert view.gate_position == "inst" and view.gate_open
+    path = [t for t in figs["hr_plane"].data if t.name == "input path"][0]
+    assert list(path.x) == pytest.approx([1.4, 0.9, 0.9]) and list(path.y) == pytest.approx([0.4, 0.1, 3.0])
+    # the same input with the gate at t_post: closed there, the point does not move
+    cur = hr_current(state, planted_analysis(state, s_post=0.1, s_inst=0.9, options=SteerOptions(gate_position="post")))
+    assert cur["steered"] == pytest.approx(cur["recentred"])
+    # the layer inspector elsewhere: the plane stays at the push layer, where the calibration points are
+    figs, view = build_figures(state, a, layer=0)
+    path = [t for t in figs["hr_plane"].data if t.name == "input path"][0]
+    assert view.layer == 0 and list(path.y) == pytest.approx([0.4, 0.1, 3.0])
+
+
+def test_a_gate_at_t_inst_is_named_in_the_trust_region_and_layer_scores():
+    state = with_inst(planted_state(), li=2)
+    a = planted_analysis(state, s_post=0.1, s_inst=0.9, options=SteerOptions(gate_position="inst"))
+    figs, view = build_figures(state, a)
+    assert (view.detect_layer, view.gate_position, view.to_json()["gate_position"]) == (2, "inst", "inst")
+    assert figs["trust_region"].layout.title.text == "Push at layer 2, gate read at layer 2 at t_inst"
+    state.gate_position = "inst"
+    texts = [x.text for x in state_figures(state)["layer_scores"].layout.annotations]
+    assert "gate 2 (t_inst)" in texts
