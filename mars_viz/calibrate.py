@@ -330,7 +330,7 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     detect = site_layers["post"]
     inst_axis = GateAxis("inst", mu_plus_i, mu_minus_i, taus_i, offsets_i, site_layers["inst"])
     gate_choice = {"position": position, "chosen_by": "override" if cfg.gate_position or cfg.detect_layer is not None
-                   else "held-out tpr - max(fpr harmless, fpr look-alike)", "n_lookalike_select": n_sel,
+                   else "held-out tpr - fpr harmless - fpr look-alike", "n_lookalike_select": n_sel,
                    **{pos: {"layer": site_layers[pos], "separability": [float(x) for x in seps[pos]],
                             **{k: [float(x) for x in v] for k, v in rates[pos].items()}} for pos in rates}}
 

@@ -719,12 +719,13 @@ def choose_detect_layer(separability: Tensor, tol: float = 0.005) -> int:
 
 def gate_rates(s_unsafe: Tensor, s_safe: Tensor, s_lookalike: Tensor | None, taus: Tensor) -> dict[str, Tensor]:
     """How a gate with thresholds ``taus [L]`` does on held-out scores ``[N, L]``: ``tpr`` (opens on harmful),
-    ``fpr_harmless``, ``fpr_lookalike`` (zeros when there are none) and ``quality = tpr - max(both fprs)``, all ``[L]``.
+    ``fpr_harmless``, ``fpr_lookalike`` (zeros when there are none) and ``quality = tpr - fpr_harmless -
+    fpr_lookalike`` (Youden's J with both kinds of false positive counted), all ``[L]``.
 
     >>> r = gate_rates(torch.tensor([[1.0], [0.9]]), torch.tensor([[0.0], [0.6]]), torch.tensor([[0.7]]),
     ...                torch.tensor([0.5]))
     >>> [round(float(r[k][0]), 2) for k in ("tpr", "fpr_harmless", "fpr_lookalike", "quality")]
-    [1.0, 0.5, 1.0, 0.0]
+    [1.0, 0.5, 1.0, -0.5]
     """
     su, ss, t = _f64(s_unsafe), _f64(s_safe), _f64(taus)
     _check_non_empty(su, "s_unsafe")
@@ -733,7 +734,7 @@ def gate_rates(s_unsafe: Tensor, s_safe: Tensor, s_lookalike: Tensor | None, tau
     fpr_s = (ss > t).double().mean(0)
     fpr_la = torch.zeros_like(fpr_s) if s_lookalike is None or s_lookalike.numel() == 0 else \
         (_f64(s_lookalike) > t).double().mean(0)
-    return {"tpr": tpr, "fpr_harmless": fpr_s, "fpr_lookalike": fpr_la, "quality": tpr - torch.maximum(fpr_s, fpr_la)}
+    return {"tpr": tpr, "fpr_harmless": fpr_s, "fpr_lookalike": fpr_la, "quality": tpr - fpr_s - fpr_la}
 
 
 def choose_gate_site(quality: dict[str, Tensor], separability: dict[str, Tensor],

@@ -53,7 +53,7 @@ def test_fit_keeps_both_axes_and_chooses_the_site_by_its_measured_rates(fitted):
         assert all(len(site[k]) == L for k in ("tpr", "fpr_harmless", "fpr_lookalike", "quality", "separability"))
         for layer in range(L):
             assert site["quality"][layer] == pytest.approx(
-                site["tpr"][layer] - max(site["fpr_harmless"][layer], site["fpr_lookalike"][layer]))
+                site["tpr"][layer] - site["fpr_harmless"][layer] - site["fpr_lookalike"][layer])
     diag = state.diagnostics
     assert diag.hr_points is not None and diag.hr_points.shape == (len(diag.hr_labels), 2)
     assert {"harmful", "harmless", "jailbreak"} <= set(diag.hr_labels)

@@ -35,7 +35,7 @@ def test_gate_rates_count_openings_per_layer():
     assert r["tpr"].tolist() == [0.5, 1.0]
     assert r["fpr_harmless"].tolist() == [0.0, 0.5]
     assert r["fpr_lookalike"].tolist() == pytest.approx([1 / 3, 2 / 3])
-    assert r["quality"].tolist() == pytest.approx([0.5 - 1 / 3, 1.0 - 2 / 3])
+    assert r["quality"].tolist() == pytest.approx([0.5 - 0.0 - 1 / 3, 1.0 - 0.5 - 2 / 3])
     assert G.gate_rates(s_u, s_s, None, taus)["fpr_lookalike"].tolist() == [0.0, 0.0]
 
 
@@ -97,3 +97,19 @@ def test_a_state_from_before_positions_reads_at_t_post_and_says_why_not_inst(tmp
         plan(old, SteerOptions(gate_position="inst"))
     with pytest.raises(ValueError, match="gate_position must be one of post, inst"):
         SteerOptions(gate_position="middle")
+
+
+def test_the_gate_selection_split_is_kept_out_of_the_centroids_and_the_evaluation():
+    from mars_viz.calibrate import split_sets
+    from mars_viz.datasets import builtin_prompts
+    from mars_viz.state import MarsConfig
+
+    sets = split_sets(MarsConfig())
+    fit, sel, held = set(sets["la_fit"]), set(sets["la_sel"]), set(sets["la_held"])
+    assert sel and fit and held and not (fit & sel) and not (fit & held) and not (sel & held)
+    assert fit | sel | held == set(builtin_prompts("lookalike")) - set(sets["harmless"])
+    assert len(sel) == round((len(fit) + len(sel)) / 3)
+    assert split_sets(MarsConfig())["la_sel"] == sets["la_sel"]  # seeded
+    assert split_sets(MarsConfig(seed=1))["la_sel"] != sets["la_sel"]
+    off = split_sets(MarsConfig(lookalike=False))
+    assert off["la_fit"] == off["la_sel"] == off["la_held"] == []
