@@ -145,11 +145,17 @@ def hr_current(state: MarsState, analysis: Analysis, view: LayerView | None = No
     modality, opts = analysis.query.modality, analysis.options
     if view is None or view.layer != state.layer:
         view = rescore(state, analysis.acts, modality, opts, state.layer, analysis.acts_inst)
-    p = plan(state, SteerOptions(gate_position="inst"))
+    p = plan(state, SteerOptions(gate_position="inst", detect_layer=_hr_inst_layer(state)))
     h = analysis.acts_inst[p.detect_layer][None].double()  # [1, d]
     x_raw = float(gate_scores(state, p, h, [modality], False)[0])
     x_rec = float(gate_scores(state, p, h, [modality], opts.recenter)[0])
     return {"raw": (x_raw, view.s_raw), "recentred": (x_rec, view.s_recentred), "steered": (x_rec, view.s_steered)}
+
+
+def _hr_inst_layer(state: MarsState) -> int:
+    """The t_inst layer the plane's points were scored at: the fitted one (an override of the gate's layer moves the
+    gate, not the calibration points)."""
+    return int(state.diagnostics.gate_choice.get("inst", {}).get("layer", state.inst.detect_layer))
 
 
 def hr_figure(state: MarsState, current: dict[str, tuple[float, float]] | None = None) -> go.Figure:
@@ -161,7 +167,7 @@ def hr_figure(state: MarsState, current: dict[str, tuple[float, float]] | None =
         return P.placeholder_figure(NO_INST, HR_TITLE)
     if diag.hr_points is None or not diag.hr_labels:
         return P.placeholder_figure(NO_HR, HR_TITLE)
-    li = state.inst.detect_layer
+    li = _hr_inst_layer(state)
     return P.harm_refusal_figure(diag.hr_points.numpy(), diag.hr_labels, current, float(state.inst.taus[li]),
                                  float(state.taus[state.layer]), li, state.layer)
 
