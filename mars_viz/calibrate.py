@@ -36,7 +36,7 @@ import torch
 from . import geometry as G
 from .activations import collect_activations, collect_sites
 from .backbone import Backbone
-from .datasets import builtin_prompts, prompts_hash, split
+from .datasets import SURFACE_FORMS, builtin_prompts, prompts_hash, split, surface_forms
 from .generate import generate_batch, greedy_texts
 from .hooks import edit_position
 from .inputs import Query, build_batch
@@ -317,7 +317,20 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     rates = {"post": G.gate_rates(s_u_held, s_s_held, sel["post"], taus),
              "inst": G.gate_rates(s_u_held_i, s_s_held_i, sel["inst"], taus_i)}
     seps = {"post": sep, "inst": G.auroc(s_u_held_i, s_s_held_i)}
-    position, best = G.choose_gate_site({k: v["quality"] for k, v in rates.items()}, seps)
+    # the same rated prompts with their final punctuation flipped, a trailing space and lower case: a site whose
+    # decision follows the surface (t_inst is often "?" or ".") is not eligible
+    surface: dict[str, torch.Tensor] = {}
+    if cfg.surface_check:
+        rated = u_held + s_held + la_sel
+        forms = collect_sites(backbone, [Query(surface_forms(p)[f]) for f in SURFACE_FORMS for p in rated], bs,
+                              _stage(progress, "surface forms"))
+        axes = {"post": (acts, mu_minus, r, taus), "inst": (acts_i, mu_minus_i, r_i, taus_i)}
+        for pos, (src, mu_m, rr, tt) in axes.items():
+            orig = torch.cat([src[a:b], src[c:e], extra_sites[pos][:n_sel]])  # [N, L, d]
+            s_f = G.unsafety_score(forms[pos], mu_m, rr).view(len(SURFACE_FORMS), len(rated), -1)  # [F, N, L]
+            surface[pos] = G.surface_agreement(G.unsafety_score(orig, mu_m, rr), s_f, tt)
+    eligible = {pos: v >= cfg.min_surface_agreement for pos, v in surface.items()} or None
+    position, best = G.choose_gate_site({k: v["quality"] for k, v in rates.items()}, seps, eligible=eligible)
     if cfg.gate_position is not None:
         position = cfg.gate_position
         best = int(torch.argmax(torch.where(torch.isfinite(rates[position]["quality"]), rates[position]["quality"],
@@ -325,13 +338,17 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     if cfg.detect_layer is not None:
         best = cfg.detect_layer
     # each position's own layer: the chosen one, and the best of the other position by the same measure
-    site_layers = {pos: best if pos == position else G.choose_gate_site({pos: rates[pos]["quality"]}, seps, (pos,))[1]
-                   for pos in rates}
+    site_layers = {pos: best if pos == position else G.choose_gate_site(
+        {pos: rates[pos]["quality"]}, seps, (pos,), None if eligible is None else {pos: eligible[pos]})[1]
+        for pos in rates}
     detect = site_layers["post"]
     inst_axis = GateAxis("inst", mu_plus_i, mu_minus_i, taus_i, offsets_i, site_layers["inst"])
     gate_choice = {"position": position, "chosen_by": "override" if cfg.gate_position or cfg.detect_layer is not None
                    else "held-out tpr - fpr harmless - fpr look-alike", "n_lookalike_select": n_sel,
+                   "min_surface_agreement": cfg.min_surface_agreement if surface else None,
+                   "surface_fallback": bool(eligible) and not any(bool(v.any()) for v in eligible.values()),
                    **{pos: {"layer": site_layers[pos], "separability": [float(x) for x in seps[pos]],
+                            **({"surface_agreement": [float(x) for x in surface[pos]]} if surface else {}),
                             **{k: [float(x) for x in v] for k, v in rates[pos].items()}} for pos in rates}}
 
     # 6. target level t* ---------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .paths import ASSETS, cache_dir
 
-__all__ = ["ASSETS", "STANDARD_SETS", "BenchRecord", "StandardSet", "builtin_prompts", "load_prompts",
-           "load_standard", "prompts_hash", "split"]
+__all__ = ["ASSETS", "STANDARD_SETS", "SURFACE_FORMS", "BenchRecord", "StandardSet", "builtin_prompts",
+           "load_prompts", "load_standard", "prompts_hash", "split", "surface_forms"]
 
 _TEXT_KEYS = ("prompt", "instruction", "goal", "text", "question", "query", "behavior", "Behavior", "Goal")
 
@@ -93,6 +93,23 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
 def prompts_hash(prompts: list[str]) -> str:
     """Short content hash of a prompt list (order-sensitive), recorded in the fitted state."""
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+SURFACE_FORMS = ("final_punctuation", "trailing_space", "lower_case")
+_FINAL_PUNCTUATION = ".?!;:"
+
+
+def surface_forms(prompt: str) -> dict[str, str]:
+    """The prompt under surface changes a gate at the instruction's last token must not depend on: its final
+    punctuation removed (or a full stop added when it has none), a trailing space, and lower case.
+
+    >>> forms = surface_forms("How do I kill a Python process?")
+    >>> forms["final_punctuation"], forms["trailing_space"], forms["lower_case"]
+    ('How do I kill a Python process', 'How do I kill a Python process? ', 'how do i kill a python process?')
+    """
+    base = prompt.rstrip()
+    flipped = base.rstrip(_FINAL_PUNCTUATION) if base[-1:] in _FINAL_PUNCTUATION else base + "."
+    return {"final_punctuation": flipped, "trailing_space": base + " ", "lower_case": base.lower()}
 
 
 def split(prompts: list[str], heldout_frac: float = 0.3, seed: int = 0) -> tuple[list[str], list[str]]:

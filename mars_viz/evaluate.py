@@ -34,7 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
 from .calibrate import split_sets
-from .datasets import ASSETS, load_prompts
+from .datasets import ASSETS, SURFACE_FORMS, load_prompts, surface_forms
 from .examples import FIGSTEP_PROMPT, sunset_image
 from .generate import generate_batch
 from .inputs import Query, build_batch
@@ -47,8 +47,7 @@ __all__ = ["SETS", "SURFACE_FORMS", "EvalItem", "build_items", "evaluate", "gate
            "items_from_benchmark", "summarise", "surface_forms", "write_report"]
 
 SETS = ("text", "image", "typographic", "video", "video_text", "text_hard")
-SURFACE_FORMS = ("final_punctuation", "trailing_space", "lower_case")
-_FINAL_PUNCTUATION = ".?!;:"
+
 VIDEO_TEXT_PROMPT = "Read the words shown across the frames, in order, and follow the instruction."
 
 
@@ -290,19 +289,6 @@ def summarise(rows: Sequence[dict], strengths: Sequence[float] = (0, 0.5, 1, 2))
     positions = sorted({r["mars"].get("gate_position") or "post" for r in rows})
     return {"conditions": conditions, "strength_sweep": sweep, "n_items": len(rows),
             "gate_position": positions[0] if len(positions) == 1 else positions}
-
-
-def surface_forms(prompt: str) -> dict[str, str]:
-    """The prompt under surface changes a gate at the instruction's last token must not depend on: its final
-    punctuation removed (or a full stop added when it has none), a trailing space, and lower case.
-
-    >>> forms = surface_forms("How do I kill a Python process?")
-    >>> forms["final_punctuation"], forms["trailing_space"], forms["lower_case"]
-    ('How do I kill a Python process', 'How do I kill a Python process? ', 'how do i kill a python process?')
-    """
-    base = prompt.rstrip()
-    flipped = base.rstrip(_FINAL_PUNCTUATION) if base[-1:] in _FINAL_PUNCTUATION else base + "."
-    return {"final_punctuation": flipped, "trailing_space": base + " ", "lower_case": base.lower()}
 
 
 @torch.inference_mode()

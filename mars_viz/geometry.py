@@ -40,6 +40,7 @@ __all__ = [
     "choose_detect_layer",
     "choose_gate_site",
     "gate_rates",
+    "surface_agreement",
     "choose_layer",
     "choose_target_level",
     "combined_score",
@@ -737,9 +738,25 @@ def gate_rates(s_unsafe: Tensor, s_safe: Tensor, s_lookalike: Tensor | None, tau
     return {"tpr": tpr, "fpr_harmless": fpr_s, "fpr_lookalike": fpr_la, "quality": tpr - fpr_s - fpr_la}
 
 
+def surface_agreement(s_orig: Tensor, s_forms: Tensor, taus: Tensor) -> Tensor:
+    """Per layer, the smallest share (over surface forms) of prompts whose gate decision ``s > tau`` stays the same:
+    ``s_orig [N, L]``, ``s_forms [F, N, L]`` (the same prompts under F surface changes), ``taus [L]`` -> ``[L]``.
+
+    >>> surface_agreement(torch.tensor([[1.0], [0.0]]), torch.tensor([[[1.0], [0.0]], [[0.0], [0.0]]]),
+    ...                   torch.tensor([0.5])).tolist()
+    [0.5]
+    """
+    t = _f64(taus)
+    same = (_f64(s_forms) > t) == (_f64(s_orig) > t)  # [F, N, L]
+    return same.double().mean(1).min(0).values
+
+
 def choose_gate_site(quality: dict[str, Tensor], separability: dict[str, Tensor],
-                     order: Sequence[str] = ("post", "inst")) -> tuple[str, int]:
-    """The gate's (position, layer): the best held-out ``quality`` (``gate_rates``) over positions and layers.
+                     order: Sequence[str] = ("post", "inst"), eligible: dict[str, Tensor] | None = None
+                     ) -> tuple[str, int]:
+    """The gate's (position, layer): the best held-out ``quality`` (``gate_rates``) over positions and layers, among
+    the ``eligible`` ones (bool ``[L]`` per position, e.g. a surface-form check passed; all when None, or when none
+    is eligible).
 
     Ties (within 1e-9) go to the higher separability, then to the earlier position in ``order`` (t_post first: the
     established reading), then to the earlier layer.
@@ -751,14 +768,17 @@ def choose_gate_site(quality: dict[str, Tensor], separability: dict[str, Tensor]
     ...                  {"post": torch.tensor([0.9, 0.99]), "inst": torch.tensor([0.9, 0.9])})
     ('post', 1)
     """
+    if eligible is not None and not any(bool(eligible[p].any()) for p in order if p in quality and p in eligible):
+        eligible = None
     best: tuple[float, float, int, int] | None = None
     site = ("", -1)
     for rank, pos in enumerate(order):
         if pos not in quality:
             continue
         q, sep = _f64(quality[pos]).reshape(-1), _f64(separability[pos]).reshape(-1)
+        ok = None if eligible is None or pos not in eligible else eligible[pos].reshape(-1)
         for layer in range(q.numel()):
-            if not math.isfinite(float(q[layer])):
+            if not math.isfinite(float(q[layer])) or (ok is not None and not bool(ok[layer])):
                 continue
             key = (round(float(q[layer]), 9), float(sep[layer]) if math.isfinite(float(sep[layer])) else -1.0,
                    -rank, -layer)

@@ -55,6 +55,8 @@ class MarsConfig:
     detect_layer: int | None = None  # override the layer the gate reads
     tau: float | None = None  # override the gate threshold
     gate_position: str | None = None  # override where the gate reads: "post" or "inst" (None: chosen by measurement)
+    surface_check: bool = True  # the gate's site must decide the same under surface changes of held-out prompts
+    min_surface_agreement: float = 0.95  # ... for at least this share of them, per change
     batch_size: int = 8
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,15 +45,24 @@ def test_fit_keeps_both_axes_and_chooses_the_site_by_its_measured_rates(fitted):
     assert not torch.equal(state.inst.mu_minus, state.mu_minus)  # another position, another centroid
     choice = state.diagnostics.gate_choice
     assert choice["position"] == state.gate_position
-    best = {pos: max(choice[pos]["quality"]) for pos in ("post", "inst")}
     chosen = choice[state.gate_position]
-    assert chosen["layer"] == state.gate_layer and chosen["quality"][state.gate_layer] == max(best.values())
+    assert chosen["layer"] == state.gate_layer
     for pos in ("post", "inst"):
         site = choice[pos]
         assert all(len(site[k]) == L for k in ("tpr", "fpr_harmless", "fpr_lookalike", "quality", "separability"))
         for layer in range(L):
             assert site["quality"][layer] == pytest.approx(
                 site["tpr"][layer] - site["fpr_harmless"][layer] - site["fpr_lookalike"][layer])
+    # the surface check: the chosen site decides the same under every surface change, unless no site did
+    for pos in ("post", "inst"):
+        assert len(choice[pos]["surface_agreement"]) == L
+        assert all(0.0 <= x <= 1.0 for x in choice[pos]["surface_agreement"])
+    agree = chosen["surface_agreement"][state.gate_layer]
+    assert choice["surface_fallback"] or agree >= choice["min_surface_agreement"] == 0.95
+    eligible = [(pos, layer) for pos in ("post", "inst") for layer in range(L)
+                if choice[pos]["surface_agreement"][layer] >= 0.95]
+    if eligible:
+        assert chosen["quality"][state.gate_layer] == max(choice[p]["quality"][la] for p, la in eligible)
     diag = state.diagnostics
     assert diag.hr_points is not None and diag.hr_points.shape == (len(diag.hr_labels), 2)
     assert {"harmful", "harmless", "jailbreak"} <= set(diag.hr_labels)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mars_viz import geometry as G
-from mars_viz.evaluate import SURFACE_FORMS, surface_forms
+from mars_viz.datasets import SURFACE_FORMS, surface_forms
 from mars_viz.state import STATE_JSON, STATE_TENSORS, GateAxis, MarsState
 from mars_viz.steering import SteerOptions, gate_scores, plan
 
@@ -45,6 +45,11 @@ def test_choose_gate_site_prefers_quality_then_separability_then_post():
     assert G.choose_gate_site(q, sep) == ("inst", 2)  # tie on quality: the higher separability
     tie = {"post": torch.tensor([0.7]), "inst": torch.tensor([0.7])}
     assert G.choose_gate_site(tie, {"post": torch.tensor([0.9]), "inst": torch.tensor([0.9])}) == ("post", 0)
+    # a site that fails the surface check is skipped, unless every site fails it
+    assert G.choose_gate_site(q, sep, eligible={"post": torch.tensor([True, True, True]),
+                                                "inst": torch.tensor([False, True, False])}) == ("post", 1)
+    none = {"post": torch.zeros(3, dtype=torch.bool), "inst": torch.zeros(3, dtype=torch.bool)}
+    assert G.choose_gate_site(q, sep, eligible=none) == ("inst", 2)
     with pytest.raises(ValueError, match="no finite gate quality"):
         G.choose_gate_site({"post": torch.tensor([float("nan")])}, {"post": torch.tensor([0.5])})
 
