@@ -98,6 +98,8 @@ def _config_from_args(args):
         kw["max_prompts"] = None
     if getattr(args, "no_behaviour_filter", False):
         kw["behaviour_filter"] = False
+    if getattr(args, "no_surface_check", False):
+        kw["surface_check"] = False
     if getattr(args, "levels", None):
         kw["levels"] = tuple(float(x) for x in args.levels.split(","))
     return MarsConfig(**kw)
@@ -328,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-position", choices=("post", "inst"),
                    help="force where the gate reads: post (prompt's last position) or inst (user's last token); "
                         "default: chosen on held-out prompts")
+    p.add_argument("--no-surface-check", action="store_true",
+                   help="let the gate's site be chosen even if its decision changes with final punctuation, a "
+                        "trailing space or case (default: such sites are not eligible)")
     p.add_argument("--tau", type=float, help="force the gate threshold")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)

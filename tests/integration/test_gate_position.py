@@ -123,10 +123,13 @@ def test_cli_fit_and_run_take_a_gate_position(tiny_dirs, tmp_path):
     model = tiny_dirs("llava")
     r = _cli("fit", "--model", model, "--out", tmp_path / "s", "--max-prompts", "12", "--k-neutral", "2",
              "--neutral-prompts", "2", "--curve-prompts", "2", "--steer-prompts", "2", "--filter-tokens", "2",
-             "--levels", "1,2", "--gate-position", "inst", "--quiet")
+             "--levels", "1,2", "--gate-position", "inst", "--no-surface-check", "--quiet")
     assert r.returncode == 0, r.stderr
     fit = json.loads(r.stdout)
     assert fit["gate_position"] == "inst" and fit["gate_layer"] == fit["inst_detect_layer"]
+    meta = json.loads((tmp_path / "s" / "mars_state.json").read_text())
+    assert meta["config"]["surface_check"] is False and meta["config"]["gate_position"] == "inst"
+    assert "surface_agreement" not in meta["diagnostics"]["gate_choice"]["inst"]
     rows = {}
     for position in ("post", "inst", None):
         extra = [] if position is None else ["--gate-position", position]
