@@ -17,7 +17,7 @@ import torch
 
 from .backbone import Backbone
 from .hooks import capture_residuals
-from .inputs import Query, build_batch, instruction_offset
+from .inputs import Query, build_batch, inst_positions
 
 __all__ = ["Progress", "collect_activations", "collect_sites", "forward_last", "forward_sites"]
 
@@ -30,10 +30,7 @@ def forward_sites(backbone: Backbone, queries: Sequence[Query], inst: bool = Tru
     "inst": ...}` (t_post, the last prompt position; t_inst, the last token of the user's text; `inputs.gate_index`).
     """
     batch = build_batch(backbone, list(queries))
-    positions = None
-    if inst:
-        n, t = batch["input_ids"].shape
-        positions = torch.full((n, 1), t - 1 - instruction_offset(backbone), dtype=torch.long)
+    positions = inst_positions(backbone, batch["input_ids"]) if inst else None
     with capture_residuals(backbone.layers, positions=positions) as cap:
         # logits_to_keep=1: only the last position's logits are computed (capture never needs the rest).
         backbone.model(**batch, use_cache=False, logits_to_keep=1)

@@ -324,11 +324,12 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         rated = u_held + s_held + la_sel
         forms = collect_sites(backbone, [Query(surface_forms(p)[f]) for f in SURFACE_FORMS for p in rated], bs,
                               _stage(progress, "surface forms"))
-        axes = {"post": (acts, mu_minus, r, taus), "inst": (acts_i, mu_minus_i, r_i, taus_i)}
-        for pos, (src, mu_m, rr, tt) in axes.items():
-            orig = torch.cat([src[a:b], src[c:e], extra_sites[pos][:n_sel]])  # [N, L, d]
+        held = {"post": (s_u_held, s_s_held, mu_minus, r, taus), "inst": (s_u_held_i, s_s_held_i, mu_minus_i, r_i,
+                                                                           taus_i)}
+        for pos, (s_u, s_s, mu_m, rr, tt) in held.items():
+            s_orig = torch.cat([s_u, s_s, sel[pos]])  # [N, L]: the rated prompts' scores, computed above
             s_f = G.unsafety_score(forms[pos], mu_m, rr).view(len(SURFACE_FORMS), len(rated), -1)  # [F, N, L]
-            surface[pos] = G.surface_agreement(G.unsafety_score(orig, mu_m, rr), s_f, tt)
+            surface[pos] = G.surface_agreement(s_orig, s_f, tt)
     eligible = {pos: v >= cfg.min_surface_agreement for pos, v in surface.items()} or None
     position, best = G.choose_gate_site({k: v["quality"] for k, v in rates.items()}, seps, eligible=eligible)
     if cfg.gate_position is not None:

@@ -43,7 +43,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .backbone import Backbone
 from .hooks import ResidualCapture, capture_residuals, capture_sequence, read_position
-from .inputs import Query, build_batch, gate_index, instruction_offset
+from .inputs import Query, build_batch, gate_index, inst_positions
 from .judge import RefusalJudge, default_judge
 from .state import MarsState
 from .steering import SteerOptions, gate_scores, mars_steering, plan, probe_gate
@@ -177,9 +177,7 @@ def _inst_capturing(backbone: Backbone, capture: bool, batch, out: dict) -> Iter
     if not capture:
         yield
         return
-    n, t = batch["input_ids"].shape
-    at = torch.full((n, 1), t - 1 - instruction_offset(backbone), dtype=torch.long)
-    with capture_residuals(backbone.layers, positions=at) as cap:
+    with capture_residuals(backbone.layers, positions=inst_positions(backbone, batch["input_ids"])) as cap:
         yield
     out["inst"] = cap.at_positions()[:, :, 0]
 

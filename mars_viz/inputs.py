@@ -16,12 +16,13 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from PIL import Image
 
 from .backbone import NESTED_IMAGE_TYPES, Backbone
 
 __all__ = ["GATE_POSITIONS", "MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "gate_index",
-           "instruction_offset", "render_chat"]
+           "inst_positions", "instruction_offset", "render_chat"]
 
 MAX_PROMPT_CHARS = 8000
 # Where the gate reads (Zhao et al. 2025, "LLMs Encode Harmfulness and Refusal Separately"): "post" is the prompt's
@@ -156,3 +157,10 @@ def gate_index(backbone: Backbone, position: str) -> int:
     if position not in GATE_POSITIONS:
         raise ValueError(f"unknown gate position {position!r}: use one of {', '.join(GATE_POSITIONS)}")
     return -1 if position == "post" else -1 - instruction_offset(backbone)
+
+
+def inst_positions(backbone: Backbone, input_ids) -> torch.Tensor:
+    """t_inst as an absolute index in each row of a left-padded batch `input_ids [B, T]` -> long `[B, 1]` (the
+    `positions` of `hooks.capture_residuals`). A shared prefill of prompt[:-1] holds t_inst at the same index."""
+    n, t = input_ids.shape
+    return torch.full((n, 1), t + gate_index(backbone, "inst"), dtype=torch.long)

@@ -206,15 +206,19 @@ def _floats(values: Sequence[float] | np.ndarray, name: str) -> list[float]:
     return out
 
 
-def _check_coords(coords: Any, labels: Sequence[str]) -> np.ndarray:
+def _check_coords(coords: Any, labels: Sequence[str], groups: Sequence[str] = tuple(GROUP_NAMES),
+                  name: str = "coords", origin: str = "e.g. Projection.coords",
+                  source: str = "MarsState.calib_labels") -> np.ndarray:
+    """`coords` as a float `[N, 2]` array with one label from `groups` per point, or a ValueError naming the
+    argument (`name`, usually `origin`) and where valid labels come from (`source`)."""
     arr = np.asarray(coords, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"coords must be [N, 2] (e.g. Projection.coords), got shape {arr.shape}")
+        raise ValueError(f"{name} must be [N, 2] ({origin}), got shape {arr.shape}")
     if len(labels) != arr.shape[0]:
         raise ValueError(f"got {arr.shape[0]} points but {len(labels)} labels: pass one label per point")
-    unknown = sorted(set(labels) - set(GROUP_NAMES))
+    unknown = sorted(set(labels) - set(groups))
     if unknown:
-        raise ValueError(f"unknown point label(s) {unknown}: use {list(GROUP_NAMES)} (as in MarsState.calib_labels)")
+        raise ValueError(f"unknown point label(s) {unknown}: use {list(groups)} (as in {source})")
     return arr
 
 
@@ -635,14 +639,8 @@ def harm_refusal_figure(
     ['harmful prompts', 'harmless prompts']
     """
     arr = np.asarray(points, dtype=np.float64)
-    arr = arr.reshape(0, 2) if arr.size == 0 else arr
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"points must be [N, 2] (Diagnostics.hr_points), got shape {arr.shape}")
-    if len(labels) != arr.shape[0]:
-        raise ValueError(f"got {arr.shape[0]} points but {len(labels)} labels: pass one label per point")
-    unknown = sorted(set(labels) - set(HR_GROUPS))
-    if unknown:
-        raise ValueError(f"unknown point label(s) {unknown}: use {list(HR_GROUPS)} (as in Diagnostics.hr_labels)")
+    arr = _check_coords(arr.reshape(0, 2) if arr.size == 0 else arr, labels, tuple(HR_GROUPS),
+                        "points", "Diagnostics.hr_points", "Diagnostics.hr_labels")
     xt, yt = float(x_threshold), float(y_threshold)
     cur = [tuple(float(v) for v in p) for p in (current or {}).values()]
     xs = [x for x in (xt, *arr[:, 0].tolist(), *(p[0] for p in cur)) if math.isfinite(x)]

@@ -290,13 +290,8 @@ class MarsState:
         return out
 
     def offset(self, modality: str, layer: int | None = None) -> torch.Tensor | None:
-        """delta for `modality` at `layer` (`[d]`), or None for text."""
-        if modality == "text":
-            return None
-        if modality not in self.offsets:
-            raise ValueError(f"this state has no {modality} offset (fitted modalities: {sorted(self.offsets)}): "
-                             "refit with neutral inputs of that modality")
-        return self.offsets[modality][self.layer if layer is None else layer]
+        """delta for `modality` at `layer` (default: the push layer) at t_post (`[d]`), or None for text."""
+        return self.gate_axis("post").offset(modality, self.layer if layer is None else layer)
 
     def check_compatible(self, backbone) -> None:
         """Raise ValueError unless this state was fitted on a model of the same type and shape as `backbone`."""
@@ -402,19 +397,16 @@ class MarsState:
         if gate_position is not None:
             self.gate_axis(gate_position)  # raises for an unknown position or a state without the inst fit
             new.gate_position = gate_position
-        if detect_layer is not None and new.gate_position == "inst":
-            if not -self.num_layers <= detect_layer < self.num_layers:
-                raise ValueError(f"detect_layer {detect_layer} is out of range: the model has {self.num_layers} "
-                                 f"layers (0..{self.num_layers - 1})")
-            new.inst = replace(self.inst, detect_layer=detect_layer % self.num_layers)
-            detect_layer = None
         for name, value in (("layer", layer), ("detect_layer", detect_layer)):
             if value is None:
                 continue
             if not -self.num_layers <= value < self.num_layers:
                 raise ValueError(f"{name} {value} is out of range: the model has {self.num_layers} layers (0.."
                                  f"{self.num_layers - 1})")
-            setattr(new, name, value % self.num_layers)
+            if name == "detect_layer" and new.gate_position == "inst":  # the gate's layer at its own position
+                new.inst = replace(self.inst, detect_layer=value % self.num_layers)
+            else:
+                setattr(new, name, value % self.num_layers)
         if tau is not None:
             if not math.isfinite(tau):
                 raise ValueError("tau must be a finite number")
