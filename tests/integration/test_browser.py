@@ -31,10 +31,23 @@ def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=timeout)
 
 
-def _upload(page, field: str, path) -> None:
-    """Put `path` into the `#field` file input and wait until the page shows it."""
-    page.locator(f"#{field} input[type=file]").set_input_files(str(path))
-    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=90_000)
+def _upload(page, field: str, path, attempts: int = 3) -> None:
+    """Put `path` into the `#field` file input and wait until the page shows it.
+
+    Right after a page load the input can exist before the component listens to it (seen once in CI, on a loaded
+    machine): the file is then dropped silently. So the upload is retried, up to `attempts` times; a file the page
+    never shows still fails the test.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        page.locator(f"#{field} input[type=file]").set_input_files(str(path))
+        try:
+            page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=30_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
 
 
 def _watch_verdict(page) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from mars_viz.examples import EXAMPLES_DIR
 
-from .test_browser import CHROMIUM, _plot_rendered, browser  # noqa: F401  (the shared chromium fixture)
+from .test_browser import CHROMIUM, _plot_rendered, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
@@ -91,15 +91,14 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
     page = browser.new_page(viewport={"width": width, "height": 1100})
     bad = []
     for upload, path, plots in [
-        ("#image", EXAMPLES_DIR / "solid_red.png", EXPLORE_PLOTS),
-        ("#video", EXAMPLES_DIR / "colour_cycle.mp4", [("Video frames", "plot_frames"),
-                                                       ("Trust region", "plot_trust_region"),
-                                                       ("Where in the input", "plot_map_image")]),
+        ("image", EXAMPLES_DIR / "solid_red.png", EXPLORE_PLOTS),
+        ("video", EXAMPLES_DIR / "colour_cycle.mp4", [("Video frames", "plot_frames"),
+                                                      ("Trust region", "plot_trust_region"),
+                                                      ("Where in the input", "plot_map_image")]),
     ]:
         page.goto(app_server["url"])  # a fresh page per input
         page.locator("#prompt textarea").fill("Describe this.")
-        page.locator(f"{upload} input[type=file]").set_input_files(str(path))
-        page.locator(upload).get_by_text(path.name).first.wait_for(timeout=90_000)
+        _upload(page, upload, path)
         page.locator("#run").click()
         page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(
             timeout=180_000)

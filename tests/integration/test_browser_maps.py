@@ -12,7 +12,7 @@ import pytest
 
 from mars_viz.examples import EXAMPLES_DIR
 
-from .test_browser import CHROMIUM, browser  # noqa: F401  (the shared chromium fixture)
+from .test_browser import CHROMIUM, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
@@ -31,8 +31,7 @@ def _run(page, url: str, field: str, path, prompt: str) -> None:
     page.goto(url)
     page.locator("#run").wait_for(timeout=60_000)
     page.locator("#prompt textarea").fill(prompt)
-    page.locator(f"#{field} input[type=file]").set_input_files(str(path))
-    page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=60_000)
+    _upload(page, field, path)
     page.locator("#run").click()
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)
     page.get_by_role("tab", name="Where in the input").click()
