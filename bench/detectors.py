@@ -29,15 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mars_viz import geometry as G  # noqa: E402
-from mars_viz.activations import collect_activations  # noqa: E402
-from mars_viz.backbone import load_backbone  # noqa: E402
-from mars_viz.calibrate import split_sets  # noqa: E402
-from mars_viz.datasets import ASSETS, load_prompts, split  # noqa: E402
-from mars_viz.generate import greedy_texts  # noqa: E402
-from mars_viz.inputs import Query  # noqa: E402
-from mars_viz.judge import default_judge  # noqa: E402
-from mars_viz.state import MarsConfig  # noqa: E402
+from mars_viz.core import geometry as G  # noqa: E402
+from mars_viz.core.state import MarsConfig  # noqa: E402
+from mars_viz.data.datasets import ASSETS, load_prompts, split  # noqa: E402
+from mars_viz.data.judge import default_judge  # noqa: E402
+from mars_viz.fit.calibrate import split_sets  # noqa: E402
+from mars_viz.model.activations import collect_activations  # noqa: E402
+from mars_viz.model.backbone import load_backbone  # noqa: E402
+from mars_viz.model.inputs import Query  # noqa: E402
+from mars_viz.steer.generate import greedy_texts  # noqa: E402
 
 
 def collect(model: str, cache: Path, cfg: MarsConfig, tokens: int) -> dict:

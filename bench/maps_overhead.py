@@ -28,21 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mars_viz.analysis import analyze_stream  # noqa: E402
-from mars_viz.backbone import load_backbone  # noqa: E402
-from mars_viz.examples import EXAMPLES_DIR  # noqa: E402
-from mars_viz.generate import resolve_strategy  # noqa: E402
-from mars_viz.hooks import capture_sequence  # noqa: E402
-from mars_viz.inputs import Query, build_batch  # noqa: E402
-from mars_viz.maps import capture_prompt_positions, input_map, neutral_position_offsets  # noqa: E402
-from mars_viz.media import load_image, neutral_images, neutral_video, read_video  # noqa: E402
-from mars_viz.state import MarsState  # noqa: E402
-from mars_viz.steering import SteerOptions  # noqa: E402
+from mars_viz.analysis.analyze import analyze_stream  # noqa: E402
+from mars_viz.core.state import MarsState  # noqa: E402
+from mars_viz.data.examples import EXAMPLES_DIR  # noqa: E402
+from mars_viz.maps.maps import capture_prompt_positions, input_map, neutral_position_offsets  # noqa: E402
+from mars_viz.model.backbone import load_backbone  # noqa: E402
+from mars_viz.model.hooks import capture_sequence  # noqa: E402
+from mars_viz.model.inputs import Query, build_batch  # noqa: E402
+from mars_viz.model.media import load_image, neutral_images, neutral_video, read_video  # noqa: E402
+from mars_viz.steer.generate import resolve_strategy  # noqa: E402
+from mars_viz.steer.steering import SteerOptions  # noqa: E402
 
 
 def add_map_offsets(bb, state: MarsState, out: str, k: int = 8) -> MarsState:
     cfg = state.config
-    from mars_viz.calibrate import split_sets
+    from mars_viz.fit.calibrate import split_sets
 
     prompts = split_sets(cfg)["s_fit"][:k]
     images = neutral_images(cfg.k_neutral, seed=cfg.seed, size=cfg.neutral_size)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mars_viz.graft.metrics import char_accuracy, word_recall  # noqa: E402
+from mars_lab.metrics import char_accuracy, word_recall  # noqa: E402
 
 PHRASES = ["green river under the old bridge", "seven quick lamps", "a friendly robot waits by the door tonight",
            "music", "paper boats sail slowly across the quiet lake at dawn"]

@@ -34,17 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mars_viz.activations import collect_activations  # noqa: E402
-from mars_viz.backbone import load_backbone  # noqa: E402
-from mars_viz.calibrate import split_sets  # noqa: E402
-from mars_viz.generate import greedy_texts, run_pairs  # noqa: E402
-from mars_viz.geometry import auroc, unsafety_score  # noqa: E402
-from mars_viz.graft.metrics import char_accuracy, word_recall  # noqa: E402
-from mars_viz.graft.render import normalise_words, render_phrase, render_word_video  # noqa: E402
-from mars_viz.inputs import Query  # noqa: E402
-from mars_viz.media import typographic_rows  # noqa: E402
-from mars_viz.state import MarsState  # noqa: E402
-from mars_viz.steering import SteerOptions  # noqa: E402
+from mars_lab.metrics import char_accuracy, word_recall  # noqa: E402
+from mars_lab.render import normalise_words, render_phrase, render_word_video  # noqa: E402
+from mars_viz.core.geometry import auroc, unsafety_score  # noqa: E402
+from mars_viz.core.state import MarsState  # noqa: E402
+from mars_viz.fit.calibrate import split_sets  # noqa: E402
+from mars_viz.model.activations import collect_activations  # noqa: E402
+from mars_viz.model.backbone import load_backbone  # noqa: E402
+from mars_viz.model.inputs import Query  # noqa: E402
+from mars_viz.model.media import typographic_rows  # noqa: E402
+from mars_viz.steer.generate import greedy_texts, run_pairs  # noqa: E402
+from mars_viz.steer.steering import SteerOptions  # noqa: E402
 
 READ_PROMPT = "What is written in the image? Answer with the text only."
 VIDEO_PROMPT = "What is written across the frames of this video? Answer with the text only."
@@ -79,7 +79,7 @@ def typographic(bb, text: str, rng: random.Random, size: int = 336):
 
 def reader_tower_reading(bb, phrases: list[str], seed: int = 1234) -> dict:
     """The reading tower alone (greedy over its vocabulary logits, no LLM)."""
-    from mars_viz.graft.reader import read_back
+    from mars_lab.reader import read_back
 
     rng = random.Random(f"bench-{seed}")
     tower = bb.model.model.visual
@@ -114,7 +114,7 @@ def straddle_reading(bb, phrases: list[str], offsets=(0, 4, 7, 10, 14)) -> dict:
     rows straddles them like this."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from mars_viz.graft.reader import read_back
+    from mars_lab.reader import read_back
 
     font = ImageFont.load_default(size=18)
     tower = bb.model.model.visual
@@ -137,7 +137,7 @@ def straddle_reading(bb, phrases: list[str], offsets=(0, 4, 7, 10, 14)) -> dict:
 def harm_words() -> set[str]:
     """Words of the harmful prompts that no harmless or look-alike prompt uses (4+ letters): the 'harmful words'
     the map should light up."""
-    from mars_viz.datasets import builtin_prompts
+    from mars_viz.data.datasets import builtin_prompts
 
     safe = {w for k in ("harmless", "lookalike") for p in builtin_prompts(k) for w in normalise_words(p)}
     return {w for p in builtin_prompts("harmful") for w in normalise_words(p) if len(w) >= 4 and w not in safe}
@@ -146,7 +146,7 @@ def harm_words() -> set[str]:
 def map_ranks(bb, state: MarsState, prompts: list[str], size: int = 336) -> dict:
     """Per typographic harmful image: rank (1 = brightest) of the best cell on a harmful word in the gate layer's
     map, among all cells of the image; chance is about half the cell count."""
-    from mars_viz.maps import capture_prompt_positions, input_map
+    from mars_viz.maps.maps import capture_prompt_positions, input_map
 
     bad = harm_words()
     rows, opts = [], SteerOptions()
@@ -178,8 +178,8 @@ def tower_reading(bb, record: dict, phrases: list[str], seed: int = 1234) -> dic
     """The tower alone (greedy CTC over the LLM's embedding rows, no LLM): separates 'cannot see' from 'cannot say'."""
     if bb.model_type == "mars_reader":
         return reader_tower_reading(bb, phrases, seed)
-    from mars_viz.graft.build import banned_texts, reading_vocab, word_pool
-    from mars_viz.graft.train import Example, evaluate_reading
+    from mars_lab.build import banned_texts, reading_vocab, word_pool
+    from mars_lab.train import Example, evaluate_reading
 
     tok = bb.tokenizer
     words = word_pool(tok, limit=record.get("word_limit", 1500), extra=banned_texts())

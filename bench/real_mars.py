@@ -29,15 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mars_viz.backbone import load_backbone  # noqa: E402
-from mars_viz.calibrate import split_sets  # noqa: E402
-from mars_viz.datasets import builtin_prompts  # noqa: E402
-from mars_viz.evaluate import gate_surface_agreement  # noqa: E402
-from mars_viz.generate import run_pairs  # noqa: E402
-from mars_viz.inputs import Query  # noqa: E402
-from mars_viz.media import neutral_images, neutral_video  # noqa: E402
-from mars_viz.state import MarsState  # noqa: E402
-from mars_viz.steering import SteerOptions, plan  # noqa: E402
+from mars_viz.analysis.evaluate import gate_surface_agreement  # noqa: E402
+from mars_viz.core.state import MarsState  # noqa: E402
+from mars_viz.data.datasets import builtin_prompts  # noqa: E402
+from mars_viz.fit.calibrate import split_sets  # noqa: E402
+from mars_viz.model.backbone import load_backbone  # noqa: E402
+from mars_viz.model.inputs import Query  # noqa: E402
+from mars_viz.model.media import neutral_images, neutral_video  # noqa: E402
+from mars_viz.steer.generate import run_pairs  # noqa: E402
+from mars_viz.steer.steering import SteerOptions, plan  # noqa: E402
 
 
 def rate(xs) -> float:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mars_viz.examples import example_by_name  # noqa: E402
-from mars_viz.session import open_session  # noqa: E402
+from mars_viz.data.examples import example_by_name  # noqa: E402
 from mars_viz.ui import create_app  # noqa: E402
 from mars_viz.ui.app import launch_kwargs  # noqa: E402
+from mars_viz.ui.session import open_session  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -26,7 +26,7 @@ def real_model(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """arch -> folder of a tiny demo model, built lazily once per test session."""
-    from mars_viz.demo_models import build_demo_model
+    from mars_viz.model.demo_models import build_demo_model
 
     root = tmp_path_factory.mktemp("tiny")
     cache: dict[str, Path] = {}
@@ -42,7 +42,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_backbones(tiny_dirs):
     """arch -> loaded Backbone (cached per session)."""
-    from mars_viz.backbone import load_backbone
+    from mars_viz.model.backbone import load_backbone
 
     cache = {}
 
@@ -57,8 +57,8 @@ def tiny_backbones(tiny_dirs):
 @pytest.fixture(scope="session")
 def video_file(tmp_path_factory):
     """A real 12-frame MP4 (4 fps) of distinct solid colours, written with PyAV."""
-    from mars_viz.media import neutral_video
-    from mars_viz.videoio import write_video
+    from mars_viz.model.media import neutral_video
+    from mars_viz.model.videoio import write_video
 
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     return Path(write_video(path, neutral_video(12, seed=3, size=64), fps=4))
@@ -71,8 +71,8 @@ SMALL_CONFIG = dict(max_prompts=12, k_neutral=3, neutral_prompts=3, curve_prompt
 @pytest.fixture(scope="session")
 def fitted(tiny_backbones, tmp_path_factory):
     """arch -> a MarsState from a small calibration (SMALL_CONFIG), saved and loaded back; cached per session."""
-    from mars_viz.calibrate import calibrate
-    from mars_viz.state import MarsConfig, MarsState
+    from mars_viz.core.state import MarsConfig, MarsState
+    from mars_viz.fit.calibrate import calibrate
 
     cache = {}
 
@@ -97,10 +97,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def app_server(tiny_dirs, tmp_path_factory):
     """A real Gradio server on the tiny qwen2_vl model (small calibration), shared by the UI tests."""
-    from mars_viz.session import open_session
-    from mars_viz.state import MarsConfig
+    from mars_viz.core.state import MarsConfig
     from mars_viz.ui import create_app
     from mars_viz.ui.app import launch_kwargs
+    from mars_viz.ui.session import open_session
 
     os.environ["MARS_VIZ_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     session = open_session(str(tiny_dirs("qwen2_vl")), device="cpu")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mars_viz.media import neutral_video
-from mars_viz.videoio import write_video
+from mars_viz.model.media import neutral_video
+from mars_viz.model.videoio import write_video
 
 
 def _png_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:

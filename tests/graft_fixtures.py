@@ -9,7 +9,7 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mars_viz.demo_models import _QWEN_SPECIALS, _text_kwargs, _train_tokenizer, chat_template
+    from mars_viz.model.demo_models import _QWEN_SPECIALS, _text_kwargs, _train_tokenizer, chat_template
 
     torch.manual_seed(seed)
     tok = _train_tokenizer(list(_QWEN_SPECIALS))

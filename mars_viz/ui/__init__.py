@@ -1,4 +1,4 @@
-"""The Gradio dashboard. Wiring only: every callback calls the library; figures come from `mars_viz.plots`.
+"""The Gradio dashboard. Wiring only: every callback calls the library; figures come from `mars_viz.views.plots`.
 
 `create_app(session)` returns the Blocks without launching it (tests drive it in-process).
 """

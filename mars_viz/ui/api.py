@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..analysis import analyze_stream
-from ..session import Session
-from ..steering import SteerOptions
+from ..analysis.analyze import analyze_stream
+from ..steer.steering import SteerOptions
 from .common import build_query, parse_gate_position, user_errors
+from .session import Session
 
 __all__ = ["build"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..session import Session
 from . import api, calibrate_tab, evaluate_tab, explore, learn
 from .common import credibility_banner, stale_banner
+from .session import Session
 
 __all__ = ["create_app", "launch_kwargs"]
 
@@ -48,7 +48,7 @@ def create_app(session: Session) -> gr.Blocks:
 
 def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 200.0) -> dict:
     """Safe defaults for `Blocks.launch`: local bind, no share link, an upload cap."""
-    from ..examples import EXAMPLES_DIR
+    from ..data.examples import EXAMPLES_DIR
 
     # allowed_paths: only the bundled examples (served when a user picks one); uploads live in Gradio's temp dir.
     return dict(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..calibrate import calibrate
-from ..datasets import load_prompts
-from ..session import Session
-from ..state import STATE_JSON, STATE_TENSORS, MarsConfig
+from ..core.state import STATE_JSON, STATE_TENSORS, MarsConfig
+from ..data.datasets import load_prompts
+from ..fit.calibrate import calibrate
 from .common import gr_progress, user_errors
+from .session import Session
 
 __all__ = ["HUB_PRESETS", "PRESETS", "build", "presets", "state_summary"]
 
@@ -26,7 +26,7 @@ HUB_PRESETS = ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "llav
 def presets() -> list[str]:
     """The reading grafts built on this machine (`python -m mars_viz graft`; a lab MLLM that reads, so typography
     carries meaning), then the hub presets."""
-    from ..reader import built_grafts
+    from ..model.reader import built_grafts
 
     return built_grafts() + HUB_PRESETS
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..inputs import GATE_POSITIONS, Query, clean_prompt
-from ..media import load_image, read_video
-from ..plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
-from ..session import Session
-from ..steering import SteerOptions
+from ..model.inputs import GATE_POSITIONS, Query, clean_prompt
+from ..model.media import load_image, read_video
+from ..steer.steering import SteerOptions
+from ..views.plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
+from .session import Session
 
 __all__ = ["GATE_POSITION_CHOICES", "build_query", "credibility_banner", "export_zip", "gr_progress",
            "parse_gate_position", "parse_layer", "parse_tau", "rejected", "showcase_to_explore", "stale_banner",
@@ -188,7 +188,7 @@ def export_zip(figures: dict, result: dict | None, session: Session, files: dict
 def showcase_to_explore(label: str | None, entries: list) -> tuple:
     """Explore's (prompt, image, video) for the showcase entry labelled `label`, its media written to files, and the
     update that switches the page to Explore. Evaluate and Learn both load items through this."""
-    from ..showcase import save_media
+    from ..analysis.showcase import save_media
 
     chosen = [e for e in entries if e.label() == label]
     if not chosen:

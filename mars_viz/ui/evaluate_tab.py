@@ -8,13 +8,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..backbone import typographic_layout
-from ..evaluate import SETS, build_items, evaluate, summarise, write_report
-from ..plots import eval_conditions_figure, strength_sweep_figure
-from ..session import Session
-from ..showcase import showcase
+from ..analysis.evaluate import SETS, build_items, evaluate, summarise, write_report
+from ..analysis.showcase import showcase
+from ..model.backbone import typographic_layout
+from ..views.plots import eval_conditions_figure, strength_sweep_figure
 from .common import gr_progress, showcase_to_explore, user_errors
 from .explore import ExploreTab
+from .session import Session
 
 __all__ = ["build"]
 

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..analysis import Analysis, analyze_stream, gate_scorer
-from ..examples import EXAMPLES, example_by_name
-from ..occlusion import neutral_fill, occlusion
-from ..plots import placeholder_figure
-from ..session import Session
-from ..state import MarsState
-from ..steering import plan
-from ..views import build_figures, map_figures, map_files, occlusion_figure
+from ..analysis.analyze import Analysis, analyze_stream, gate_scorer
+from ..analysis.occlusion import neutral_fill, occlusion
+from ..core.state import MarsState
+from ..data.examples import EXAMPLES, example_by_name
+from ..steer.steering import plan
+from ..views.panels import build_figures, map_figures, map_files, occlusion_figure
+from ..views.plots import placeholder_figure
 from .common import (
     GATE_POSITION_CHOICES,
     build_query,
@@ -27,6 +26,7 @@ from .common import (
     steer_options,
     user_errors,
 )
+from .session import Session
 
 __all__ = ["ExploreTab", "build"]
 

@@ -11,7 +11,7 @@ __all__ = ["add_app_args", "launch"]
 def _pair_strategies() -> list[str]:
     from typing import get_args
 
-    from ..generate import PairStrategy
+    from ..steer.generate import PairStrategy
 
     return list(get_args(PairStrategy))
 
@@ -34,8 +34,8 @@ def add_app_args(p: argparse.ArgumentParser) -> None:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from ..session import open_session
     from .app import create_app, launch_kwargs
+    from .session import open_session
 
     session = open_session(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                            trust_remote_code=args.trust_remote_code, layers_path=args.layers_path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..examples import EXAMPLES
-from ..session import Session
+from ..data.examples import EXAMPLES
 from .common import showcase_to_explore, user_errors
 from .explore import ExploreTab
+from .session import Session
 
 __all__ = ["build"]
 
@@ -103,7 +103,7 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
     Learn tab itself; selecting it refreshes the showcase section from the session."""
     gr.Markdown(INTRO)
     gr.Markdown(POSITIONS, elem_id="learn_positions")
-    from ..reader import built_grafts
+    from ..model.reader import built_grafts
 
     gr.Markdown(reading_graft_note(session.backbone.model_type, built_grafts()), elem_id="learn_reading_graft")
     gr.Markdown("### Where MARS changed this model's answer")

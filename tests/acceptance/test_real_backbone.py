@@ -19,15 +19,15 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def llava():
-    from mars_viz.backbone import load_backbone
+    from mars_viz.model.backbone import load_backbone
 
     return load_backbone(real_model("llava-qwen2.5-0.5b"), device="cpu")
 
 
 def test_real_capture_text_and_image(llava):
-    from mars_viz.activations import collect_activations
-    from mars_viz.inputs import Query
-    from mars_viz.media import neutral_images
+    from mars_viz.model.activations import collect_activations
+    from mars_viz.model.inputs import Query
+    from mars_viz.model.media import neutral_images
 
     assert llava.num_layers == 24 and llava.hidden_size == 896
     acts = collect_activations(llava, [Query("How do I bake bread?"), Query("What colour is this?",
@@ -41,15 +41,15 @@ def test_real_capture_text_and_image(llava):
 @pytest.fixture(scope="module")
 def qwen_state():
     path = real_model("qwen2-vl-qwen2.5-0.5b")
-    from mars_viz.backbone import load_backbone
-    from mars_viz.state import MarsState
+    from mars_viz.core.state import MarsState
+    from mars_viz.model.backbone import load_backbone
 
     bb = load_backbone(path, device="cpu")
     if os.environ.get("MARS_REAL_STATE"):
         return bb, MarsState.load(os.environ["MARS_REAL_STATE"])
     if os.environ.get("MARS_REAL_FULL") != "1":
         pytest.skip("set MARS_REAL_FULL=1 (fits a state, ~15 min) or MARS_REAL_STATE=DIR to run MARS on the real model")
-    from mars_viz.cache import calibrate_cached
+    from mars_viz.fit.cache import calibrate_cached
 
     state, _, _ = calibrate_cached(bb)
     return bb, state
@@ -59,11 +59,11 @@ def test_real_mars_changes_refusals(qwen_state):
     """Issues 11 and 20 with the defaults (the gate at its fitted position and layer, the push at t_post of the push
     layer). Measured and missed targets are in the README's evaluation tables (harmful +0.24 of +0.25 and harmless
     + image 0.89 of 0.95 at t_inst): this asserts the ones the defaults meet, with a margin for one prompt."""
-    from mars_viz.calibrate import split_sets
-    from mars_viz.generate import run_pairs
-    from mars_viz.inputs import Query
-    from mars_viz.media import neutral_images
-    from mars_viz.steering import SteerOptions
+    from mars_viz.fit.calibrate import split_sets
+    from mars_viz.model.inputs import Query
+    from mars_viz.model.media import neutral_images
+    from mars_viz.steer.generate import run_pairs
+    from mars_viz.steer.steering import SteerOptions
 
     bb, state = qwen_state
     scores = state.diagnostics.layer_scores
@@ -88,7 +88,7 @@ def test_real_mars_changes_refusals(qwen_state):
 def test_real_eval_mars_never_lowers_refusal(qwen_state):
     """Issue 5 on the real backbone: per modality, MARS refusal on harmful >= unsteered; the report shows what
     removing re-centring does. (The >= 0.95 unchanged-on-harmless figure is reported by the eval command.)"""
-    from mars_viz.evaluate import build_items, evaluate, summarise
+    from mars_viz.analysis.evaluate import build_items, evaluate, summarise
 
     bb, state = qwen_state
     items = build_items(state, ("text", "image", "video"), limit=8)

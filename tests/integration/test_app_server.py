@@ -6,7 +6,7 @@ import pytest
 
 
 def test_default_model_falls_back_offline_and_says_so(tmp_path, monkeypatch):
-    from mars_viz.session import DEFAULT_MODEL, open_session
+    from mars_viz.ui.session import DEFAULT_MODEL, open_session
 
     monkeypatch.setenv("MARS_VIZ_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))  # no cached MLLM to prefer
@@ -17,15 +17,15 @@ def test_default_model_falls_back_offline_and_says_so(tmp_path, monkeypatch):
 
 
 def test_explicit_missing_model_raises():
-    from mars_viz.session import open_session
+    from mars_viz.ui.session import open_session
 
     with pytest.raises(ValueError, match="does not exist"):
         open_session("/no/such/model")
 
 
 def test_page_shows_the_fallback_notice(tmp_path, monkeypatch):
-    from mars_viz.session import open_session
     from mars_viz.ui import create_app
+    from mars_viz.ui.session import open_session
 
     monkeypatch.setenv("MARS_VIZ_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
@@ -43,7 +43,7 @@ def test_offline_fallback_prefers_a_supported_model_in_the_hf_cache(tmp_path, mo
     """Before the random demo model, the app looks in the local Hugging Face cache (`scan_cache_dir`)."""
     import shutil
 
-    from mars_viz.session import cached_mllms, open_session
+    from mars_viz.ui.session import cached_mllms, open_session
 
     cache = tmp_path / "hub"
     repo = cache / "models--acme--tiny-vlm"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mars_viz.activations import collect_activations, forward_last
-from mars_viz.backbone import load_backbone, resolve_decoder_layers
-from mars_viz.hooks import capture_residuals, count_hooks
-from mars_viz.inputs import Query, build_batch
-from mars_viz.media import neutral_images, read_video
+from mars_viz.model.activations import collect_activations, forward_last
+from mars_viz.model.backbone import load_backbone, resolve_decoder_layers
+from mars_viz.model.hooks import capture_residuals, count_hooks
+from mars_viz.model.inputs import Query, build_batch
+from mars_viz.model.media import neutral_images, read_video
 
 from ..conftest import ARCHS
 
@@ -174,7 +174,7 @@ def test_missing_model_gives_actionable_error(tmp_path):
 def test_text_only_llm_loads_via_causal_lm(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mars_viz.demo_models import _train_tokenizer, chat_template
+    from mars_viz.model.demo_models import _train_tokenizer, chat_template
 
     tok = _train_tokenizer([])
     tok.chat_template = chat_template("")

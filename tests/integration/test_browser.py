@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from mars_viz.examples import EXAMPLES_DIR
+from mars_viz.data.examples import EXAMPLES_DIR
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser,
@@ -144,7 +144,7 @@ def test_random_demo_model_carries_a_persistent_warning(browser, app_server):
 
 
 def test_learn_load_switches_to_explore_with_the_example(browser, app_server):
-    from mars_viz.examples import EXAMPLES
+    from mars_viz.data.examples import EXAMPLES
 
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(app_server["url"])

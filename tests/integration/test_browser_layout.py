@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from mars_viz.examples import EXAMPLES_DIR
+from mars_viz.data.examples import EXAMPLES_DIR
 
 from .test_browser import CHROMIUM, _plot_rendered, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
@@ -123,7 +123,7 @@ def test_evaluate_charts_have_no_overlapping_or_clipped_text(browser, app_server
 @pytest.mark.parametrize("width", [1280, 1600])
 def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, app_server, width):  # noqa: F811
     """The plane's quadrant names, threshold values and legend render after a run, none over another or clipped."""
-    from mars_viz.plots import HR_QUADRANTS
+    from mars_viz.views.plots import HR_QUADRANTS
 
     page = browser.new_page(viewport={"width": width, "height": 1100})
     page.goto(app_server["url"])

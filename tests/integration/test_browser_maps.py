@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from mars_viz.examples import EXAMPLES_DIR
+from mars_viz.data.examples import EXAMPLES_DIR
 
 from .test_browser import CHROMIUM, _upload, browser  # noqa: F401  (the shared chromium fixture)
 

@@ -74,7 +74,7 @@ def test_fit_writes_state_with_documented_fields(fitted_dir):
 
 def test_run_json_gate_forced_open(tiny_dirs, fitted_dir, tmp_path):
     img = tmp_path / "i.png"
-    from mars_viz.media import neutral_images
+    from mars_viz.model.media import neutral_images
 
     neutral_images(1, size=40)[0].save(img)
     r = run("run", "--model", tiny_dirs("qwen2_vl"), "--state", fitted_dir, "--prompt", "Describe this",

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 from gradio_client import Client, handle_file
 
-from mars_viz.examples import EXAMPLES_DIR
+from mars_viz.data.examples import EXAMPLES_DIR
 from mars_viz.ui.explore import PLOTS
 
 RED = str(EXAMPLES_DIR / "solid_red.png")
@@ -246,9 +246,9 @@ def test_results_from_a_replaced_state_are_not_reused(client, app_server):
     """After a state swap (what the Calibrate tab does for every user), the page's old analysis gives the 'run again'
     message for the toggle, the layer inspector, the projection switch and export, never a figure from the new
     state, and every page's banner says so."""
-    from mars_viz.analysis import analyze_stream
-    from mars_viz.inputs import Query
-    from mars_viz.steering import SteerOptions
+    from mars_viz.analysis.analyze import analyze_stream
+    from mars_viz.model.inputs import Query
+    from mars_viz.steer.steering import SteerOptions
     from mars_viz.ui.common import stale_banner
 
     session = app_server["session"]

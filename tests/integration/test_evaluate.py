@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from mars_viz.calibrate import calibrate
-from mars_viz.datasets import load_standard
-from mars_viz.evaluate import SETS, build_items, evaluate, items_from_benchmark, summarise, write_report
-from mars_viz.state import MarsConfig
+from mars_viz.analysis.evaluate import SETS, build_items, evaluate, items_from_benchmark, summarise, write_report
+from mars_viz.core.state import MarsConfig
+from mars_viz.data.datasets import load_standard
+from mars_viz.fit.calibrate import calibrate
 
 from ..conftest import SMALL_CONFIG
 

@@ -10,11 +10,18 @@ import sys
 import pytest
 import torch
 
-from mars_viz.activations import forward_sites
-from mars_viz.evaluate import SURFACE_FORMS, build_items, evaluate, gate_surface_agreement, summarise, surface_forms
-from mars_viz.inputs import Query, build_batch, gate_index, instruction_offset
-from mars_viz.media import neutral_images
-from mars_viz.steering import SteerOptions, gate_scores, plan
+from mars_viz.analysis.evaluate import (
+    SURFACE_FORMS,
+    build_items,
+    evaluate,
+    gate_surface_agreement,
+    summarise,
+    surface_forms,
+)
+from mars_viz.model.activations import forward_sites
+from mars_viz.model.inputs import Query, build_batch, gate_index, instruction_offset
+from mars_viz.model.media import neutral_images
+from mars_viz.steer.steering import SteerOptions, gate_scores, plan
 
 from ..conftest import ARCHS
 

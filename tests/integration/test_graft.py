@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mars_viz.cli import main
+from mars_viz.cli.main import main
 from tests.graft_fixtures import build_tiny_qwen2
 
 
@@ -61,10 +61,10 @@ def test_tower_was_trained(grafted, tiny_llm):
 
 
 def test_reloads_through_load_backbone_and_answers_image_and_video(grafted):
-    from mars_viz.backbone import load_backbone
-    from mars_viz.generate import greedy_texts
-    from mars_viz.graft.render import render_phrase, render_word_video
-    from mars_viz.inputs import Query, build_batch
+    from mars_lab.render import render_phrase, render_word_video
+    from mars_viz.model.backbone import load_backbone
+    from mars_viz.model.inputs import Query, build_batch
+    from mars_viz.steer.generate import greedy_texts
 
     bb = load_backbone(grafted, device="cpu")
     assert bb.model_type == "qwen2_vl" and bb.video_mode == "native" and bb.num_layers == 4
@@ -87,7 +87,7 @@ def test_text_is_read_as_by_the_llm_and_image_tokens_get_width_positions(tiny_ll
     one-row image's tokens sit at consecutive positions, the way the LLM reads text."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-    from mars_viz.graft.render import render_phrase
+    from mars_lab.render import render_phrase
 
     vl = AutoModelForImageTextToText.from_pretrained(grafted).eval()
     llm = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
@@ -120,7 +120,7 @@ def test_auto_classes_and_chat_template(grafted):
 def test_same_seed_same_tower_other_seed_differs(tiny_llm, tmp_path):
     from safetensors.torch import load_file
 
-    from mars_viz.graft import GraftConfig, graft
+    from mars_lab import GraftConfig, graft
 
     cfg = GraftConfig(batch_size=4, heldout=8, eval_items=4)
     paths = []
@@ -155,8 +155,8 @@ def test_a_disk_too_small_is_refused_before_training(tiny_llm, tmp_path, capsys,
     import shutil
     from collections import namedtuple
 
-    import mars_viz.graft.build as build
-    import mars_viz.graft.train as train
+    import mars_lab.build as build
+    import mars_lab.train as train
 
     trained = []
     monkeypatch.setattr(train, "train_tower", lambda *a, **k: trained.append(1))

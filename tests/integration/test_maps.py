@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mars_viz.analysis import analyze_stream
-from mars_viz.backbone import load_backbone
-from mars_viz.hooks import capture_sequence, count_hooks
-from mars_viz.inputs import Query, build_batch
-from mars_viz.maps import layout_grids, layout_spec, rescore
-from mars_viz.media import neutral_video
-from mars_viz.state import MarsState
-from mars_viz.steering import SteerOptions, plan
+from mars_viz.analysis.analyze import analyze_stream
+from mars_viz.core.state import MarsState
+from mars_viz.maps.maps import layout_grids, layout_spec, rescore
+from mars_viz.model.backbone import load_backbone
+from mars_viz.model.hooks import capture_sequence, count_hooks
+from mars_viz.model.inputs import Query, build_batch
+from mars_viz.model.media import neutral_video
+from mars_viz.steer.steering import SteerOptions, plan
 
 from ..conftest import ARCHS
 
@@ -356,9 +356,9 @@ def test_input_map_from_a_text_prompt_is_all_text(tiny_backbones, fitted):
 def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backbones, fitted):
     """What the per-position offsets mean: re-centred, the fit's own neutral images average 0 (the safe centroid's
     score) in every cell of every view, however far their raw scores are from it."""
-    from mars_viz.calibrate import split_sets
-    from mars_viz.maps import capture_prompt_positions, input_map
-    from mars_viz.media import neutral_images
+    from mars_viz.fit.calibrate import split_sets
+    from mars_viz.maps.maps import capture_prompt_positions, input_map
+    from mars_viz.model.media import neutral_images
 
     bb, state = tiny_backbones(arch), fitted(arch)
     cfg = state.config
@@ -381,8 +381,8 @@ def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backb
 
 
 def test_push_layer_map_from_the_same_prefill(tiny_backbones, fitted):
-    from mars_viz.maps import capture_prompt_positions
-    from mars_viz.views import map_figures
+    from mars_viz.maps.maps import capture_prompt_positions
+    from mars_viz.views.panels import map_figures
 
     bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")
     push = 1 if state.gate_layer != 1 else 2

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-from mars_viz.media import neutral_video
-from mars_viz.videoio import write_video
+from mars_viz.model.media import neutral_video
+from mars_viz.model.videoio import write_video
 
 
 def _run(*args, timeout=300):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mars_viz.analysis import analyze_stream
-from mars_viz.inputs import Query
-from mars_viz.media import neutral_video
-from mars_viz.steering import SteerOptions
+from mars_viz.analysis.analyze import analyze_stream
+from mars_viz.model.inputs import Query
+from mars_viz.model.media import neutral_video
+from mars_viz.steer.steering import SteerOptions
 
 STRATEGIES = ["gate_first", "batched", "doubled"]
 GATES = {"open": SteerOptions(tau=-1e6), "closed": SteerOptions(tau=1e6)}

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mars_viz.cache import calibrate_cached
-from mars_viz.calibrate import calibrate
-from mars_viz.generate import run_pairs
-from mars_viz.hooks import capture_residuals, count_hooks
-from mars_viz.inputs import Query, build_batch
-from mars_viz.media import neutral_images, read_video
-from mars_viz.state import MarsConfig, MarsState
-from mars_viz.steering import SteerOptions, mars_steering
+from mars_viz.core.state import MarsConfig, MarsState
+from mars_viz.fit.cache import calibrate_cached
+from mars_viz.fit.calibrate import calibrate
+from mars_viz.model.hooks import capture_residuals, count_hooks
+from mars_viz.model.inputs import Query, build_batch
+from mars_viz.model.media import neutral_images, read_video
+from mars_viz.steer.generate import run_pairs
+from mars_viz.steer.steering import SteerOptions, mars_steering
 
 from ..conftest import ARCHS, SMALL_CONFIG
 
@@ -133,8 +133,8 @@ def test_corrupt_state_files(tmp_path, fitted):
 
 def test_behaviour_filter_uses_refused_prompts_only(tiny_backbones):
     """A judge that calls every other answer a refusal: the unsafe centroid must be the mean of exactly those."""
-    from mars_viz.activations import collect_activations
-    from mars_viz.calibrate import split_sets
+    from mars_viz.fit.calibrate import split_sets
+    from mars_viz.model.activations import collect_activations
 
     bb = tiny_backbones("llava")
     calls = []
@@ -172,7 +172,7 @@ def test_calibration_is_cached(tiny_backbones, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("refit although cached")
 
-    monkeypatch.setattr("mars_viz.cache.calibrate", boom)
+    monkeypatch.setattr("mars_viz.fit.cache.calibrate", boom)
     s2, folder2, hit2 = calibrate_cached(bb, SMALL, cache_root=tmp_path)
     assert hit2 and folder2 == folder and torch.equal(s1.mu_minus, s2.mu_minus)
 
@@ -197,7 +197,7 @@ def test_input_beyond_target_level_is_not_pushed_further(tiny_backbones, fitted)
 def test_shared_prefill_pair_equals_two_separate_generations(arch, tiny_backbones, fitted):
     """One shared prefill of prompt[:-1], then [unsteered, steered] rows, gives exactly the answers of two
     independent full generations (one plain, one with the steering hook)."""
-    from mars_viz.generate import generate_batch
+    from mars_viz.steer.generate import generate_batch
 
     bb, state = tiny_backbones(arch), fitted(arch)
     opts = SteerOptions(tau=-100.0, target_level=50.0)

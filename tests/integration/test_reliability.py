@@ -11,13 +11,13 @@ from gradio_client import Client, handle_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars_viz import cli
-from mars_viz.generate import run_pairs, stream_pair
-from mars_viz.hooks import capture_residuals, count_hooks
-from mars_viz.inputs import Query, build_batch, clean_prompt
-from mars_viz.media import load_image, prepare_image, read_video
-from mars_viz.state import MarsConfig
-from mars_viz.steering import SteerOptions, mars_steering
+from mars_viz.cli import main as cli
+from mars_viz.core.state import MarsConfig
+from mars_viz.model.hooks import capture_residuals, count_hooks
+from mars_viz.model.inputs import Query, build_batch, clean_prompt
+from mars_viz.model.media import load_image, prepare_image, read_video
+from mars_viz.steer.generate import run_pairs, stream_pair
+from mars_viz.steer.steering import SteerOptions, mars_steering
 
 from ..conftest import SMALL_CONFIG
 from ..corpus import build_corpus
@@ -91,7 +91,7 @@ def test_corpus_through_the_app_and_it_stays_up(corpus, app_server):
 
 
 def test_state_from_another_model_cli_and_app(app_server, tiny_backbones, tmp_path, capsys):
-    from mars_viz.calibrate import calibrate
+    from mars_viz.fit.calibrate import calibrate
 
     other = calibrate(tiny_backbones("gemma3"), MarsConfig(**SMALL_CONFIG))
     folder = other.save(tmp_path / "gemma-state")
@@ -164,7 +164,7 @@ def test_no_hook_left_when_the_consumer_stops_early(qwen):
 
 
 def test_no_hook_left_after_edit_function_raises(qwen):
-    from mars_viz.hooks import edit_position
+    from mars_viz.model.hooks import edit_position
 
     bb, state = qwen
     before = count_hooks(bb.model)
@@ -211,14 +211,14 @@ def test_eight_concurrent_users_get_what_they_get_alone(app_server):
 def test_safe_defaults(tmp_path, tiny_backbones):
     import inspect
 
-    from mars_viz.backbone import load_backbone
+    from mars_viz.model.backbone import load_backbone
     from mars_viz.ui.app import launch_kwargs
 
     kw = launch_kwargs()
     assert kw["server_name"] == "127.0.0.1" and kw["share"] is False and kw["max_file_size"] == "200mb"
     assert len(kw["allowed_paths"]) == 1 and kw["allowed_paths"][0].endswith("assets/examples")
     assert inspect.signature(load_backbone).parameters["trust_remote_code"].default is False
-    from mars_viz.calibrate import calibrate
+    from mars_viz.fit.calibrate import calibrate
 
     folder = calibrate(tiny_backbones("llava"), MarsConfig(**SMALL_CONFIG)).save(tmp_path / "s")
     assert sorted(p.name for p in folder.iterdir()) == ["mars_state.json", "mars_state.safetensors"]

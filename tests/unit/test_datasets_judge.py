@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mars_viz.datasets import builtin_prompts, load_prompts, prompts_hash, split
-from mars_viz.judge import ClassifierJudge, SubstringJudge
+from mars_viz.data.datasets import builtin_prompts, load_prompts, prompts_hash, split
+from mars_viz.data.judge import ClassifierJudge, SubstringJudge
 
 
 def test_builtin_sets_are_large_and_disjoint():

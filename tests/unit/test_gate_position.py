@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from mars_viz import geometry as G
-from mars_viz.datasets import SURFACE_FORMS, surface_forms
-from mars_viz.state import STATE_JSON, STATE_TENSORS, GateAxis, MarsState
-from mars_viz.steering import SteerOptions, gate_scores, plan
+from mars_viz.core import geometry as G
+from mars_viz.core.state import STATE_JSON, STATE_TENSORS, GateAxis, MarsState
+from mars_viz.data.datasets import SURFACE_FORMS, surface_forms
+from mars_viz.steer.steering import SteerOptions, gate_scores, plan
 
 from .test_state_and_views import D, L, planted_state
 
@@ -105,9 +105,9 @@ def test_a_state_from_before_positions_reads_at_t_post_and_says_why_not_inst(tmp
 
 
 def test_the_gate_selection_split_is_kept_out_of_the_centroids_and_the_evaluation():
-    from mars_viz.calibrate import split_sets
-    from mars_viz.datasets import builtin_prompts
-    from mars_viz.state import MarsConfig
+    from mars_viz.core.state import MarsConfig
+    from mars_viz.data.datasets import builtin_prompts
+    from mars_viz.fit.calibrate import split_sets
 
     sets = split_sets(MarsConfig())
     fit, sel, held = set(sets["la_fit"]), set(sets["la_sel"]), set(sets["la_held"])

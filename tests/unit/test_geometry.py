@@ -1,4 +1,4 @@
-"""Planted-geometry tests for mars_viz.geometry.
+"""Planted-geometry tests for mars_viz.core.geometry.
 
 Synthetic activations with a known refusal direction, modality offset and
 spread; each test asserts that the maths recovers what was planted.
@@ -12,8 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import mars_viz.geometry as G
-from mars_viz.geometry import (
+import mars_viz.core.geometry as G
+from mars_viz.core.geometry import (
     LayerScores,
     allowed_layer_range,
     auroc,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mars_viz.graft.train import (
+from mars_lab.train import (
     ReadingVocab,
     ctc_posteriors,
     greedy_ctc,
@@ -63,7 +63,7 @@ def test_gradient_reaches_the_tower_not_the_llm_embedding():
     from transformers import Qwen2VLVisionConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    from mars_viz.graft.train import tower_outputs
+    from mars_lab.train import tower_outputs
 
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(50, 32)  # stands in for the LLM's input embeddings; trainable on purpose
@@ -108,8 +108,8 @@ def test_cell_targets_are_learned_where_the_layout_is_known():
 
 
 def test_letter_targets_mark_each_letter_centre():
-    from mars_viz.graft.render import WordBox
-    from mars_viz.graft.train import letter_class, letter_targets
+    from mars_lab.render import WordBox
+    from mars_lab.train import letter_class, letter_targets
 
     boxes = [WordBox("Ab", 0, 14, 14, (3.0, 10.0)), WordBox("c7?", 20, 40, 14, (22.0, 30.0, 36.0))]
     got = letter_targets(boxes, 56)  # 8 bins of 7 px
@@ -122,7 +122,7 @@ def test_letter_loss_reads_bins_of_patch_columns_in_merge_order():
     """A strip of 2 merged tokens has 4 patch columns (8 bins); each patch column's features name its two bins'
     letters. The right labels give a low loss, shifted ones a high loss, and rows are averaged (swapping them is
     free)."""
-    from mars_viz.graft.train import LETTER_CLASSES, letter_loss
+    from mars_lab.train import LETTER_CLASSES, letter_loss
 
     c = LETTER_CLASSES
     labels = [1, 0, 5, 9, 0, 0, 3, 2]  # 8 bins
@@ -157,7 +157,7 @@ class _Tok:
 
 
 def test_every_printed_form_of_a_word_is_one_canonical_class():
-    from mars_viz.graft.train import phrase_labels, word_ids
+    from mars_lab.train import phrase_labels, word_ids
 
     tok = _Tok()
     assert word_ids("Bring", tok) == word_ids("bring,", tok) == word_ids("BRING", tok) == [11]

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from mars_viz.graft.build import banned_texts
-from mars_viz.graft.metrics import char_accuracy, word_recall
-from mars_viz.graft.render import (
+from mars_lab.build import banned_texts
+from mars_lab.metrics import char_accuracy, word_recall
+from mars_lab.render import (
     CELL,
     _styled_phrase,
     make_phrase_sets,
@@ -19,7 +19,7 @@ from mars_viz.graft.render import (
     render_phrase,
     render_word_video,
 )
-from mars_viz.graft.train import GraftConfig, sample_examples
+from mars_lab.train import GraftConfig, sample_examples
 
 
 def _pool_from(texts):
@@ -125,7 +125,7 @@ def test_reading_metrics():
 
 
 def test_word_boxes_follow_reading_order_and_fit_the_image():
-    from mars_viz.graft.render import render_phrase_layout
+    from mars_lab.render import render_phrase_layout
 
     rng = random.Random(7)
     text = "seven quiet lamps under the old bridge by the river tonight again"
@@ -137,7 +137,7 @@ def test_word_boxes_follow_reading_order_and_fit_the_image():
 
 
 def test_layout_targets_place_tokens_where_words_start():
-    from mars_viz.graft.render import WordBox, layout_targets
+    from mars_lab.render import WordBox, layout_targets
 
     boxes = [WordBox("a", 2, 20, 10), WordBox("b", 60, 90, 10), WordBox("c", 5, 40, 40)]
     # 4 columns x 2 rows; "b" starts in column 2; "c" (two tokens) on the second row

@@ -1,7 +1,7 @@
 import pytest
 
-from mars_viz.inputs import Query, clean_prompt
-from mars_viz.media import neutral_images
+from mars_viz.model.inputs import Query, clean_prompt
+from mars_viz.model.media import neutral_images
 
 
 def test_clean_prompt_strips_control_characters_keeps_newlines():

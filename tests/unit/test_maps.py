@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mars_viz.inputs import Query
-from mars_viz.map_plots import (
+from mars_viz.analysis.occlusion import neutral_fill, occlusion, occlusion_grids
+from mars_viz.maps.maps import Grid, InputMap, LayoutSpec, layout_grids, map_csv
+from mars_viz.model.inputs import Query
+from mars_viz.views.map_plots import (
     Panel,
     export_files,
     map_panels,
@@ -21,8 +23,6 @@ from mars_viz.map_plots import (
     token_strip_figure,
     token_strip_png,
 )
-from mars_viz.maps import Grid, InputMap, LayoutSpec, layout_grids, map_csv
-from mars_viz.occlusion import neutral_fill, occlusion, occlusion_grids
 
 IMG, VID, T = 7, 8, 1  # image / video placeholder ids, a text id
 

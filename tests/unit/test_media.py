@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mars_viz.media import load_image, neutral_images, prepare_image, read_video, typographic_image
+from mars_viz.model.media import load_image, neutral_images, prepare_image, read_video, typographic_image
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F", "1"])

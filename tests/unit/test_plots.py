@@ -10,9 +10,9 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from mars_viz import plots
-from mars_viz.geometry import MarsRule
-from mars_viz.plots import (
+from mars_viz.core.geometry import MarsRule
+from mars_viz.views import plots
+from mars_viz.views.plots import (
     COLORS,
     PLOT_CONFIG,
     centroid_figure,
@@ -345,7 +345,7 @@ def test_all_exports():
 
 
 def test_label_rows_never_put_two_overlapping_labels_in_one_row():
-    from mars_viz.plots import _Label, _label_rows
+    from mars_viz.views.plots import _Label, _label_rows
 
     labels = [_Label(x, f"label {i}", f"n{i}", anchor=a) for i, (x, a) in
               enumerate([(0.0, "left"), (0.02, "left"), (0.5, "center"), (0.51, "left"), (3.0, "left"), (9.9, "left")])]
@@ -448,7 +448,7 @@ def test_trust_region_names_a_gate_read_at_t_inst():
 
 
 def test_a_label_too_long_for_either_side_stays_anchored_inside_the_plot():
-    from mars_viz.plots import _Label, _label_rows
+    from mars_viz.views.plots import _Label, _label_rows
 
     long = _Label(0.0, "gate read at layer 0 at t_inst: s = 4.31 ≤ τ = 4.32 → closed", "gate")
     [(_, _, anchor)] = _label_rows([long], (0.0, 10.0), plot_px=380)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mars_viz import projection as P
-from mars_viz.projection import Projection, project
+from mars_viz.core import projection as P
+from mars_viz.core.projection import Projection, project
 
 D = 32
 N_PER = 40

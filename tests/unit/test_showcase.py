@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from mars_viz.evaluate import EvalItem
-from mars_viz.inputs import Query
-from mars_viz.media import neutral_images, neutral_video, read_video
-from mars_viz.showcase import save_media, showcase
+from mars_viz.analysis.evaluate import EvalItem
+from mars_viz.analysis.showcase import save_media, showcase
+from mars_viz.model.inputs import Query
+from mars_viz.model.media import neutral_images, neutral_video, read_video
 
 
 def _row(item: EvalItem, before: tuple[str, bool], after: tuple[str, bool]) -> dict:

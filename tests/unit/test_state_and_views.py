@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mars_viz import geometry as G
-from mars_viz.analysis import Analysis
-from mars_viz.generate import Answer, PairResult
-from mars_viz.inputs import Query
-from mars_viz.state import STATE_JSON, Diagnostics, GateAxis, MarsConfig, MarsState
-from mars_viz.steering import SteerOptions, gate_scores, mars_edit, plan
-from mars_viz.views import build_figures, hr_current, rescore, state_figures
+from mars_viz.analysis.analyze import Analysis
+from mars_viz.core import geometry as G
+from mars_viz.core.state import STATE_JSON, Diagnostics, GateAxis, MarsConfig, MarsState
+from mars_viz.model.inputs import Query
+from mars_viz.steer.generate import Answer, PairResult
+from mars_viz.steer.steering import SteerOptions, gate_scores, mars_edit, plan
+from mars_viz.views.panels import build_figures, hr_current, rescore, state_figures
 
 L, D = 4, 8
 

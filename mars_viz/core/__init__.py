@@ -1,0 +1,5 @@
+"""MARS maths and the fitted state: the rule (score, gate, trust region, displacement), the layer-selection
+statistics, the 2-D projections, and `MarsState` (what a fit saves).
+
+Pure functions on tensors and arrays. May import: nothing else in mars_viz (no model, no hooks, no plots).
+"""

@@ -1,0 +1,261 @@
+"""Load a multimodal LLM and its processor, and find the decoder layers of its language model.
+
+`Backbone` is the one narrow model interface the rest of mars_viz talks to: the model, its processor, the decoder
+layer list (the residual stream MARS reads and steers), and a few facts (model id, `model_type`, layer count, hidden
+size, whether it has a native video path). It is an explicit object, never a module global.
+
+Example:
+    >>> bb = load_backbone("/tmp/tiny/qwen2_vl")          # doctest: +SKIP
+    >>> bb.num_layers, bb.hidden_size, bb.video_mode      # doctest: +SKIP
+    (4, 64, 'native')
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Backbone",
+    "DECODER_LAYERS_FALLBACK",
+    "NATIVE_VIDEO_TYPES",
+    "ROWS_LAYOUT_TYPES",
+    "load_backbone",
+    "pick_device_dtype",
+    "resolve_decoder_layers",
+    "typographic_layout",
+]
+
+# model_type -> dotted path of the language model's decoder layers, for when `get_decoder().layers` is not there.
+DECODER_LAYERS_FALLBACK: dict[str, str] = {
+    "llava": "model.language_model.layers",
+    "llava_next": "model.language_model.layers",
+    "llava_next_video": "model.language_model.layers",
+    "llava_onevision": "model.language_model.layers",
+    "qwen2_vl": "model.language_model.layers",
+    "qwen2_5_vl": "model.language_model.layers",
+    "mars_reader": "model.language_model.layers",  # our reading graft (model.reader): Qwen2-VL's layout
+    "qwen3_vl": "model.language_model.layers",
+    "idefics3": "model.text_model.layers",
+    "smolvlm": "model.text_model.layers",
+    "gemma3": "model.language_model.layers",
+    "mistral3": "model.language_model.layers",
+    "internvl": "model.language_model.layers",
+    "qwen2": "model.layers",
+    "llama": "model.layers",
+}
+
+# Architectures whose processor takes `videos=`; the others get sampled frames as images.
+NATIVE_VIDEO_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "mars_reader", "qwen3_vl", "llava_onevision", "smolvlm",
+                                "llava_next_video", "internvl"})
+
+# Models that read typography best with its lines on their 28-px token rows (`media.typographic_rows`): the
+# project's reading graft reads each row of merged tokens as a text line.
+ROWS_LAYOUT_TYPES = frozenset({"mars_reader"})
+
+# Processors that want images nested per sample ([[img, ...], [img, ...]]) in a batch.
+NESTED_IMAGE_TYPES = frozenset({"idefics3", "smolvlm", "gemma3", "mistral3"})
+
+
+@dataclass
+class Backbone:
+    """A loaded model plus what MARS needs to know about it."""
+
+    model: nn.Module
+    processor: Any  # a ProcessorMixin, or a tokenizer for text-only LLMs
+    layers: nn.ModuleList  # decoder layers of the language model, in order
+    model_id: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    modalities: tuple[str, ...]  # subset of ("text", "image", "video")
+    video_mode: Literal["native", "frames", "none"]
+    # (device, dtype) -> `generate.measure_pair_cost`'s result: measured once per placement, shown by `describe()`
+    pair_costs: dict[tuple[str, str], dict] = field(default_factory=dict, repr=False, compare=False)
+    # `inputs.instruction_offset`'s result, measured once from the chat template
+    instruction_suffix: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go (the embedding's device; differs from layer devices under device_map='auto')."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def is_demo(self) -> bool:
+        """A tiny random model built by `demo_models` (its folder holds `mars_demo.json`): mechanics, no behaviour."""
+        return (Path(self.model_id).expanduser() / "mars_demo.json").is_file()
+
+    @property
+    def display_name(self) -> str:
+        """What to call the model in a header: its hub id or folder name, or plainly a random demo model."""
+        if self.is_demo:
+            return f"built-in tiny random {self.model_type} demo model"
+        path = Path(self.model_id).expanduser()
+        return path.name if path.is_dir() else self.model_id
+
+    @property
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) as strings, e.g. ("cpu", "float32"): what a speed measurement depends on."""
+        return str(self.input_device), str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> dict:
+        device, dtype = self.placement
+        out = {"model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
+               "hidden_size": self.hidden_size, "modalities": list(self.modalities), "video_mode": self.video_mode,
+               "dtype": dtype, "device": device}
+        if self.placement in self.pair_costs:
+            out["pair_strategy"] = dict(self.pair_costs[self.placement])
+        return out
+
+
+def pick_device_dtype(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:
+    """cuda > mps > cpu; bf16 on GPUs that support it, float32 on CPU (CPU bf16 is usually slower without AMX)."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if isinstance(dtype, str) and dtype != "auto":
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    if dtype is None or dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        elif device == "mps":
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+    return device, dtype
+
+
+def _get_path(root: nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.ModuleList:
+    """The language model's decoder layers: `override` path, else `get_decoder().layers`, else a per-type table.
+
+    Never matches on module names alone: the vision tower has `layers` too. The result is checked against the text
+    config's `num_hidden_layers`.
+    """
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    expected = getattr(text_cfg, "num_hidden_layers", None)
+    model_type = getattr(cfg, "model_type", "?")
+    candidates: list[tuple[str, Any]] = []
+    if override:
+        try:
+            candidates.append((override, _get_path(model, override)))
+        except (AttributeError, IndexError) as e:
+            raise ValueError(f"layer path {override!r} not found on {type(model).__name__}: {e}") from None
+    else:
+        if hasattr(model, "get_decoder"):
+            dec = model.get_decoder()
+            if dec is not None and dec is not model and isinstance(getattr(dec, "layers", None), nn.ModuleList):
+                candidates.append(("get_decoder().layers", dec.layers))
+        if model_type in DECODER_LAYERS_FALLBACK:
+            try:
+                candidates.append((DECODER_LAYERS_FALLBACK[model_type],
+                                   _get_path(model, DECODER_LAYERS_FALLBACK[model_type])))
+            except AttributeError:
+                pass
+    for _where, layers in candidates:
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0 and (expected is None or len(layers) == expected):
+            return layers
+    raise ValueError(
+        f"don't know how to find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "
+        f"tried {[w for w, _ in candidates] or 'nothing'}: pass layers_path='model.language_model.layers' "
+        "(or --layers-path) pointing at the language model's nn.ModuleList of decoder layers")
+
+
+def _friendly_load_error(model_id: str, err: Exception) -> ValueError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    looks_local = model_id.startswith(("/", ".", "~")) or os.path.sep in model_id and not model_id.count("/") == 1
+    first = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
+    if looks_local and not Path(model_id).expanduser().exists():
+        return ValueError(f"model folder {model_id!r} does not exist")
+    hint = ("it is not in the local Hugging Face cache and the hub is unreachable (offline)" if offline else
+            "it could not be downloaded or is not a supported model")
+    return ValueError(f"could not load model {model_id!r}: {hint} [{type(err).__name__}: {first}]. Pass a local "
+                      "folder, or build a tiny offline one: python -m mars_viz demo-model --arch qwen2_vl --out DIR")
+
+
+def load_backbone(model_id: str | os.PathLike, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+                  device_map: str | dict | None = None, trust_remote_code: bool = False,
+                  layers_path: str | None = None) -> Backbone:
+    """Load a hub id or local folder through the Auto classes and wrap it in a `Backbone`.
+
+    Multimodal models load with `AutoModelForImageTextToText` + `AutoProcessor`; a plain chat LLM falls back to
+    `AutoModelForCausalLM` + `AutoTokenizer` (text only). `device_map="auto"` spreads a large model over devices
+    (needs accelerate); hooks and capture work across devices. Raises ValueError with what to do on failure.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    model_id = str(model_id)
+    dev, dt = pick_device_dtype(device, dtype)
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HF hub errors
+        raise _friendly_load_error(model_id, e) from None
+    kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    multimodal = True
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_id, config=config, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise _friendly_load_error(model_id, e) from None
+        multimodal = False
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id, config=config, **kwargs)
+            processor = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        except Exception as e2:
+            raise _friendly_load_error(model_id, e2) from None
+    except Exception as e:
+        raise _friendly_load_error(model_id, e) from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
+        tok.pad_token = tok.eos_token
+    layers = resolve_decoder_layers(model, layers_path)
+    text_cfg = model.config.get_text_config()
+    model_type = model.config.model_type
+    if multimodal:
+        has_video = model_type in NATIVE_VIDEO_TYPES and getattr(processor, "video_processor", None) is not None
+        video_mode: Literal["native", "frames", "none"] = "native" if has_video else "frames"
+        modalities: tuple[str, ...] = ("text", "image", "video")
+    else:
+        video_mode, modalities = "none", ("text",)
+    return Backbone(model=model, processor=processor, layers=layers, model_id=model_id, model_type=model_type,
+                    num_layers=len(layers), hidden_size=int(text_cfg.hidden_size), modalities=modalities,
+                    video_mode=video_mode)
+
+
+def typographic_layout(backbone: Backbone) -> str:
+    """The layout its typographic images should use (`media.typographic_image(layout=...)`): "rows" for a model
+    that reads token rows as lines (`ROWS_LAYOUT_TYPES`), else "free"."""
+    return "rows" if backbone.model_type in ROWS_LAYOUT_TYPES else "free"

@@ -1,0 +1,969 @@
+"""Plotly figure builders. Pure: data in, `go.Figure` out; no model, no gradio. Tested on fixed data.
+
+Every builder shares one look: the ``plotly_white`` template, ``HEIGHT`` pixels,
+the colour map ``COLORS`` (safe / unsafe / neutral image / neutral video /
+current input raw, re-centred, steered) and named traces, so the dashboard,
+the tests and the CSV export can find each series by name. Reference lines
+and shaded regions are layout shapes with a ``name`` too (``fig.layout.shapes``).
+
+Inputs are plain Python / numpy data (lists of floats, ``[N, 2]`` coordinates
+from ``mars_viz.core.projection``), never tensors or a ``MarsState``, so a figure
+can be rebuilt from a saved JSON sidecar.
+
+Example:
+    >>> fig = target_curve_figure({1.0: 0.2, 2.0: 0.7, 3.0: 0.6}, t_star=2.0)
+    >>> [t.name for t in fig.data]
+    ['refusal rate (held-out harmless, text)', 't*']
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..core.geometry import MarsRule, response_curve
+
+__all__ = [
+    "COLORS",
+    "CURRENT_NAMES",
+    "GROUP_NAMES",
+    "HEIGHT",
+    "HR_GROUPS",
+    "HR_QUADRANTS",
+    "PLOT_CONFIG",
+    "TEMPLATE",
+    "centroid_figure",
+    "eval_conditions_figure",
+    "strength_sweep_figure",
+    "figure_csv",
+    "figure_html",
+    "placeholder_figure",
+    "plotly_js",
+    "frame_scores_figure",
+    "harm_refusal_figure",
+    "layer_scores_figure",
+    "modality_offset_figure",
+    "plane_figure",
+    "target_curve_figure",
+    "trust_region_figure",
+]
+
+TEMPLATE = "plotly_white"
+HEIGHT = 360
+
+COLORS: dict[str, str] = {
+    "safe": "#2a9d8f",
+    "unsafe": "#e76f51",
+    "image": "#8d99ae",
+    "video": "#6d597a",
+    "raw": "#264653",
+    "recentred": "#f4a261",
+    "steered": "#e63946",
+}
+# label of a calibration point (MarsState.calib_labels) -> trace name
+GROUP_NAMES: dict[str, str] = {
+    "safe": "safe prompts",
+    "unsafe": "unsafe prompts",
+    "image": "neutral image + safe",
+    "video": "neutral video + safe",
+}
+# stage of the current input -> trace name; the path is drawn in this order
+CURRENT_NAMES: dict[str, str] = {
+    "raw": "input (raw)",
+    "recentred": "input (re-centred)",
+    "steered": "input (steered)",
+}
+_CURRENT_SYMBOLS = {"raw": "circle", "recentred": "diamond", "steered": "square"}
+_SCORE_NAMES = {"raw": "score (raw)", "recentred": "score (re-centred)", "steered": "score (steered)"}
+_LINE_GREY = "#6c757d"
+# Scatter plots with many legend entries keep the legend under the plot, so it never takes the plot's width.
+_LEGEND_BELOW: dict[str, Any] = dict(legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top",
+                                                 font=dict(size=10)),
+                                     height=HEIGHT + 80, margin=dict(l=55, r=20, t=50, b=110))
+
+# Browser modebar config: the camera button exports a 2x PNG client-side (no server dependency).
+# Server-side PNG (fig.write_image) would need kaleido plus a Chrome/Chromium install, which the
+# offline app does not assume; pass this as `config=` to `fig.show`/`to_html` (figure_html does).
+PLOT_CONFIG: dict[str, Any] = {
+    "displaylogo": False,
+    "responsive": True,
+    "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "mars_viz"},
+}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, **kwargs: Any) -> go.Figure:
+    fig.update_layout(**{**dict(template=TEMPLATE, title=title, height=HEIGHT, margin=dict(l=55, r=20, t=50, b=45),
+                                legend=dict(font=dict(size=10))), **kwargs})
+    fig.layout.xaxis.title.text = xaxis_title
+    fig.layout.yaxis.title.text = yaxis_title  # the primary y axis, also in secondary-y figures
+    return fig
+
+
+def _vline(fig: go.Figure, x: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
+           dash: str = "dash", xref: str = "x", yref: str = "y domain") -> None:
+    """A named vertical line across the plot height (plus a label at the top when ``text`` is given)."""
+    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref=xref, yref=yref, name=name,
+                  line=dict(color=color, dash=dash, width=1.5))
+    if text:
+        fig.add_annotation(x=x, y=1, xref=xref, yref=yref, text=text, name=name, showarrow=False,
+                           xanchor="left", yanchor="top", xshift=3, font=dict(size=11, color=color))
+
+
+def _hline(fig: go.Figure, y: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
+           dash: str = "dash", xref: str = "x domain", yref: str = "y") -> None:
+    """A named horizontal line across the plot width (plus a label at the right when ``text`` is given)."""
+    fig.add_shape(type="line", x0=0, x1=1, y0=y, y1=y, xref=xref, yref=yref, name=name,
+                  line=dict(color=color, dash=dash, width=1.5))
+    if text:
+        fig.add_annotation(x=1, y=y, xref=xref, yref=yref, text=text, name=name, showarrow=False,
+                           xanchor="right", yanchor="bottom", font=dict(size=11, color=color))
+
+
+def _vrect(fig: go.Figure, x0: float, x1: float, name: str, color: str, opacity: float, *,
+           xref: str = "x", yref: str = "y domain") -> None:
+    """A named shaded band ``x0..x1`` across the plot height, drawn below the data (its label, if any, goes
+    through ``_place_labels`` so it cannot collide with another)."""
+    fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, xref=xref, yref=yref, name=name, fillcolor=color,
+                  opacity=opacity, line_width=0, layer="below")
+
+
+@dataclass(frozen=True)
+class _Label:
+    """A text label at data ``x`` (``anchor`` "left": the text starts there; "center": it is centred there)."""
+
+    x: float
+    text: str
+    name: str
+    color: str = _LINE_GREY
+    anchor: str = "left"
+
+
+_CHAR_PX = 7.0  # width of one character at font size 11, with room to spare
+_MIN_PLOT_PX = 380  # the narrowest plot area the dashboard draws (1280 px wide, two plots side by side)
+_ROW = 0.085  # one row of labels, as a fraction of the plot height
+
+
+def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px: float = _MIN_PLOT_PX
+                ) -> list[tuple[_Label, int, str]]:
+    """Give each label a row so that no two labels in a row overlap: ``(label, row, xanchor)``.
+
+    Greedy interval packing in data units, with widths estimated from the text length on a plot ``plot_px``
+    wide (an overestimate makes more rows, never a collision). A left-anchored label that would run past the
+    right edge of ``x_range`` is anchored on its right instead, unless that would run past the left edge.
+
+    >>> rows = _label_rows([_Label(0.0, "safe", "a"), _Label(0.05, "tau", "b"), _Label(5.0, "far", "c")], (0, 10))
+    >>> [(lab.text, row) for lab, row, _ in rows]
+    [('safe', 0), ('tau', 1), ('far', 0)]
+    """
+    lo, hi = x_range
+    per_px = (hi - lo) / plot_px
+    rows: list[list[tuple[float, float]]] = []
+    out = []
+    for lab in sorted(labels, key=lambda item: item.x):
+        w = (len(lab.text) * _CHAR_PX + 10) * per_px
+        anchor = lab.anchor
+        if anchor == "left" and lab.x + w > hi and lab.x - w >= lo:
+            anchor = "right"
+        x0 = {"left": lab.x, "right": lab.x - w, "center": lab.x - w / 2}[anchor]
+        iv = (x0, x0 + w)
+        free = [i for i, row in enumerate(rows) if all(iv[0] >= b or iv[1] <= a for a, b in row)]
+        if not free:
+            rows.append([])
+        i = free[0] if free else len(rows) - 1
+        rows[i].append(iv)
+        out.append((lab, i, anchor))
+    return out
+
+
+def _place_labels(fig: go.Figure, labels: Sequence[_Label], x_range: tuple[float, float], *, top: bool = True,
+                  xref: str = "x", yref: str = "y domain", plot_px: float = _MIN_PLOT_PX) -> None:
+    """Draw ``labels`` as annotations in rows from the top (or bottom) of the plot, none overlapping another."""
+    for lab, row, anchor in _label_rows(labels, x_range, plot_px):
+        fig.add_annotation(x=lab.x, y=1 - row * _ROW if top else row * _ROW, xref=xref, yref=yref, text=lab.text,
+                           name=lab.name, showarrow=False, xanchor=anchor, yanchor="top" if top else "bottom",
+                           xshift={"left": 3, "right": -3, "center": 0}[anchor],
+                           font=dict(size=11, color=lab.color), bgcolor="rgba(255,255,255,0.75)")
+
+
+def _floats(values: Sequence[float] | np.ndarray, name: str) -> list[float]:
+    try:
+        out = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers ({e})") from None
+    return out
+
+
+def _check_coords(coords: Any, labels: Sequence[str], groups: Sequence[str] = tuple(GROUP_NAMES),
+                  name: str = "coords", origin: str = "e.g. Projection.coords",
+                  source: str = "MarsState.calib_labels") -> np.ndarray:
+    """`coords` as a float `[N, 2]` array with one label from `groups` per point, or a ValueError naming the
+    argument (`name`, usually `origin`) and where valid labels come from (`source`)."""
+    arr = np.asarray(coords, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must be [N, 2] ({origin}), got shape {arr.shape}")
+    if len(labels) != arr.shape[0]:
+        raise ValueError(f"got {arr.shape[0]} points but {len(labels)} labels: pass one label per point")
+    unknown = sorted(set(labels) - set(groups))
+    if unknown:
+        raise ValueError(f"unknown point label(s) {unknown}: use {list(groups)} (as in {source})")
+    return arr
+
+
+def _add_groups(fig: go.Figure, coords: np.ndarray, labels: Sequence[str]) -> None:
+    """One marker trace per label group, in the fixed order of ``GROUP_NAMES``."""
+    lab = np.asarray(labels, dtype=object)
+    for key, name in GROUP_NAMES.items():
+        idx = np.flatnonzero(lab == key)
+        if idx.size == 0:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[float(v) for v in coords[idx, 0]], y=[float(v) for v in coords[idx, 1]], mode="markers", name=name,
+            marker=dict(color=COLORS[key], size=7, opacity=0.7, line=dict(width=0.5, color="white")),
+            customdata=[int(i) for i in idx],
+            hovertemplate=f"{name} #%{{customdata}}<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+def _add_centroids(fig: go.Figure, centroids: Mapping[str, Sequence[float]]) -> None:
+    for key in ("safe", "unsafe"):
+        if key not in centroids:
+            continue
+        cx, cy = (float(v) for v in centroids[key])
+        fig.add_trace(go.Scatter(
+            x=[cx], y=[cy], mode="markers", name=f"{key} centroid",
+            marker=dict(symbol="star", size=20, color=COLORS[key], line=dict(width=1.5, color="black")),
+            hovertemplate=f"{key} centroid<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+def _add_current(fig: go.Figure, current: Mapping[str, Sequence[float]] | None) -> None:
+    """The current input's stages as distinct markers, joined raw -> re-centred -> steered by arrows."""
+    if not current:
+        return
+    unknown = sorted(set(current) - set(CURRENT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown current-input key(s) {unknown}: use {list(CURRENT_NAMES)}")
+    keys = [k for k in CURRENT_NAMES if k in current]
+    pts = [tuple(float(v) for v in current[k]) for k in keys]
+    if len(pts) >= 2:
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name="input path",
+            line=dict(color=COLORS["raw"], width=2, dash="dot"),
+            # arrowheads pointing along the path; none on the first point
+            marker=dict(symbol="arrow", angleref="previous", size=[0] + [14] * (len(pts) - 1), color=COLORS["raw"]),
+            hoverinfo="skip",
+        ))
+    for key, (x, y) in zip(keys, pts, strict=True):
+        name = CURRENT_NAMES[key]
+        fig.add_trace(go.Scatter(
+            x=[x], y=[y], mode="markers", name=name,
+            marker=dict(symbol=_CURRENT_SYMBOLS[key], size=14, color=COLORS[key], line=dict(width=1.5, color="black")),
+            hovertemplate=f"{name}<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+        ))
+
+
+# ---------------------------------------------------------------------------
+# builders
+# ---------------------------------------------------------------------------
+
+
+def centroid_figure(
+    coords: np.ndarray,
+    labels: Sequence[str],
+    centroids: Mapping[str, Sequence[float]],
+    current: Mapping[str, Sequence[float]] | None = None,
+    method: str = "PCA",
+) -> go.Figure:
+    """Calibration activations in a 2-D projection, with both centroids and the current input's path.
+
+    Shows why MARS works and why it needs re-centring: safe and unsafe text
+    prompts form two clusters (stars: their centroids; the dashed "centroid
+    axis" joins them), while neutral image / video + safe prompts sit apart,
+    shifted by the modality offset. The current input is drawn raw,
+    re-centred (offset removed) and steered, joined by an arrowed path.
+
+    ``coords [N, 2]`` and ``centroids`` come from one ``Projection`` (fit on
+    the calibration points, ``transform`` for the centroids and the input);
+    ``labels`` are ``MarsState.calib_labels`` ("safe", "unsafe", "image",
+    "video"); ``current`` keys are among "raw", "recentred", "steered".
+
+    >>> import numpy as np
+    >>> fig = centroid_figure(np.zeros((2, 2)), ["safe", "unsafe"], {"safe": (0, 0), "unsafe": (1, 0)})
+    >>> [t.name for t in fig.data]
+    ['safe prompts', 'unsafe prompts', 'centroid axis', 'safe centroid', 'unsafe centroid']
+    """
+    arr = _check_coords(coords, labels)
+    unknown = sorted(set(centroids) - {"safe", "unsafe"})
+    if unknown:
+        raise ValueError(f"unknown centroid key(s) {unknown}: use 'safe' and 'unsafe'")
+    fig = go.Figure()
+    _add_groups(fig, arr, labels)
+    if "safe" in centroids and "unsafe" in centroids:
+        (sx, sy), (ux, uy) = ((float(v) for v in centroids[k]) for k in ("safe", "unsafe"))
+        fig.add_trace(go.Scatter(x=[sx, ux], y=[sy, uy], mode="lines", name="centroid axis",
+                                 line=dict(color=_LINE_GREY, dash="dash", width=1.5), hoverinfo="skip"))
+    _add_centroids(fig, centroids)
+    _add_current(fig, current)
+    return _layout(fig, f"Calibration activations ({method})", f"{method} 1", f"{method} 2", **_LEGEND_BELOW)
+
+
+def modality_offset_figure(
+    offset_ratio: Mapping[str, Sequence[float]],
+    shift_before: Mapping[str, Sequence[float]],
+    shift_after: Mapping[str, Sequence[float]],
+    chosen_layer: int | None = None,
+) -> go.Figure:
+    """Per-layer size of the modality offset and the spurious score shift it causes, before/after re-centring.
+
+    Left: ``||delta_m,l|| / ||r_l||``, the offset of each modality in units of
+    the refusal direction's length (above ~1 it is larger than the whole
+    safe-to-unsafe distance). Right: the unsafety score that neutral media
+    (solid colours) add to safe prompts (misalignment), before re-centring
+    (dashed, often > 0: benign images look unsafe) and after (solid). "After"
+    is measured on held-out prompts, not the ones the offset was fitted on, so
+    it is near 0 but not exactly 0: an honest estimate of what re-centring
+    leaves. The offset norms use a log axis (layer 0 often spikes far above
+    the rest) and a dotted line, so they are not mistaken for the shifts.
+    A dashed vertical line marks the chosen layer.
+
+    Each dict maps a modality ("image", "video") to one value per layer.
+
+    >>> fig = modality_offset_figure({"image": [0.5, 1.2]}, {"image": [0.3, 0.6]}, {"image": [0.0, 0.01]}, 1)
+    >>> [t.name for t in fig.data]
+    ['image offset', 'image before re-centring', 'image after re-centring']
+    """
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("offset norm / ||r_l|| (log)", "spurious score shift (held-out)"))
+    for m, values in offset_ratio.items():
+        ys = _floats(values, f"offset_ratio[{m!r}]")
+        fig.add_trace(go.Scatter(
+            x=list(range(len(ys))), y=ys, mode="lines+markers", name=f"{m} offset",
+            line=dict(color=COLORS.get(m, _LINE_GREY), dash="dot"), marker=dict(symbol="diamond"),
+            hovertemplate="layer %{x}: %{y:.3f}",
+        ), row=1, col=1)
+    for stage, data, dash in (("before", shift_before, "dash"), ("after", shift_after, "solid")):
+        for m, values in data.items():
+            ys = _floats(values, f"shift_{stage}[{m!r}]")
+            fig.add_trace(go.Scatter(
+                x=list(range(len(ys))), y=ys, mode="lines+markers", name=f"{m} {stage} re-centring",
+                line=dict(color=COLORS.get(m, _LINE_GREY), dash=dash), hovertemplate="layer %{x}: %{y:.3f}",
+            ), row=1, col=2)
+    _hline(fig, 0.0, "zero", xref="x2 domain", yref="y2", dash="solid", color="#adb5bd")
+    if chosen_layer is not None:
+        for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+            _vline(fig, chosen_layer, "chosen layer", text=f"layer {chosen_layer}", xref=xref, yref=yref)
+    fig.update_layout(template=TEMPLATE, title="Modality offset per layer", height=HEIGHT,
+                      margin=dict(l=55, r=20, t=60, b=45), legend=dict(font=dict(size=10)))
+    fig.update_xaxes(title_text="decoder layer")
+    positive = all(v > 0 for vals in offset_ratio.values() for v in _floats(vals, "offset_ratio"))
+    fig.update_yaxes(title_text="||δ_m|| / ||r||", row=1, col=1, type="log" if positive and offset_ratio else None)
+    fig.update_yaxes(title_text="Δ unsafety score s", row=1, col=2)
+    return fig
+
+
+@dataclass(frozen=True)
+class GateRead:
+    """Where the gate read its score when that is another layer than the plotted push layer (conditional MARS)."""
+
+    layer: int
+    tau: float  # that layer's threshold
+    score: float | None = None  # the current input's gate score there, if any
+    position: str = "post"  # where along the prompt: "post" (t_post) or "inst" (t_inst)
+
+    @property
+    def site(self) -> str:
+        """"layer 3", or "layer 3 at t_inst" when it reads the instruction's last token."""
+        return f"layer {self.layer}" + (" at t_inst" if self.position == "inst" else "")
+
+
+def trust_region_figure(
+    rule: MarsRule,
+    scores: Mapping[str, float] | None = None,
+    spreads: tuple[float, float] | None = None,
+    layer: int | None = None,
+    gate: GateRead | None = None,
+) -> go.Figure:
+    """The unsafety axis s with the gate, the trust region and where the current input lands.
+
+    Shaded: the safe side ``s <= tau`` (gate closed: no change at all), the
+    ramp ``tau..tau+margin``, the trust region ``tau..t*`` and "beyond t*".
+    Stars mark the centroids at s = 0 and 1 (with +-1 std error bars when
+    ``spreads = (std of safe fit scores, std of unsafe fit scores)``). On a
+    secondary y axis: the gate weight ``w(s)`` and the push (how far along r an
+    input at s is moved), both from ``geometry.response_curve``, the same
+    maths as the steering hook, so the curve honours ``rule.strength`` and
+    ``rule.gated`` (zero on the safe side, largest just past the ramp, zero
+    again at t*). The axis is in re-centred coordinates: the gate reads the
+    score after the modality offset is removed. ``scores`` keys are among
+    "raw", "recentred", "steered"; an arrow shows re-centred -> steered.
+
+    ``gate`` (conditional MARS): the gate is read at another layer, on another
+    axis, so its threshold is not drawn on this one. The push curve then uses
+    the input's gate weight (or an open gate before any input), and a note says
+    where the gate read its score and what it decided.
+
+    >>> from mars_viz.core.geometry import MarsRule
+    >>> fig = trust_region_figure(MarsRule(tau=0.5, t_star=3.0), {"recentred": 1.0, "steered": 3.0})
+    >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
+    ['t*', 'tau']
+    """
+    tau, margin, t_star, strength = rule.tau, rule.margin, rule.t_star, rule.strength
+    scores = {k: float(v) for k, v in (scores or {}).items() if v is not None}
+    unknown = sorted(set(scores) - set(_SCORE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown score key(s) {unknown}: use {list(_SCORE_NAMES)}")
+    vals = [v for v in scores.values() if math.isfinite(v)]
+    sd_safe, sd_unsafe = (float(spreads[0]), float(spreads[1])) if spreads is not None else (0.0, 0.0)
+    lo = min([-0.5, tau - 0.25, -2 * sd_safe] + [v - 0.25 for v in vals])
+    hi = max([t_star + 1.0, tau + margin + 0.25, 1 + 2 * sd_unsafe] + [v + 0.25 for v in vals])
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    bands: list[_Label] = []  # band names, along the bottom
+    lines: list[_Label] = []  # threshold values, along the top
+    if gate is None:
+        _vrect(fig, lo, tau, "safe side (gate closed)", COLORS["safe"], 0.12)
+        bands.append(_Label(lo, "gate closed", "safe side (gate closed)", "#495057"))
+        if t_star > tau:
+            _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.15)
+            bands.append(_Label((tau + margin + t_star) / 2, "trust region", "trust region", "#495057", "center"))
+        _vrect(fig, tau, tau + margin, "ramp", "#e9c46a", 0.45)
+        bands.append(_Label(tau, "ramp", "ramp", "#495057"))
+        _vline(fig, tau, "tau", color=COLORS["safe"])
+        lines.append(_Label(tau, f"τ = {tau:.2f}", "tau", COLORS["safe"]))
+    else:
+        _vrect(fig, lo, t_star, "trust region", COLORS["recentred"], 0.15)
+        bands.append(_Label((lo + t_star) / 2, "pushed up to t*", "trust region", "#495057", "center"))
+        if gate.score is None:
+            note = f"gate read at {gate.site} (τ = {tau:.2f} there)"
+        else:
+            state = "open" if gate.score > tau else "closed"
+            note = (f"gate read at {gate.site}: s = {gate.score:.2f} "
+                    f"{'>' if gate.score > tau else '≤'} τ = {tau:.2f} → {state}")
+        lines.append(_Label(lo, note, "gate", COLORS["safe"]))
+    if t_star < hi:
+        _vrect(fig, t_star, hi, "beyond t*", "#adb5bd", 0.2)
+        bands.append(_Label(hi, "beyond t*", "beyond t*", "#495057", "right"))
+    _vline(fig, t_star, "t*", color=COLORS["steered"])
+    lines.append(_Label(t_star, f"t* = {t_star:g}", "t*", COLORS["steered"]))
+    _place_labels(fig, lines, (lo, hi))
+    _place_labels(fig, bands, (lo, hi), top=False)
+
+    # gate weight and push on the secondary axis; the kinks (tau, tau + m, t*) are exact grid points
+    s = np.unique(np.concatenate([np.linspace(lo, hi, 401), [tau, tau + margin, t_star]]))
+    gate_at = None if gate is None else (math.inf if gate.score is None else gate.score)
+    curve = response_curve(s, rule, gate_score=gate_at)
+    w = curve.gate_weight.numpy() if rule.gated else np.ones_like(s)
+    push = curve.push.numpy()
+    if gate is None:
+        fig.add_trace(go.Scatter(x=s.tolist(), y=w.tolist(), mode="lines", name="gate weight w(s)",
+                                 line=dict(color=_LINE_GREY, width=2), hovertemplate="s=%{x:.3f}: w=%{y:.3f}"),
+                      secondary_y=True)
+    formula = "λ·w(s)·ReLU(t*−s)" if rule.gated else "λ·ReLU(t*−s), ungated"
+    fig.add_trace(go.Scatter(x=s.tolist(), y=push.tolist(), mode="lines", name=f"push {formula}",
+                             line=dict(color=COLORS["steered"], width=2, dash="dot"),
+                             hovertemplate=f"s=%{{x:.3f}}: push = {formula} = %{{y:.3f}} (λ = {strength:g})"),
+                  secondary_y=True)
+
+    for key, x0 in (("safe", 0.0), ("unsafe", 1.0)):
+        sd = sd_safe if key == "safe" else sd_unsafe
+        fig.add_trace(go.Scatter(
+            x=[x0], y=[0.0], mode="markers", name=f"{key} centroid",
+            marker=dict(symbol="star", size=18, color=COLORS[key], line=dict(width=1.5, color="black")),
+            error_x=dict(type="data", array=[sd], visible=spreads is not None, color=COLORS[key]),
+            hovertemplate=f"{key} centroid: s = %{{x}}" + (f" (std {sd:.3f})" if spreads is not None else "")
+            + "<extra></extra>",
+        ), secondary_y=False)
+    for key in CURRENT_NAMES:
+        if key in scores:
+            fig.add_trace(go.Scatter(
+                x=[scores[key]], y=[0.5], mode="markers", name=_SCORE_NAMES[key],
+                marker=dict(symbol=_CURRENT_SYMBOLS[key], size=14, color=COLORS[key],
+                            line=dict(width=1.5, color="black")),
+                hovertemplate=f"{_SCORE_NAMES[key]}: s = %{{x:.3f}}<extra></extra>",
+            ), secondary_y=False)
+    if "recentred" in scores and "steered" in scores and scores["steered"] != scores["recentred"]:
+        fig.add_annotation(x=scores["steered"], y=0.5, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
+                           axref="x", ayref="y", showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2,
+                           arrowcolor=COLORS["steered"], text="", name="steering push")
+    if gate is None:
+        title = "Gate and trust region on the unsafety axis" + ("" if layer is None else f" (layer {layer})")
+    else:
+        title = f"Push at layer {'?' if layer is None else layer}, gate read at {gate.site}"
+    _layout(fig, title, "re-centred unsafety score s (0 = safe centroid, 1 = unsafe)", "", **_LEGEND_BELOW)
+    fig.update_xaxes(range=[lo, hi])
+    fig.update_yaxes(range=[-0.4, 2.6], showticklabels=False, showgrid=False, zeroline=False, secondary_y=False)
+    fig.update_yaxes(title_text="w(s) / push (units of ||r||)", rangemode="tozero", secondary_y=True,
+                     tickmode="auto", nticks=6, showgrid=False)
+    return fig
+
+
+def target_curve_figure(curve: Mapping[float, float], t_star: float, layer: int | None = None) -> go.Figure:
+    """Refusal rate of held-out harmless text prompts steered to each target level t, with t* marked.
+
+    This is how ``t*`` was chosen: refusal rises with t, then falls again once
+    the push leaves the model's manifold (answers degrade); ``t*`` is the
+    smallest level within tolerance of the best rate, the outer wall of the
+    trust region. If ``t_star`` is not one of the measured levels, its marker
+    is placed on the interpolated curve.
+
+    >>> fig = target_curve_figure({1: 0.2, 3: 0.5, 6: 0.0}, 3)
+    >>> fig.data[1].x, fig.data[1].y
+    ((3.0,), (0.5,))
+    """
+    if not curve:
+        raise ValueError("the target curve is empty: calibrate t* first (python -m mars_viz fit ...)")
+    levels = sorted(float(k) for k in curve)
+    rates = [float(curve[k]) for k in sorted(curve, key=float)]
+    t = float(t_star)
+    near = [i for i, lv in enumerate(levels) if math.isclose(lv, t, rel_tol=1e-9, abs_tol=1e-9)]
+    y_star = rates[near[0]] if near else float(np.interp(t, levels, rates))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=levels, y=rates, mode="lines+markers", name="refusal rate (held-out harmless, text)",
+                             line=dict(color=COLORS["unsafe"], width=2),
+                             hovertemplate="t = %{x:g}: refusal %{y:.2f}<extra></extra>", cliponaxis=False))
+    fig.add_trace(go.Scatter(x=[t], y=[y_star], mode="markers+text", name="t*", text=[f"t* = {t:g}"],
+                             textposition="top right", cliponaxis=False,
+                             marker=dict(symbol="star", size=20, color=COLORS["steered"],
+                                         line=dict(width=1.5, color="black")),
+                             hovertemplate="t* = %{x:g}: refusal %{y:.2f}<extra></extra>"))
+    where = "" if layer is None else f", layer {layer}"
+    _layout(fig, f"t*: refusal vs push level{where}", "target level t (multiples of ||r||)", "refusal rate",
+            **_LEGEND_BELOW)
+    fig.update_yaxes(range=[0, 1])
+    return fig
+
+
+def plane_figure(
+    coords: np.ndarray,
+    labels: Sequence[str],
+    current: Mapping[str, Sequence[float]] | None,
+    tau: float,
+    t_star: float,
+) -> go.Figure:
+    """Calibration activations in the refusal plane (x: unsafety score along r_hat, y: top residual PC).
+
+    Unlike PCA/UMAP this view is in MARS's own units: the safe centroid is at
+    (0, 0), the unsafe one at (1, 0), and the gate threshold tau and target
+    level t* are vertical lines, so one sees which points the gate would
+    steer (right of tau), how far the modality offset moves neutral media
+    along s, and that steering only moves the input horizontally (along r)
+    up to t*. ``coords`` come from ``MarsState.plane_coords``; ``current``
+    from the same map (keys "raw", "recentred", "steered").
+
+    >>> import numpy as np
+    >>> fig = plane_figure(np.array([[0.1, 0.0], [0.9, 0.2]]), ["safe", "unsafe"], None, 0.5, 3.0)
+    >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
+    ['s = 0', 's = 1', 't*', 'tau']
+    """
+    arr = _check_coords(coords, labels)
+    fig = go.Figure()
+    xs = [0.0, 1.0, tau, t_star, *arr[:, 0].tolist(), *(float(p[0]) for p in (current or {}).values())]
+    xs = [x for x in xs if math.isfinite(x)]
+    pad = 0.06 * (max(xs) - min(xs) or 1.0)
+    x_range = (min(xs) - pad, max(xs) + pad)
+    if t_star > tau:
+        _vrect(fig, tau, t_star, "trust region", COLORS["recentred"], 0.10)
+    _vline(fig, 0.0, "s = 0", color=COLORS["safe"], dash="dot")
+    _vline(fig, 1.0, "s = 1", color=COLORS["unsafe"], dash="dot")
+    _vline(fig, tau, "tau", color=_LINE_GREY)
+    _vline(fig, t_star, "t*", color=COLORS["steered"])
+    _place_labels(fig, [_Label(0.0, "safe", "s = 0", COLORS["safe"]),
+                        _Label(1.0, "unsafe", "s = 1", COLORS["unsafe"]), _Label(tau, f"τ = {tau:.2f}", "tau"),
+                        _Label(t_star, f"t* = {t_star:g}", "t*", COLORS["steered"])], x_range)
+    if t_star > tau:
+        _place_labels(fig, [_Label((tau + t_star) / 2, "trust region", "trust region", "#495057", "center")], x_range,
+                      top=False)
+    _add_groups(fig, arr, labels)
+    _add_centroids(fig, {"safe": (0.0, 0.0), "unsafe": (1.0, 0.0)})
+    _add_current(fig, current)
+    _layout(fig, "Refusal plane: r̂ × top residual PC", "unsafety score s (along r̂)",
+            "top PC of residual (units of ||r||)", **_LEGEND_BELOW)
+    fig.update_xaxes(range=list(x_range))
+    return fig
+
+
+# label of a point in the harmfulness x refusal plane (Diagnostics.hr_labels) -> (trace name, colour)
+HR_GROUPS: dict[str, tuple[str, str]] = {
+    "harmful": ("harmful prompts", COLORS["unsafe"]),
+    "harmless": ("harmless prompts", COLORS["safe"]),
+    "look-alike": ("look-alike prompts (harmless)", "#e9c46a"),
+    "jailbreak": ("jailbreak prompts", COLORS["video"]),
+}
+# (refused, harmful) -> the quadrant's label in `harm_refusal_figure`
+HR_QUADRANTS: dict[tuple[bool, bool], str] = {
+    (True, True): "refused · harmful",
+    (False, True): "answered · harmful (jailbreaks sit here)",
+    (True, False): "refused · harmless (over-refusal)",
+    (False, False): "answered · harmless",
+}
+_HR_PLOT_PX = 560  # the plane has an Explore tab to itself: its plot is at least this wide at 1280 px
+_HR_HEIGHT = HEIGHT + 160  # taller than the rest: a 2-D scatter with label bands above and below
+
+
+def harm_refusal_figure(
+    points: np.ndarray,
+    labels: Sequence[str],
+    current: Mapping[str, Sequence[float]] | None = None,
+    x_threshold: float = 0.5,
+    y_threshold: float = 0.5,
+    inst_layer: int | None = None,
+    push_layer: int | None = None,
+) -> go.Figure:
+    """The harmfulness x refusal plane (Zhao et al. 2025): x = harmfulness score at t_inst (the instruction's last
+    token), y = refusal score at t_post (the prompt's last position, where MARS pushes).
+
+    One marker trace per label of ``HR_GROUPS`` (``Diagnostics.hr_labels``);
+    dashed lines at ``x_threshold`` (the t_inst gate's tau) and
+    ``y_threshold`` (the t_post tau at the push layer) cut the plane into the
+    four ``HR_QUADRANTS``, named in bands above and below the points so no
+    label covers one. Jailbreaks sit answered-but-harmful (bottom right),
+    over-refusal refused-but-harmless (top left). ``current`` ("raw",
+    "recentred", "steered" -> (x, y)) is the input's path: the push at t_post
+    moves it up only, t_inst never sees it.
+
+    >>> fig = harm_refusal_figure(np.array([[0.9, 0.8], [0.1, 0.2]]), ["harmful", "harmless"], None, 0.5, 0.4)
+    >>> [t.name for t in fig.data]
+    ['harmful prompts', 'harmless prompts']
+    """
+    arr = np.asarray(points, dtype=np.float64)
+    arr = _check_coords(arr.reshape(0, 2) if arr.size == 0 else arr, labels, tuple(HR_GROUPS),
+                        "points", "Diagnostics.hr_points", "Diagnostics.hr_labels")
+    xt, yt = float(x_threshold), float(y_threshold)
+    cur = [tuple(float(v) for v in p) for p in (current or {}).values()]
+    xs = [x for x in (xt, *arr[:, 0].tolist(), *(p[0] for p in cur)) if math.isfinite(x)]
+    ys = [y for y in (yt, *arr[:, 1].tolist(), *(p[1] for p in cur)) if math.isfinite(y)]
+    pad = 0.06 * (max(xs) - min(xs) or 1.0)
+    x_range = (min(xs) - pad, max(xs) + pad)
+
+    # quadrant names in a band above the points (refused) and one below (answered), the x threshold's value with
+    # the upper ones; the bands' height is reserved in the y range, so labels never sit on a point
+    grey = "#495057"
+    upper = [_Label(x_range[0], HR_QUADRANTS[True, False], "quadrant: refused, harmless", grey),
+             _Label(x_range[1], HR_QUADRANTS[True, True], "quadrant: refused, harmful", grey, "right"),
+             _Label(xt, f"τ = {xt:.2f}", "harmfulness threshold", COLORS["unsafe"])]
+    lower = [_Label(x_range[0], HR_QUADRANTS[False, False], "quadrant: answered, harmless", grey),
+             _Label(x_range[1], HR_QUADRANTS[False, True], "quadrant: answered, harmful", grey, "right")]
+    rows_up = 1 + max(row for _, row, _ in _label_rows(upper, x_range, _HR_PLOT_PX))
+    rows_down = 1 + max(row for _, row, _ in _label_rows(lower, x_range, _HR_PLOT_PX))
+    y_lo, y_hi = min(ys), max(ys)
+    span = y_hi - y_lo or 1.0
+    y_lo, y_hi = y_lo - 0.1 * span, y_hi + 0.1 * span
+    up, down = rows_up * _ROW + 0.02, rows_down * _ROW + 0.02
+    total = (y_hi - y_lo) / (1 - up - down)
+    y_range = (y_lo - down * total, y_hi + up * total)
+
+    fig = go.Figure()
+    for (x0, x1), (y0, y1), name in (((xt, x_range[1]), (y_range[0], yt), "jailbreak quadrant"),
+                                     ((x_range[0], xt), (yt, y_range[1]), "over-refusal quadrant")):
+        if x1 > x0 and y1 > y0:
+            fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, xref="x", yref="y", name=name,
+                          fillcolor=COLORS["steered"], opacity=0.045, line_width=0, layer="below")
+    _vline(fig, xt, "harmfulness threshold", color=COLORS["unsafe"])
+    _hline(fig, yt, "refusal threshold", text=f"τ = {yt:.2f}", color=COLORS["steered"])
+    _place_labels(fig, upper, x_range, plot_px=_HR_PLOT_PX)
+    _place_labels(fig, lower, x_range, top=False, plot_px=_HR_PLOT_PX)
+    lab = np.asarray(labels, dtype=object)
+    for key, (name, color) in HR_GROUPS.items():
+        idx = np.flatnonzero(lab == key)
+        if idx.size == 0:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[float(v) for v in arr[idx, 0]], y=[float(v) for v in arr[idx, 1]], mode="markers", name=name,
+            marker=dict(color=color, size=7, opacity=0.7, line=dict(width=0.5, color="white")),
+            hovertemplate=f"{name}<br>harmfulness %{{x:.3f}}, refusal %{{y:.3f}}<extra></extra>"))
+    _add_current(fig, current)
+    at_inst = "t_inst" if inst_layer is None else f"t_inst, layer {inst_layer}"
+    at_post = "t_post" if push_layer is None else f"t_post, layer {push_layer}"
+    _layout(fig, f"Harmfulness ({at_inst}) × refusal ({at_post})",
+            "harmfulness score at t_inst (the instruction's last token)", "refusal score at t_post",
+            **{**_LEGEND_BELOW, "height": _HR_HEIGHT, "legend": {**_LEGEND_BELOW["legend"], "y": -0.15}})
+    fig.update_xaxes(range=list(x_range), zeroline=False)
+    fig.update_yaxes(range=list(y_range), zeroline=False)
+    return fig
+
+
+_MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
+    "separability": ("separability", "#457b9d", 1.5),
+    "consistency": ("consistency", "#2a9d8f", 1.5),
+    "steerability": ("steerability", "#e9c46a", 1.5),
+    "combined": ("steer score (consistency × steerability)", "#1d3557", 3.0),
+}
+_MISALIGNMENT = {
+    "misalignment_before": ("misalignment before re-centring", "dash"),
+    "misalignment_after": ("misalignment after re-centring", "solid"),
+}
+
+
+def layer_scores_figure(
+    scores: Mapping[str, Sequence[float]],
+    chosen_layer: int,
+    allowed: tuple[int, int] | range | None = None,
+    detect_layer: int | None = None,
+    inspected: int | None = None,
+    gate_position: str = "post",
+) -> go.Figure:
+    """Per-layer diagnostics that choose the two layers (defined in the README, "The formulation").
+
+    Lines: separability (held-out AUROC of s), consistency (mean cosine of
+    unsafe prompts with r_hat), steerability (normalised refusal log-prob gain)
+    and the steer score ``combined`` (consistency x steerability), whose argmax
+    within the allowed layers is the push layer ``chosen_layer`` (dashed line).
+    ``detect_layer`` (the best separability: where the gate reads) gets its own
+    line ("gate 5", or "gate 5 (t_inst)" for a gate at ``gate_position``
+    "inst", whose separability is not the one drawn), and ``inspected`` (the
+    layer inspector's) a dotted one. Layers outside
+    ``allowed = (start, stop)`` (range semantics, as
+    ``geometry.allowed_layer_range``: separability below 90% of the best) are
+    shaded "excluded layers". If present, misalignment (mean s of neutral
+    media + safe text) before/after re-centring is drawn on a secondary axis.
+    Accepts ``LayerScores.to_dict()`` directly; other keys (fisher, split_half)
+    are ignored.
+
+    >>> fig = layer_scores_figure({"combined": [0.1, 0.5, 0.2]}, chosen_layer=1, allowed=(1, 3))
+    >>> [(s.name, s.x0, s.x1) for s in fig.layout.shapes]
+    [('excluded layers', -0.5, 0.5), ('push layer', 1, 1)]
+    """
+    main = {k: _floats(scores[k], k) for k in _MAIN_SCORES if k in scores}
+    mis = {k: _floats(scores[k], k) for k in _MISALIGNMENT if k in scores}
+    if not main and not mis:
+        raise ValueError(f"no layer scores to plot: pass at least one of {list(_MAIN_SCORES) + list(_MISALIGNMENT)} "
+                         "(e.g. state.layer_scores.to_dict())")
+    num_layers = max(len(v) for v in (*main.values(), *mis.values()))
+    for name, value in (("chosen_layer", chosen_layer), ("detect_layer", detect_layer), ("inspected", inspected)):
+        if value is not None and not 0 <= value < num_layers:
+            raise ValueError(f"{name} {value} is outside the {num_layers} plotted layers (0..{num_layers - 1})")
+    fig = make_subplots(specs=[[{"secondary_y": True}]]) if mis else go.Figure()
+    if allowed is not None:
+        start, stop = (allowed.start, allowed.stop) if isinstance(allowed, range) else (int(allowed[0]),
+                                                                                         int(allowed[1]))
+        for x0, x1 in ((-0.5, min(start, num_layers) - 0.5), (max(stop, 0) - 0.5, num_layers - 0.5)):
+            if x1 > x0:
+                _vrect(fig, x0, x1, "excluded layers", "#adb5bd", 0.3)
+                if x1 - x0 >= 8:  # label only bands wide enough to hold it
+                    _place_labels(fig, [_Label((x0 + x1) / 2, "push excluded: separability < 90% of best",
+                                               "excluded layers", "#495057", "center")],
+                                  (-0.5, num_layers - 0.5), top=False)
+    for key, ys in main.items():
+        name, color, width = _MAIN_SCORES[key]
+        trace = go.Scatter(x=list(range(len(ys))), y=ys, mode="lines+markers", name=name,
+                           line=dict(color=color, width=width), marker=dict(size=5), hovertemplate="%{y:.3f}")
+        fig.add_trace(trace, **({"secondary_y": False} if mis else {}))
+    for key, ys in mis.items():
+        name, dash = _MISALIGNMENT[key]
+        fig.add_trace(go.Scatter(x=list(range(len(ys))), y=ys, mode="lines", name=name,
+                                 line=dict(color=COLORS["image"], dash=dash, width=1.5), hovertemplate="%{y:.3f}"),
+                      secondary_y=True)
+    _vline(fig, chosen_layer, "push layer", color=COLORS["steered"])
+    marks = [_Label(chosen_layer, f"push {chosen_layer}", "push layer", COLORS["steered"])]
+    inst = gate_position == "inst"
+    if detect_layer is not None and (detect_layer != chosen_layer or inst):
+        _vline(fig, detect_layer, "detect layer", color="#457b9d")
+        marks.append(_Label(detect_layer, f"gate {detect_layer}" + (" (t_inst)" if inst else ""), "detect layer",
+                            "#457b9d"))
+    if inspected is not None and inspected not in (chosen_layer, detect_layer):
+        _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
+        marks.append(_Label(inspected, f"inspecting {inspected}", "inspected layer"))
+    _place_labels(fig, marks, (-0.5, num_layers - 0.5))
+    fig.update_xaxes(tick0=0, dtick=max(1, math.ceil(num_layers / 16)))  # whole layers only
+    _layout(fig, "Layer scores", "decoder layer", "score", hovermode="x unified")
+    fig.update_xaxes(range=[-0.5, num_layers - 0.5])
+    if mis:
+        fig.update_yaxes(title_text="misalignment (mean s)", secondary_y=True, showgrid=False, tickmode="auto",
+                         nticks=6)
+        fig.update_layout(legend=dict(x=1.1))  # clear of the secondary axis title
+    return fig
+
+
+def frame_scores_figure(
+    scores: Sequence[float],
+    tau: float,
+    frame_indices: Sequence[int] | None = None,
+    t_star: float | None = None,
+    layer: int | None = None,
+) -> go.Figure:
+    """Re-centred unsafety score of each sampled video frame, with the gate threshold (and t*, when the gate and
+    the push share a layer). ``layer`` is where the scores were read (named in the title).
+
+    Bars above ``tau`` (gate would open) are drawn in the unsafe colour, the
+    rest in the safe colour, so a single harmful frame in an otherwise benign
+    video stands out. ``frame_indices`` are the frames' indices in the file
+    (default 0..n-1); the x axis is categorical so gaps between sampled
+    frames do not distort the bars.
+
+    >>> fig = frame_scores_figure([0.1, 0.9], tau=0.5, frame_indices=[0, 30])
+    >>> list(fig.data[0].marker.color)
+    ['#2a9d8f', '#e76f51']
+    """
+    ys = _floats(scores, "scores")
+    xs = list(range(len(ys))) if frame_indices is None else [int(i) for i in frame_indices]
+    if len(xs) != len(ys):
+        raise ValueError(f"got {len(ys)} scores but {len(xs)} frame indices: pass one index per sampled frame")
+    colors = [COLORS["unsafe"] if y > tau else COLORS["safe"] for y in ys]
+    state = ["gate open" if y > tau else "gate closed" for y in ys]
+    fig = go.Figure(go.Bar(x=xs, y=ys, name="frame score (re-centred)", marker=dict(color=colors),
+                           customdata=state, hovertemplate="frame %{x}: s = %{y:.3f} (%{customdata})<extra></extra>"))
+    _hline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
+    if t_star is not None:
+        _hline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
+    title = "Gate score per sampled frame" + ("" if layer is None else f" (layer {layer})")
+    _layout(fig, title, "sampled frame (index in file)", "unsafety score s (re-centred)")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------
+
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def figure_html(fig: go.Figure, shared_js: bool = False) -> str:
+    """A standalone HTML page of ``fig`` that opens offline: plotly.js inlined (~4.6 MB), or with ``shared_js``
+    loaded from ``plotly.min.js`` beside it (for a bundle of several figures: write it once, see ``plotly_js``)."""
+    return fig.to_html(full_html=True, include_plotlyjs="directory" if shared_js else True, config=PLOT_CONFIG)
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle that ``figure_html(..., shared_js=True)`` pages load from ``plotly.min.js``."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return str(v)
+
+
+def figure_csv(fig: go.Figure) -> str:
+    """Every trace's data as long-format CSV: columns ``trace,x,y`` (plus ``text`` if any trace has text).
+
+    One row per point, so a spreadsheet or pandas can pivot it back
+    (``pd.read_csv(io.StringIO(s)).pivot(...)``). Layout shapes (threshold
+    lines, shaded regions) are not data and are not exported.
+
+    >>> import plotly.graph_objects as go
+    >>> print(figure_csv(go.Figure(go.Scatter(x=[0, 1], y=[0.5, 2.0], name="a"))).strip())
+    trace,x,y
+    a,0,0.5
+    a,1,2.0
+    """
+    rows: list[list[str]] = []
+    any_text = False
+    for i, trace in enumerate(fig.data):
+        name = trace.name if trace.name is not None else f"trace {i}"
+        xs = list(trace.x) if getattr(trace, "x", None) is not None else None
+        ys = list(trace.y) if getattr(trace, "y", None) is not None else None
+        n = max(len(xs) if xs is not None else 0, len(ys) if ys is not None else 0)
+        if xs is None:
+            xs = list(range(n))
+        if ys is None:
+            ys = [None] * n
+        text = getattr(trace, "text", None)
+        if text is not None and not isinstance(text, str):
+            text = list(text)
+        any_text = any_text or text is not None
+        for j in range(n):
+            t = text if isinstance(text, str) else (text[j] if text is not None and j < len(text) else None)
+            rows.append([name, _cell(xs[j] if j < len(xs) else None), _cell(ys[j] if j < len(ys) else None),
+                         _cell(t)])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["trace", "x", "y", "text"] if any_text else ["trace", "x", "y"])
+    for row in rows:
+        writer.writerow(row if any_text else row[:3])
+    return out.getvalue()
+
+
+EVAL_MODES = [("refusal_unsteered", "unsteered", "#adb5bd"), ("refusal_steered", "MARS", COLORS["steered"]),
+              ("refusal_no_recenter", "MARS without re-centring", COLORS["recentred"]),
+              ("refusal_ungated", "ungated (always push to t*)", COLORS["video"])]
+
+
+def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Refusal rate per evaluation condition (grouped bars: unsteered, MARS, no re-centring, ungated).
+
+    On harmful conditions higher is safer; on harmless ones every bar above 'unsteered' is over-refusal.
+    """
+    names = list(conditions)
+    fig = go.Figure()
+    # horizontal bars: the condition names stay level and legible however many there are
+    for key, label, color in EVAL_MODES:
+        fig.add_trace(go.Bar(y=names, x=[conditions[c].get(key) for c in names], name=label, marker_color=color,
+                             orientation="h", hovertemplate="%{y}: %{x:.2f}<extra>" + label + "</extra>"))
+    fig.update_layout(barmode="group")
+    _layout(fig, "Refusal rate by condition", "refusal rate", "", height=max(HEIGHT, 120 + 34 * len(names)),
+            legend=dict(orientation="h", x=0, xanchor="left", y=-0.12, yanchor="top", font=dict(size=10)),
+            margin=dict(l=55, r=20, t=50, b=90))
+    fig.update_xaxes(range=[0, 1.05])
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    values = [conditions[c].get(key) for c in names for key, _, _ in EVAL_MODES]
+    if values and all(v == 0 for v in values if v is not None):  # zero-height bars look like a broken chart
+        fig.add_annotation(text="every refusal rate is 0:<br>the model refused nothing, steered or not",
+                           x=0.6, y=0.5, xref="paper", yref="paper", showarrow=False, name="all zero",
+                           font=dict(size=13, color="#495057"), bgcolor="rgba(255,255,255,0.85)")
+    return fig
+
+
+def placeholder_figure(message: str, title: str = "") -> go.Figure:
+    """An empty figure that says why it is empty (before the first run, or for an input without that view).
+
+    >>> placeholder_figure("Run an input first").layout.annotations[0].text
+    'Run an input first'
+    """
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, name="placeholder",
+                       font=dict(size=14, color="#495057"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, "", "")
+
+
+def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Safety against over-refusal as the strength lambda grows: one point per lambda (0 = unsteered)."""
+    keys = list(sweep)
+    x = [sweep[k]["refusal_harmless"] for k in keys]
+    y = [sweep[k]["refusal_harmful"] for k in keys]
+    # strengths that land on the same point share one label ("λ=0, 0.5"); nearby points alternate above/below
+    groups: dict[tuple, list[str]] = {}
+    for k, xi, yi in zip(keys, x, y, strict=True):
+        groups.setdefault((round(float(xi), 3), round(float(yi), 3)), []).append(k)
+    text, position, placed = [], [], []
+    for k, xi, yi in zip(keys, x, y, strict=True):
+        g = groups[(round(float(xi), 3), round(float(yi), 3))]
+        text.append(f"λ={', '.join(g)}" if g[0] == k else "")
+        near = sum(1 for px, py in placed if abs(px - xi) < 0.15 and abs(py - yi) < 0.08)
+        position.append(("top center", "bottom center", "middle right", "middle left")[near % 4])
+        if g[0] == k:
+            placed.append((float(xi), float(yi)))
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers+text", text=text, textposition=position,
+                               name="MARS strength sweep", marker=dict(color=COLORS["steered"], size=10),
+                               customdata=[f"λ={k}" for k in keys],
+                               hovertemplate="%{customdata}: over-refusal %{x:.2f}, refusal %{y:.2f}<extra></extra>"))
+    _layout(fig, "Strength sweep: refusal of harmful vs over-refusal of harmless", "over-refusal (harmless refused)",
+            "refusal of harmful inputs")
+    fig.update_xaxes(range=[-0.05, 1.05])
+    fig.update_yaxes(range=[-0.05, 1.05])
+    return fig
