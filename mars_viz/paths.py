@@ -12,7 +12,10 @@ from pathlib import Path
 
 __all__ = ["ASSETS", "cache_dir"]
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"  # prompt sets, examples, refusal phrases, screenshot
+_HERE = Path(__file__).resolve().parent
+# Prompt sets, examples, refusal phrases: `mars_viz/assets` in an installed wheel (package data), else the source
+# checkout's top-level `assets/` (which pyproject.toml installs as `mars_viz/assets`).
+ASSETS = _HERE / "assets" if (_HERE / "assets" / "prompts").is_dir() else _HERE.parent / "assets"
 
 
 def cache_dir() -> Path:

@@ -75,7 +75,7 @@ class Backbone:
     hidden_size: int
     modalities: tuple[str, ...]  # subset of ("text", "image", "video")
     video_mode: Literal["native", "frames", "none"]
-    # (device, dtype) -> `generate.measure_pair_cost`'s result: measured once per placement, shown by `describe()`
+    # (device, dtype) -> `timing.measure_pair_cost`'s result: measured once per placement, shown by `describe()`
     pair_costs: dict[tuple[str, str], dict] = field(default_factory=dict, repr=False, compare=False)
     # `inputs.instruction_offset`'s result, measured once from the chat template
     instruction_suffix: int | None = field(default=None, repr=False, compare=False)
@@ -110,6 +110,35 @@ class Backbone:
     def placement(self) -> tuple[str, str]:
         """(device, dtype) as strings, e.g. ("cpu", "float32"): what a speed measurement depends on."""
         return str(self.input_device), str(self.dtype).removeprefix("torch.")
+
+    @classmethod
+    def from_model(cls, model: nn.Module, processor: Any, *, model_id: str | None = None,
+                   layers_path: str | None = None) -> Backbone:
+        """Wrap a model and processor you already have (e.g. from `from_pretrained`): what `load_backbone` does
+        after loading. A multimodal model takes its processor; a text-only LLM takes its tokenizer. The model is
+        put in eval mode with gradients off, and a tokenizer without a pad token pads with its end-of-sequence token.
+
+        Example:
+            >>> model = AutoModelForImageTextToText.from_pretrained(path)               # doctest: +SKIP
+            >>> backbone = Backbone.from_model(model, AutoProcessor.from_pretrained(path))  # doctest: +SKIP
+        """
+        model.eval()
+        model.requires_grad_(False)
+        tok = getattr(processor, "tokenizer", processor)
+        if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
+            tok.pad_token = tok.eos_token
+        layers = resolve_decoder_layers(model, layers_path)
+        model_type = model.config.model_type
+        if tok is not processor:  # a multimodal processor
+            has_video = model_type in NATIVE_VIDEO_TYPES and getattr(processor, "video_processor", None) is not None
+            video_mode: Literal["native", "frames", "none"] = "native" if has_video else "frames"
+            modalities: tuple[str, ...] = ("text", "image", "video")
+        else:
+            video_mode, modalities = "none", ("text",)
+        name = model_id or getattr(model.config, "_name_or_path", "") or model_type
+        return cls(model=model, processor=processor, layers=layers, model_id=str(name), model_type=model_type,
+                   num_layers=len(layers), hidden_size=int(model.config.get_text_config().hidden_size),
+                   modalities=modalities, video_mode=video_mode)
 
     def describe(self) -> dict:
         device, dtype = self.placement
@@ -219,14 +248,12 @@ def load_backbone(model_id: str | os.PathLike, *, device: str | None = None, dty
     kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    multimodal = True
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_id, config=config, **kwargs)
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise _friendly_load_error(model_id, e) from None
-        multimodal = False
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, config=config, **kwargs)
             processor = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
@@ -236,23 +263,7 @@ def load_backbone(model_id: str | os.PathLike, *, device: str | None = None, dty
         raise _friendly_load_error(model_id, e) from None
     if device_map is None:
         model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
-    tok = getattr(processor, "tokenizer", processor)
-    if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
-        tok.pad_token = tok.eos_token
-    layers = resolve_decoder_layers(model, layers_path)
-    text_cfg = model.config.get_text_config()
-    model_type = model.config.model_type
-    if multimodal:
-        has_video = model_type in NATIVE_VIDEO_TYPES and getattr(processor, "video_processor", None) is not None
-        video_mode: Literal["native", "frames", "none"] = "native" if has_video else "frames"
-        modalities: tuple[str, ...] = ("text", "image", "video")
-    else:
-        video_mode, modalities = "none", ("text",)
-    return Backbone(model=model, processor=processor, layers=layers, model_id=model_id, model_type=model_type,
-                    num_layers=len(layers), hidden_size=int(text_cfg.hidden_size), modalities=modalities,
-                    video_mode=video_mode)
+    return Backbone.from_model(model, processor, model_id=model_id, layers_path=layers_path)
 
 
 def typographic_layout(backbone: Backbone) -> str:

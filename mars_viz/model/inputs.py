@@ -22,7 +22,7 @@ from PIL import Image
 from .backbone import NESTED_IMAGE_TYPES, Backbone
 
 __all__ = ["GATE_POSITIONS", "MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "gate_index",
-           "inst_positions", "instruction_offset", "render_chat"]
+           "inst_positions", "instruction_offset", "media_token_ids", "render_chat", "row_modalities"]
 
 MAX_PROMPT_CHARS = 8000
 # Where the gate reads (Zhao et al. 2025, "LLMs Encode Harmfulness and Refusal Separately"): "post" is the prompt's
@@ -123,6 +123,32 @@ def build_batch(backbone: Backbone, queries: list[Query]):
             kwargs["videos"] = videos
         enc = backbone.processor(**kwargs)
     return enc.to(backbone.input_device)
+
+
+def media_token_ids(backbone: Backbone) -> tuple[int | None, int | None]:
+    """The (image, video) placeholder token ids of the model's config (None where it has none)."""
+    cfg = backbone.model.config
+
+    def first(*names: str) -> int | None:
+        return next((int(v) for v in (getattr(cfg, n, None) for n in names) if v is not None), None)
+
+    return first("image_token_id", "image_token_index"), first("video_token_id", "video_token_index")
+
+
+def row_modalities(backbone: Backbone, input_ids: torch.Tensor) -> list[Modality]:
+    """Each row's modality, read from its token ids: "video" if it holds a video placeholder, else "image" if it
+    holds an image placeholder, else "text". A model that takes a video as a list of frames (video_mode "frames")
+    sees images: name such rows "video" yourself."""
+    image, video = media_token_ids(backbone)
+    out: list[Modality] = []
+    for row in input_ids:
+        if video is not None and bool((row == video).any()):
+            out.append("video")
+        elif image is not None and bool((row == image).any()):
+            out.append("image")
+        else:
+            out.append("text")
+    return out
 
 
 def instruction_offset(backbone: Backbone) -> int:
