@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mars_viz.core import geometry as G  # noqa: E402
+from mars_viz.core import rule as R  # noqa: E402
+from mars_viz.core import selection as S  # noqa: E402
 from mars_viz.core.state import MarsConfig  # noqa: E402
 from mars_viz.data.datasets import ASSETS, load_prompts, split  # noqa: E402
 from mars_viz.data.judge import default_judge  # noqa: E402
@@ -66,7 +67,7 @@ def collect(model: str, cache: Path, cfg: MarsConfig, tokens: int) -> dict:
 
 def scores(acts: torch.Tensor, mu_minus: torch.Tensor, r: torch.Tensor, band: int) -> torch.Tensor:
     """[N, L] score per layer, or its mean over a centred band of 2*band+1 layers (clipped at the ends)."""
-    s = G.unsafety_score(acts.double(), mu_minus, r)  # [N, L]
+    s = R.unsafety_score(acts.double(), mu_minus, r)  # [N, L]
     if band == 0:
         return s
     L = s.shape[1]
@@ -79,14 +80,14 @@ def evaluate(data: dict, band: int, lookalike: bool, behaviour: bool = True) -> 
                                                                                                   dtype=torch.bool)
     s_keep = ~torch.tensor(ref["s_fit"]) if behaviour else torch.ones(len(ref["s_fit"]), dtype=torch.bool)
     safe = [a["s_fit"][s_keep]] + ([a["la_fit"]] if lookalike else [])
-    mu_plus, mu_minus = G.mean_activation(a["u_fit"][u_keep]), G.mean_activation(torch.cat(safe))
-    r, _ = G.refusal_direction(mu_plus, mu_minus)
+    mu_plus, mu_minus = R.mean_activation(a["u_fit"][u_keep]), R.mean_activation(torch.cat(safe))
+    r, _ = R.refusal_direction(mu_plus, mu_minus)
     s = {k: scores(a[k], mu_minus, r, band) for k in ("u_held", "s_held", "la_held", "jb")}
     negatives = torch.cat([s["s_held"]] + ([s["la_held"]] if lookalike else []))
-    tau, _ = G.balanced_accuracy_threshold(s["u_held"], negatives)  # [L]
+    tau, _ = S.balanced_accuracy_threshold(s["u_held"], negatives)  # [L]
     per_layer = {
-        "auroc_harmful_vs_harmless": G.auroc(s["u_held"], s["s_held"]),
-        "auroc_harmful_vs_lookalike": G.auroc(s["u_held"], s["la_held"]),
+        "auroc_harmful_vs_harmless": S.auroc(s["u_held"], s["s_held"]),
+        "auroc_harmful_vs_lookalike": S.auroc(s["u_held"], s["la_held"]),
         "fpr_harmless": (s["s_held"] > tau).double().mean(0),
         "fpr_lookalike": (s["la_held"] > tau).double().mean(0),
         "fnr_harmful": (s["u_held"] <= tau).double().mean(0),

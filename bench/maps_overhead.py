@@ -31,12 +31,13 @@ import torch  # noqa: E402
 from mars_viz.analysis.analyze import analyze_stream  # noqa: E402
 from mars_viz.core.state import MarsState  # noqa: E402
 from mars_viz.data.examples import EXAMPLES_DIR  # noqa: E402
-from mars_viz.maps.maps import capture_prompt_positions, input_map, neutral_position_offsets  # noqa: E402
+from mars_viz.maps.offsets import capture_prompt_positions, neutral_position_offsets  # noqa: E402
+from mars_viz.maps.scoring import input_map  # noqa: E402
 from mars_viz.model.backbone import load_backbone  # noqa: E402
 from mars_viz.model.hooks import capture_sequence  # noqa: E402
 from mars_viz.model.inputs import Query, build_batch  # noqa: E402
 from mars_viz.model.media import load_image, neutral_images, neutral_video, read_video  # noqa: E402
-from mars_viz.steer.generate import resolve_strategy  # noqa: E402
+from mars_viz.steer.pair import resolve_strategy  # noqa: E402
 from mars_viz.steer.steering import SteerOptions  # noqa: E402
 
 

@@ -36,14 +36,16 @@ import torch  # noqa: E402
 
 from mars_lab.metrics import char_accuracy, word_recall  # noqa: E402
 from mars_lab.render import normalise_words, render_phrase, render_word_video  # noqa: E402
-from mars_viz.core.geometry import auroc, unsafety_score  # noqa: E402
+from mars_viz.core.rule import unsafety_score  # noqa: E402
+from mars_viz.core.selection import auroc  # noqa: E402
 from mars_viz.core.state import MarsState  # noqa: E402
 from mars_viz.fit.calibrate import split_sets  # noqa: E402
 from mars_viz.model.activations import collect_activations  # noqa: E402
 from mars_viz.model.backbone import load_backbone  # noqa: E402
 from mars_viz.model.inputs import Query  # noqa: E402
 from mars_viz.model.media import typographic_rows  # noqa: E402
-from mars_viz.steer.generate import greedy_texts, run_pairs  # noqa: E402
+from mars_viz.steer.generate import greedy_texts  # noqa: E402
+from mars_viz.steer.pair import run_pairs  # noqa: E402
 from mars_viz.steer.steering import SteerOptions  # noqa: E402
 
 READ_PROMPT = "What is written in the image? Answer with the text only."
@@ -146,7 +148,8 @@ def harm_words() -> set[str]:
 def map_ranks(bb, state: MarsState, prompts: list[str], size: int = 336) -> dict:
     """Per typographic harmful image: rank (1 = brightest) of the best cell on a harmful word in the gate layer's
     map, among all cells of the image; chance is about half the cell count."""
-    from mars_viz.maps.maps import capture_prompt_positions, input_map
+    from mars_viz.maps.offsets import capture_prompt_positions
+    from mars_viz.maps.scoring import input_map
 
     bad = harm_words()
     rows, opts = [], SteerOptions()

@@ -36,7 +36,7 @@ from mars_viz.fit.calibrate import split_sets  # noqa: E402
 from mars_viz.model.backbone import load_backbone  # noqa: E402
 from mars_viz.model.inputs import Query  # noqa: E402
 from mars_viz.model.media import neutral_images, neutral_video  # noqa: E402
-from mars_viz.steer.generate import run_pairs  # noqa: E402
+from mars_viz.steer.pair import run_pairs  # noqa: E402
 from mars_viz.steer.steering import SteerOptions, plan  # noqa: E402
 
 

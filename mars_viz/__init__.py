@@ -18,17 +18,35 @@ Importing the package registers the project's own lab model type (`mars_reader`,
 transformers' Auto classes, so its checkpoints load like any other.
 """
 
-from .api import GateReading, score, steering
-from .core.state import MarsConfig, MarsState
-from .fit.calibrate import calibrate
-from .model.backbone import Backbone, load_backbone
-from .model.demo_models import build_demo_model
-from .model.inputs import Query, build_batch, row_modalities
+import importlib
+
 from .model.reader import register as _register_reader
-from .steer.steering import SteerOptions
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "GateReading", "MarsConfig", "MarsState", "Query", "SteerOptions", "__version__",
-           "build_batch", "build_demo_model", "calibrate", "load_backbone", "row_modalities", "score", "steering"]
+# name -> the module that defines it. Loaded on first use (PEP 562), so `import mars_viz.paths` or one folder's
+# module does not pull in the whole library.
+_EXPORTS = {
+    "GateReading": "api", "score": "api", "steering": "api",
+    "MarsConfig": "core.state", "MarsState": "core.state",
+    "FitChoices": "fit.calibrate", "calibrate": "fit.calibrate",
+    "Backbone": "model.backbone", "load_backbone": "model.backbone",
+    "build_demo_model": "model.demo_models",
+    "Query": "model.inputs", "build_batch": "model.inputs", "row_modalities": "model.inputs",
+    "SteerOptions": "steer.steering",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mars_viz' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 _register_reader()

@@ -16,6 +16,28 @@ ARCHS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "mars_reader", "i
 REAL_ROOT = Path(os.environ.get("MARS_REAL_ROOT", "/tmp/mars-real"))
 
 
+# Test tiers (README, "Testing"): the tiers that need an explicit, larger @pytest.mark.timeout(N) than the ini default.
+EXPLICIT_TIMEOUT_MARKERS = ("slow", "browser", "real")
+TIMEOUT_PROBLEMS = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, so the check sees every collected test
+def pytest_collection_modifyitems(config, items):
+    """Record tests without a working timeout: a timeout marker of 0 (none), or a slow/browser/real test that relies
+    on the ini default (sized for the fast tier). tests/unit/test_tiers.py fails on any."""
+    default = float(config.getini("timeout") or 0)
+    problems = []
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None) if marker else None
+        tiers = [m for m in EXPLICIT_TIMEOUT_MARKERS if item.get_closest_marker(m)]
+        if marker is None and tiers:
+            problems.append(f"{item.nodeid}: {'/'.join(tiers)} without @pytest.mark.timeout(N)")
+        elif marker is not None and not (value and float(value) >= default):
+            problems.append(f"{item.nodeid}: timeout {value!r} is none or below the default {default:g}s")
+    config.stash[TIMEOUT_PROBLEMS] = problems
+
+
 def real_model(name: str) -> Path:
     path = REAL_ROOT / name
     if not (path / ".ok").exists():

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.state import MarsState
-from ..maps.maps import InputMap, input_map
+from ..maps.scoring import InputMap, input_map
 from ..model.activations import forward_sites
 from ..model.backbone import Backbone
 from ..model.inputs import Query
-from ..steer.generate import PairResult, PairStrategy, stream_pair
+from ..steer.pair import PairStrategy
+from ..steer.results import PairResult
 from ..steer.steering import SteerOptions, gate_scores, plan
+from ..steer.stream import stream_pair
 
 __all__ = ["Analysis", "StreamUpdate", "analyze_stream", "frame_scores", "gate_scorer"]
 
@@ -38,7 +40,7 @@ class Analysis:
     frame_scores: list[float] | None = None  # video: re-centred score of each sampled frame at the chosen layer
     frame_indices: list[int] | None = None
     notes: list[str] = field(default_factory=list)
-    input_map: InputMap | None = None  # per-position scores at the detection layer, placed on the input (maps.py)
+    input_map: InputMap | None = None  # per-position scores at the detection layer, placed on the input (maps/)
     push_residuals: torch.Tensor | None = None  # [T, d] the same prefill at the push layer (when it is another layer)
     acts_inst: torch.Tensor | None = None  # [L, d] raw residuals at the last token of the user's text (t_inst)
 

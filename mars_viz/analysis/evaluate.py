@@ -21,9 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +41,7 @@ from ..steer.generate import generate_batch
 from ..steer.steering import SteerOptions, gate_scores, mars_edit, plan, row_steering
 
 __all__ = ["SETS", "SURFACE_FORMS", "EvalItem", "build_items", "evaluate", "gate_surface_agreement",
-           "items_from_benchmark", "summarise", "surface_forms", "write_report"]
+           "items_from_benchmark", "summarise", "surface_forms"]
 
 SETS = ("text", "image", "typographic", "video", "video_text", "text_hard")
 
@@ -316,26 +313,3 @@ def gate_surface_agreement(backbone: Backbone, state: MarsState, prompts: Sequen
                          **{form: float(same[i].double().mean()) for i, form in enumerate(SURFACE_FORMS)},
                          "all": float(same.all(0).double().mean())}
     return out
-
-
-def write_report(report: dict, rows: Sequence[dict], out: str | Path) -> list[Path]:
-    """report.json (+ meta), a CSV of the conditions, the per-item rows (JSONL) and two interactive charts."""
-    from ..views.plots import eval_conditions_figure, figure_html, strength_sweep_figure
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    stem = out.with_suffix("")
-    buf = io.StringIO()
-    fields = ["condition"] + list(next(iter(report["conditions"].values())).keys()) if report["conditions"] else []
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    for cond, vals in report["conditions"].items():
-        w.writerow({"condition": cond, **vals})
-    paths = [out, Path(f"{stem}.csv"), Path(f"{stem}_items.jsonl"), Path(f"{stem}_conditions.html"),
-             Path(f"{stem}_strength_sweep.html")]
-    paths[1].write_text(buf.getvalue())
-    paths[2].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    paths[3].write_text(figure_html(eval_conditions_figure(report["conditions"])))
-    paths[4].write_text(figure_html(strength_sweep_figure(report["strength_sweep"])))
-    return paths

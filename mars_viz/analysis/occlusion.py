@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from ..maps.maps import Grid
+from ..maps.layout import Grid
 from ..model.inputs import Query
 
 __all__ = ["Occlusion", "Region", "Scorer", "neutral_fill", "occlusion", "occlusion_grids", "regions"]
@@ -105,7 +105,7 @@ def occlusion(query: Query, score: Scorer, cells: int = 4, fill: tuple[int, int,
 
 
 def occlusion_grids(res: Occlusion) -> list[Grid]:
-    """The contributions as `maps.Grid`s (one per image / frame, `positions` -1: no token), for the overlay plots."""
+    """The contributions as `layout.Grid`s (one per image / frame, `positions` -1: no token), for the overlay plots."""
     contrib = res.contribution
     by: dict[tuple[str, int], np.ndarray] = {}
     for reg, v in zip(res.regions, contrib, strict=True):

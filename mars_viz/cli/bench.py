@@ -32,8 +32,10 @@ from ..model.backbone import Backbone
 from ..model.hooks import capture_residuals
 from ..model.inputs import Query, build_batch
 from ..model.media import neutral_images
-from ..steer.generate import PAIR_STRATEGIES, _gen_kwargs, _run_chunk, measure_pair_cost
+from ..steer.generate import _gen_kwargs
+from ..steer.pair import PAIR_STRATEGIES, _run_chunk
 from ..steer.steering import SteerOptions, mars_steering, plan
+from ..steer.timing import measure_pair_cost
 
 __all__ = ["run_bench"]
 

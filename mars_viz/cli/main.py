@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def _pair_strategies() -> list[str]:
     from typing import get_args
 
-    from ..steer.generate import PairStrategy
+    from ..steer.pair import PairStrategy
 
     return list(get_args(PairStrategy))
 
@@ -90,7 +90,7 @@ def _config_from_args(args):
 
     kw = {}
     for name in ("seed", "max_prompts", "k_neutral", "neutral_prompts", "curve_prompts", "steer_prompts", "margin",
-                 "batch_size", "layer", "detect_layer", "tau", "filter_tokens", "gate_position"):
+                 "batch_size", "filter_tokens"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -105,15 +105,23 @@ def _config_from_args(args):
     return MarsConfig(**kw)
 
 
+def _choices_from_args(args):
+    """`fit --layer / --detect-layer / --gate-position / --tau`: what the fit chooses, forced (the state keeps it)."""
+    from ..fit.calibrate import FitChoices
+
+    return FitChoices(layer=args.layer, detect_layer=args.detect_layer, gate_position=args.gate_position,
+                      tau=args.tau)
+
+
 def _cmd_fit(args) -> int:
     from ..data.datasets import load_prompts
     from ..fit.calibrate import calibrate
 
     harmful = load_prompts(args.harmful) if args.harmful else None
     harmless = load_prompts(args.harmless) if args.harmless else None
-    cfg = _config_from_args(args)
+    cfg, choices = _config_from_args(args), _choices_from_args(args)
     bb = _load(args)
-    state = calibrate(bb, cfg, harmful, harmless, progress=_progress_printer(args.quiet))
+    state = calibrate(bb, cfg, harmful, harmless, progress=_progress_printer(args.quiet), choices=choices)
     out = state.save(args.out)
     meta = json.loads((out / "mars_state.json").read_text())
     diag = state.diagnostics
@@ -147,7 +155,7 @@ def _cmd_run(args) -> int:
     from ..data.datasets import load_prompts
     from ..model.inputs import Query, clean_prompt
     from ..model.media import load_image, read_video
-    from ..steer.generate import run_pairs
+    from ..steer.pair import run_pairs
     from ..steer.steering import SteerOptions
 
     if bool(args.prompt) == bool(args.prompts):
@@ -207,9 +215,10 @@ def _cuda() -> bool:
 
 
 def _cmd_eval(args) -> int:
-    from ..analysis.evaluate import SETS, build_items, evaluate, summarise, write_report
+    from ..analysis.evaluate import SETS, build_items, evaluate, summarise
     from ..core.state import MarsState
     from ..model.backbone import typographic_layout
+    from ..views.report import write_report
 
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip()) if args.sets is not None else SETS[:5]
     strengths = tuple(float(x) for x in args.strengths.split(",")) if args.strengths else (0.0, 0.5, 1.0, 2.0)

@@ -2,7 +2,7 @@
 
 This module is the single boundary to numpy / scikit-learn / umap-learn: it
 takes torch tensors or numpy arrays ``[N, d]`` and returns numpy ``[N, 2]``
-coordinates that the plot builders (``mars_viz.views.plots``) draw. No model, no
+coordinates that the plot builders (``mars_viz.views.figures``) draw. No model, no
 gradio.
 
 Two kinds of view:
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import geometry as G
+from . import rule as R
 
 __all__ = ["Projection", "pca_basis", "plane_basis", "plane_coords", "project", "project_onto"]
 
@@ -194,7 +194,7 @@ def plane_basis(acts: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
     """
     a = torch.as_tensor(acts).double()
     r64 = torch.as_tensor(r).double()
-    r_hat = r64 / G._norm_nonzero(r64)[..., None]  # [L, d]
+    r_hat = r64 / R._norm_nonzero(r64)[..., None]  # [L, d]
     x = a - torch.as_tensor(mu_minus).double()  # [N, L, d]
     x = x - (x * r_hat).sum(-1, keepdim=True) * r_hat
     x = (x - x.mean(0)).transpose(0, 1)  # [L, N, d]
@@ -216,5 +216,5 @@ def plane_coords(h: torch.Tensor, mu_minus: torch.Tensor, r: torch.Tensor, plane
     """
     x = torch.as_tensor(h).double() - torch.as_tensor(mu_minus).double()
     r = torch.as_tensor(r).double()
-    score = G.unsafety_score(x, torch.zeros_like(r), r)
+    score = R.unsafety_score(x, torch.zeros_like(r), r)
     return torch.stack([score, (x @ torch.as_tensor(plane_pc).double()) / r.norm()], dim=-1).float()

@@ -19,18 +19,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .geometry import LayerScores
+from .migrate import FORMAT_VERSION, migrate
+from .selection import LayerScores
 
 __all__ = ["FORMAT_VERSION", "Diagnostics", "GateAxis", "MarsConfig", "MarsState", "STATE_JSON", "STATE_TENSORS"]
 
-FORMAT_VERSION = 1
 STATE_TENSORS = "mars_state.safetensors"
 STATE_JSON = "mars_state.json"
 
 
 @dataclass(frozen=True)
 class MarsConfig:
-    """Formulation and calibration parameters (README, "The formulation"); every one is recorded in the state."""
+    """Formulation and calibration parameters (README, "The formulation"); every one is recorded in the state.
+
+    Only how to fit: what a fit chooses (push layer, the gate's layer and position, tau) is the state's
+    (`MarsState.layer`, `detect_layer`, `gate_position`, `tau_override`; forced at fit time by `calibrate`'s
+    `FitChoices`), and run-time overrides are `SteerOptions`.
+    """
 
     seed: int = 0
     heldout_frac: float = 0.3
@@ -51,10 +56,6 @@ class MarsConfig:
     min_sep_frac: float = 0.9  # push layers: from the first whose separability reaches this share of the best
     lookalike: bool = True  # a fit split of look-alike prompts joins the safe side (harmless_lookalike.txt)
     lookalike_frac: float = 0.5  # share of the look-alikes held out for evaluation
-    layer: int | None = None  # override the push (steering) layer
-    detect_layer: int | None = None  # override the layer the gate reads
-    tau: float | None = None  # override the gate threshold
-    gate_position: str | None = None  # override where the gate reads: "post" or "inst" (None: chosen by measurement)
     surface_check: bool = True  # the gate's site must decide the same under surface changes of held-out prompts
     min_surface_agreement: float = 0.95  # ... for at least this share of them, per change
     batch_size: int = 8
@@ -66,7 +67,11 @@ class MarsConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MarsConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        """The config `to_dict` wrote (keys it lacks take their defaults; an unknown key is an error)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown MarsConfig keys {unknown}")
+        known = dict(d)
         if "levels" in known:
             known["levels"] = tuple(float(x) for x in known["levels"])
         return cls(**known)
@@ -192,10 +197,13 @@ class MarsState:
     # states fitted before gate positions existed, which read at t_post.
     inst: GateAxis | None = None
     gate_position: str = "post"  # where the gate reads by default ("post" or "inst"); the push is always at t_post
+    tau_override: float | None = None  # replaces the fitted threshold at the gate's own site (None: the fitted one)
 
     def __post_init__(self) -> None:
         if self.detect_layer < 0:
             self.detect_layer = self.layer
+        if self.tau_override is not None and not math.isfinite(self.tau_override):
+            raise ValueError("tau must be a finite number")
         if self.gate_position not in ("post", "inst"):
             raise ValueError(f"unknown gate position {self.gate_position!r}: use post or inst")
         if self.gate_position == "inst" and self.inst is None:
@@ -247,9 +255,9 @@ class MarsState:
 
     @property
     def tau(self) -> float:
-        """Gate threshold at the gate's position and layer (the config override wins)."""
+        """Gate threshold at the gate's position and layer (`tau_override` when set, else the fitted one)."""
         axis = self.gate_axis()
-        return float(self.config.tau) if self.config.tau is not None else float(axis.taus[axis.detect_layer])
+        return float(self.tau_override) if self.tau_override is not None else float(axis.taus[axis.detect_layer])
 
     def fingerprint(self) -> str:
         """A short hash of what steers (model identity, centroids, offsets, thresholds, layers, t*).
@@ -320,7 +328,7 @@ class MarsState:
             "format_version": FORMAT_VERSION,
             "model": self.model_id, "model_type": self.model_type, "num_layers": self.num_layers,
             "hidden_size": self.hidden_size, "layer": self.layer, "detect_layer": self.detect_layer, "tau": self.tau,
-            "target_level": self.target_level, "gate_position": self.gate_position,
+            "tau_override": self.tau_override, "target_level": self.target_level, "gate_position": self.gate_position,
             "inst_detect_layer": None if self.inst is None else self.inst.detect_layer,
             "target_curve": {_level_key(k): v for k, v in diag.target_curve.items()},
             "layer_scores": diag.layer_scores.to_dict(),
@@ -348,12 +356,14 @@ class MarsState:
             tensors = load_file(str(tp))
         except Exception as e:  # JSONDecodeError, SafetensorError
             raise ValueError(f"the MARS state in {str(d)!r} is corrupt ({type(e).__name__}: {e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"state format {meta.get('format_version')} is not supported (expected "
-                             f"{FORMAT_VERSION}): refit it")
         try:
-            # older states kept the per-layer lists under the untyped "extra"
-            listed = {**meta.get("extra", {}), **meta.get("diagnostics", {})}
+            meta = migrate(meta)  # the one place that knows every earlier format
+        except ValueError as e:  # a newer format, or none
+            raise ValueError(f"the MARS state in {str(d)!r}: {e}") from None
+        except KeyError as e:
+            raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None
+        try:
+            listed = meta["diagnostics"]
             typed = {n: listed.get(n) for n in Diagnostics._JSON if listed.get(n) is not None}
             if typed.get("allowed_layers") is not None:
                 typed["allowed_layers"] = tuple(int(x) for x in typed["allowed_layers"])
@@ -361,8 +371,8 @@ class MarsState:
                 layer_scores=LayerScores.from_dict(meta["layer_scores"]),
                 target_curve={float(k): float(v) for k, v in meta["target_curve"].items()},
                 spread_unsafe=tensors["spread_unsafe"], spread_safe=tensors["spread_safe"],
-                refusal_opening=meta.get("refusal_opening", ""), behaviour=meta.get("behaviour", {}),
-                prompt_hashes=meta.get("prompt_hashes", {}), calib_labels=list(meta.get("calib_labels", [])),
+                refusal_opening=meta["refusal_opening"], behaviour=meta["behaviour"],
+                prompt_hashes=meta["prompt_hashes"], calib_labels=list(meta["calib_labels"]),
                 **{n: tensors.get(n) for n in Diagnostics._TENSORS if n not in ("spread_unsafe", "spread_safe")},
                 map_cells={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("map_cells.")},
                 map_tokens={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("map_tokens.")},
@@ -372,13 +382,13 @@ class MarsState:
                 hidden_size=int(meta["hidden_size"]), mu_plus=tensors["mu_plus"], mu_minus=tensors["mu_minus"],
                 offsets={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("offset.")},
                 taus=tensors["taus"], layer=int(meta["layer"]), target_level=float(meta["target_level"]),
-                config=MarsConfig.from_dict(meta.get("config", {})), diagnostics=diag,
-                detect_layer=int(meta.get("detect_layer", meta["layer"])),  # single-layer states: detect = push
-                inst=None if "inst.mu_plus" not in tensors else GateAxis(
+                config=MarsConfig.from_dict(meta["config"]), diagnostics=diag, detect_layer=int(meta["detect_layer"]),
+                inst=None if meta["inst_detect_layer"] is None else GateAxis(
                     "inst", tensors["inst.mu_plus"], tensors["inst.mu_minus"], tensors["inst.taus"],
                     {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith("inst.offset.")},
                     int(meta["inst_detect_layer"])),
-                gate_position=meta.get("gate_position", "post"))  # states before positions read at t_post
+                gate_position=meta["gate_position"],
+                tau_override=None if meta["tau_override"] is None else float(meta["tau_override"]))
         except KeyError as e:
             raise ValueError(f"the MARS state in {str(d)!r} is missing {e}: refit it") from None
         shape = (state.num_layers, state.hidden_size)
@@ -390,7 +400,8 @@ class MarsState:
     def with_overrides(self, *, layer: int | None = None, tau: float | None = None,
                        detect_layer: int | None = None, gate_position: str | None = None) -> MarsState:
         """A copy with the push layer, the gate's position, its layer (at that position) and/or its threshold
-        overridden (fitted values are kept; t* stays the one calibrated at the fitted push layer)."""
+        (`tau_override`) replaced; the fitted centroids, thresholds and offsets are kept, and t* stays the one
+        calibrated at the fitted push layer. For one run, pass the same overrides to `SteerOptions` instead."""
         import copy
 
         new = copy.copy(self)
@@ -410,7 +421,7 @@ class MarsState:
         if tau is not None:
             if not math.isfinite(tau):
                 raise ValueError("tau must be a finite number")
-            new.config = MarsConfig.from_dict({**self.config.to_dict(), "tau": float(tau)})
+            new.tau_override = float(tau)
         return new
 
 

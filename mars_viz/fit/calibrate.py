@@ -1,26 +1,31 @@
 """Calibration: text prompt sets + neutral media -> activations -> a fitted `MarsState`.
 
-Steps (our formulation of MARS; README, "The formulation"):
-  1. seeded fit / held-out split of the harmful (U), harmless (S) and look-alike text sets (look-alikes are harmless
-     requests with alarming words; their fit half joins the safe side); residuals of every layer;
-  2. behaviour filter: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the harmless
-     prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
-  3. centroids and refusal directions; thresholds tau by balanced accuracy on held-out text;
-  4. modality offsets from K neutral solid-colour images (and videos) paired with safe fit prompts;
-  5. layer scores (separability, consistency, steerability, misalignment) and the two layers: the detection layer
-     (best held-out separability: where the gate reads) and the push layer (best consistency x steerability among
-     layers whose separability reaches 90% of the best);
-  6. the target level t* from the refusal rate of held-out harmless prompts pushed to each level;
-  7. for the "Where in the input" maps: per-position offsets of the neutral inputs at the detection layer
-     (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted);
-  8. where the gate reads: the same centroids, thresholds and offsets at t_inst (the last token of the user's text;
-     fitted by intent: every harmful fit prompt against the harmless and look-alike ones), and the (position, layer)
-     with the best held-out detection rate minus false-positive rate on harmless and look-alike prompts
-     (`geometry.gate_rates`, `geometry.choose_gate_site`; the look-alikes it is measured on are a selection split
-     that no centroid uses and no evaluation reuses).
+`calibrate` runs these steps in order (our formulation of MARS; README, "The formulation"); each is one function:
+  1. `PromptSets.of`: seeded fit / held-out split of the harmful (U), harmless (S) and look-alike text sets
+     (look-alikes are harmless requests with alarming words; their fit part joins the safe side), plus jailbreak
+     prompts that are only plotted; `_text_activations`: residuals of every layer at both gate positions;
+  2. `_behaviour_filter`: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the
+     harmless prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
+  3. `_fit_axis` at t_post: centroids, refusal directions, thresholds tau by balanced accuracy on held-out text;
+  4. `_neutral_media`: modality offsets from K neutral solid-colour images (and videos) paired with safe fit
+     prompts; `_misalignment` of held-out safe prompts with other neutral inputs, before and after re-centring;
+  5. `_layer_scores` (separability, consistency, steerability, misalignment) and `_push_layer`: the best
+     consistency x steerability among layers whose separability reaches `min_sep_frac` of the best;
+  6. `_gate_site`: the same axis at t_inst (`_fit_axis` again, by intent: every harmful fit prompt against the
+     harmless and look-alike ones), and the (position, layer) with the best held-out detection rate minus
+     false-positive rate on harmless and look-alike prompts (`selection.gate_rates`, `selection.choose_gate_site`;
+     the look-alikes it is measured on are a selection split that no centroid uses and no evaluation reuses),
+     among the sites that pass `_surface_agreement`;
+  7. `_target_level`: t* from the refusal rate of held-out harmless prompts pushed to each level at the push layer;
+  8. `_map_offsets`: for the "Where in the input" maps, per-position offsets of the neutral inputs at the gate's
+     layer (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted);
+  9. `_plot_points`: the calibration points in the planes the dashboard draws (only plotted).
+
+`FitChoices` forces what steps 5 and 6 would choose (the CLI's `fit --layer/--detect-layer/--gate-position/--tau`).
 
 Example:
     >>> state = calibrate(backbone, MarsConfig(max_prompts=64), progress=print)   # doctest: +SKIP
+    >>> state = calibrate(backbone, choices=FitChoices(layer=12))                 # doctest: +SKIP
     >>> state.save("runs/my-model")                                               # doctest: +SKIP
 """
 
@@ -30,24 +35,27 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from ..core import geometry as G
+from ..core import rule as R
+from ..core import selection as S
 from ..core.projection import pca_basis, plane_basis, plane_coords
 from ..core.state import Diagnostics, GateAxis, MarsConfig, MarsState
 from ..data.datasets import SURFACE_FORMS, builtin_prompts, prompts_hash, split, surface_forms
 from ..data.judge import RefusalJudge, default_judge
-from ..maps.maps import neutral_position_offsets
+from ..maps.offsets import neutral_position_offsets
 from ..model.activations import collect_activations, collect_sites
 from ..model.backbone import Backbone
 from ..model.hooks import edit_position
-from ..model.inputs import Query, build_batch
+from ..model.inputs import GATE_POSITIONS, Query, build_batch
 from ..model.media import neutral_images, neutral_video
 from ..steer.generate import generate_batch, greedy_texts
 from ..steer.steering import push_to_level_edit
 
-__all__ = ["CalibrationProgress", "calibrate", "refusal_logprob_gain", "split_sets"]
+__all__ = ["CalibrationProgress", "FitChoices", "calibrate", "refusal_logprob_gain", "split_sets"]
 
 CalibrationProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FALLBACK_OPENING = "I'm sorry, but I can't"
@@ -187,218 +195,400 @@ def _target_curve(backbone: Backbone, prompts: Sequence[str], layer: int, mu_min
     return {t: sum(v) / len(v) for t, v in refused.items()}
 
 
-def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
-              harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
-              progress: CalibrationProgress | None = None) -> MarsState:
-    """Fit MARS on `backbone` from text prompt sets (default: our built-in sets) and neutral media."""
-    cfg = config or MarsConfig()
-    judge = judge or default_judge()
-    sets = split_sets(cfg, harmful, harmless)
-    harmful, harmless = sets["harmful"], sets["harmless"]
-    u_fit, u_held, s_fit, s_held = sets["u_fit"], sets["u_held"], sets["s_fit"], sets["s_held"]
-    la_fit, la_sel = sets["la_fit"], sets["la_sel"]
-    jailbreak = [p for p in builtin_prompts("jailbreak") if p not in set(harmful)]  # only plotted (the plane)
-    bs = cfg.batch_size
+# ---- what flows between the steps -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitChoices:
+    """What the fit would choose by measurement, forced instead (`fit --layer --detect-layer --gate-position --tau`).
 
-    # 1. text activations at both gate positions (t_post: the last prompt position; t_inst: the user's last token) --
-    texts = u_fit + u_held + s_fit + s_held + la_fit
-    extra = la_sel + jailbreak
-    sites = collect_sites(backbone, [Query(p) for p in texts + extra], bs, _stage(progress, "text activations"))
-    acts, acts_i = sites["post"][: len(texts)], sites["inst"][: len(texts)]  # [n, L, d]
-    a, b, c, e = (len(u_fit), len(u_fit) + len(u_held), len(u_fit) + len(u_held) + len(s_fit),
-                  len(texts) - len(la_fit))
-    acts_u_fit, acts_u_held, acts_s_fit, acts_s_held = acts[:a], acts[a:b], acts[b:c], acts[c:e]  # [n, L, d]
-    acts_la_fit = acts[e:]
-    n_sel = len(la_sel)
-    extra_sites = {k: v[len(texts):] for k, v in sites.items()}  # la_sel then jailbreak
+    Inputs of one fit, not parameters of the formulation: the fitted state records the outcome (`MarsState.layer`,
+    `detect_layer` or `inst.detect_layer`, `gate_position`, `tau_override`) and run-time overrides are
+    `SteerOptions`, so none of them is kept in `MarsConfig`.
+    """
 
-    # 2. behaviour filter ---------------------------------------------------------------------------------------------
-    behaviour: dict = {"enabled": cfg.behaviour_filter}
-    gen_prompts = u_fit + (s_fit if cfg.behaviour_filter else [])
-    gens = greedy_texts(backbone, [Query(p) for p in gen_prompts], cfg.filter_tokens, bs,
-                        _stage(progress, "behaviour filter"))
+    layer: int | None = None  # the push (steering) layer; t* is then calibrated there
+    detect_layer: int | None = None  # the layer the gate reads, at the gate's position
+    gate_position: str | None = None  # where the gate reads: "post" or "inst"
+    tau: float | None = None  # the gate threshold (the state keeps it as `tau_override`)
+
+    def __post_init__(self) -> None:
+        if self.gate_position is not None and self.gate_position not in GATE_POSITIONS:
+            raise ValueError(f"gate_position must be one of {', '.join(GATE_POSITIONS)}, got {self.gate_position!r}")
+        if self.tau is not None and not math.isfinite(self.tau):
+            raise ValueError(f"tau must be a finite number, got {self.tau}")
+
+    def check(self, num_layers: int) -> None:
+        """Raise ValueError for a forced layer outside the model's 0..num_layers - 1."""
+        for name, value in (("layer", self.layer), ("detect_layer", self.detect_layer)):
+            if value is not None and not 0 <= value < num_layers:
+                raise ValueError(f"{name} {value} is out of range 0..{num_layers - 1}")
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """The calibration text (`split_sets`) and the jailbreak prompts, in `ORDER`: the row order of its activations."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("u_fit", "u_held", "s_fit", "s_held", "la_fit", "la_sel", "jailbreak")
+    harmful: list[str]  # the (subsampled) sets the splits come from; their hashes go into the state
+    harmless: list[str]
+    u_fit: list[str]
+    u_held: list[str]
+    s_fit: list[str]
+    s_held: list[str]
+    la_fit: list[str]  # look-alikes on the safe side of the centroids
+    la_sel: list[str]  # look-alikes that only rate the gate's sites
+    jailbreak: list[str]  # only plotted (the harmfulness x refusal plane)
+
+    @classmethod
+    def of(cls, cfg: MarsConfig, harmful: Sequence[str] | None, harmless: Sequence[str] | None) -> PromptSets:
+        """Split the given (or built-in) sets as `split_sets` does, and add the jailbreak prompts not in them."""
+        sets = split_sets(cfg, harmful, harmless)
+        jailbreak = [p for p in builtin_prompts("jailbreak") if p not in set(sets["harmful"])]
+        return cls(**{k: sets[k] for k in ("harmful", "harmless", *cls.ORDER[:-1])}, jailbreak=jailbreak)
+
+    def rows(self, first: str, last: str | None = None) -> slice:
+        """The rows of the sets `first`..`last` (inclusive, in `ORDER`) in activations of all of them."""
+        i, j = self.ORDER.index(first), self.ORDER.index(last or first)
+        start = sum(len(getattr(self, n)) for n in self.ORDER[:i])
+        return slice(start, start + sum(len(getattr(self, n)) for n in self.ORDER[i:j + 1]))
+
+    def prompts(self) -> list[str]:
+        """Every prompt, in `ORDER`."""
+        return [p for name in self.ORDER for p in getattr(self, name)]
+
+
+@dataclass(frozen=True)
+class TextActs:
+    """The calibration text's residuals at one gate position, `[N, L, d]` float32 in `PromptSets.ORDER`."""
+
+    acts: torch.Tensor  # [N, L, d]
+    sets: PromptSets
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The rows of one prompt set, `[n, L, d]`."""
+        return self.acts[self.sets.rows(name)]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """Which fit prompts the t_post centroids use (the behaviour filter), and the model's own refusal opening."""
+
+    u_keep: torch.Tensor  # [len(u_fit)] bool: harmful fit prompts in the unsafe centroid
+    s_keep: torch.Tensor  # [len(s_fit)] bool: harmless fit prompts in the safe centroid
+    opening: str  # the model's most frequent refusal opening (the steerability target)
+    record: dict[str, Any]  # counts and notes (`Diagnostics.behaviour`)
+
+
+@dataclass(frozen=True)
+class AxisFit:
+    """One gate position's fitted axis (float64) and the held-out text's scores along it."""
+
+    mu_plus: torch.Tensor  # [L, d]
+    mu_minus: torch.Tensor  # [L, d]
+    r: torch.Tensor  # [L, d]
+    taus: torch.Tensor  # [L] balanced-accuracy thresholds on held-out text
+    balanced_accuracy: torch.Tensor  # [L]
+    s_u_held: torch.Tensor  # [n, L] held-out harmful text
+    s_s_held: torch.Tensor  # [n, L] held-out harmless text
+
+    def score(self, acts: torch.Tensor) -> torch.Tensor:
+        """Unsafety scores `[n, L]` of residuals `[n, L, d]` along this axis."""
+        return R.unsafety_score(acts, self.mu_minus, self.r)
+
+
+@dataclass(frozen=True)
+class NeutralMedia:
+    """Neutral inputs paired with safe fit prompts, their residuals, and the modality offsets they measure."""
+
+    prompts: list[str]  # the safe fit prompts paired with neutral inputs
+    images: list  # K solid-colour images (prompt i gets image i mod K)
+    videos: list | None  # K solid-colour videos; None when the model takes no video
+    acts: dict[str, torch.Tensor]  # modality -> [n, L, d] at t_post (plotted)
+    offsets: dict[str, dict[str, torch.Tensor]]  # position -> modality -> delta [L, d]
+
+
+@dataclass(frozen=True)
+class GateSite:
+    """Where the gate reads: its position, each position's own layer, and what the choice measured."""
+
+    position: str
+    layers: dict[str, int]  # position -> the layer the gate reads there
+    record: dict[str, Any]  # `Diagnostics.gate_choice`
+
+
+# ---- the steps ------------------------------------------------------------------------------------------------------
+def _text_activations(backbone: Backbone, sets: PromptSets, batch_size: int,
+                      progress: CalibrationProgress | None) -> dict[str, TextActs]:
+    """Residuals of every calibration prompt at both gate positions (t_post: the last prompt position; t_inst: the
+    user's last token), in one pass."""
+    sites = collect_sites(backbone, [Query(p) for p in sets.prompts()], batch_size,
+                          _stage(progress, "text activations"))
+    return {pos: TextActs(acts, sets) for pos, acts in sites.items()}
+
+
+def _behaviour_filter(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, judge: RefusalJudge,
+                      progress: CalibrationProgress | None) -> Behaviour:
+    """Keep the harmful fit prompts the model refuses and the harmless ones it answers (short greedy answers)."""
+    n_u = len(sets.u_fit)
+    gens = greedy_texts(backbone, [Query(p) for p in sets.u_fit + (sets.s_fit if cfg.behaviour_filter else [])],
+                        cfg.filter_tokens, cfg.batch_size, _stage(progress, "behaviour filter"))
     verdicts = judge([t for _, t in gens])
-    u_refused = torch.tensor(verdicts[:a], dtype=torch.bool)
-    opening = _refusal_opening(gens[:a], verdicts[:a], backbone.tokenizer)
-    behaviour.update(harmful_total=a, harmful_refused=int(u_refused.sum()), refusal_opening=opening)
-    u_keep = torch.ones(a, dtype=torch.bool)
-    s_keep = torch.ones(len(s_fit), dtype=torch.bool)
+    u_refused = torch.tensor(verdicts[:n_u], dtype=torch.bool)
+    opening = _refusal_opening(gens[:n_u], verdicts[:n_u], backbone.tokenizer)
+    record: dict[str, Any] = {"enabled": cfg.behaviour_filter, "harmful_total": n_u,
+                              "harmful_refused": int(u_refused.sum()), "refusal_opening": opening}
+    u_keep = torch.ones(n_u, dtype=torch.bool)
+    s_keep = torch.ones(len(sets.s_fit), dtype=torch.bool)
     notes: list[str] = []
     if cfg.behaviour_filter:
-        s_answered = ~torch.tensor(verdicts[a:], dtype=torch.bool)
-        behaviour.update(harmless_total=len(s_fit), harmless_answered=int(s_answered.sum()))
+        s_answered = ~torch.tensor(verdicts[n_u:], dtype=torch.bool)
+        record.update(harmless_total=len(sets.s_fit), harmless_answered=int(s_answered.sum()))
         if int(u_refused.sum()) >= cfg.min_refused:
             u_keep = u_refused
         else:
-            notes.append(f"behaviour filter: only {int(u_refused.sum())} of {a} harmful fit prompts were refused "
+            notes.append(f"behaviour filter: only {int(u_refused.sum())} of {n_u} harmful fit prompts were refused "
                          f"(< {cfg.min_refused}); the unsafe centroid uses all of them")
         if int(s_answered.sum()) >= 2:
             s_keep = s_answered
         else:
             notes.append("behaviour filter: fewer than 2 harmless prompts were answered; the safe centroid uses all")
-    behaviour.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()),
-                     lookalike_used=len(la_fit))
+    record.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()),
+                  lookalike_used=len(sets.la_fit))
+    return Behaviour(u_keep=u_keep, s_keep=s_keep, opening=opening, record=record)
 
-    # 3. centroids, directions, thresholds ----------------------------------------------------------------------------
-    # Look-alikes (harmless requests with alarming words) join the safe side by intent, whatever the model does with
-    # them: on the real 0.5B backbone this raised held-out separability at the best layer from 0.972 to 0.987 and
-    # cut the gate's false positives on plain harmless text from 0.105 to 0.026 (bench/detectors.py).
-    mu_plus = G.mean_activation(acts_u_fit[u_keep])  # [L, d] float64
-    mu_minus = G.mean_activation(torch.cat([acts_s_fit[s_keep], acts_la_fit]))
-    r, _ = G.refusal_direction(mu_plus, mu_minus)
-    s_u_held, s_s_held = G.unsafety_score(acts_u_held, mu_minus, r), G.unsafety_score(acts_s_held, mu_minus, r)
-    taus, bacc = G.balanced_accuracy_threshold(s_u_held, s_s_held)  # [L], [L]
-    fpr = (s_s_held > taus).double().mean(0)  # [L] gate opens on held-out harmless text
-    fnr = (s_u_held <= taus).double().mean(0)  # [L] gate stays closed on held-out harmful text
-    s_u_fit = G.unsafety_score(acts_u_fit[u_keep], mu_minus, r)
-    s_s_fit = G.unsafety_score(acts_s_fit[s_keep], mu_minus, r)
 
-    # 4. modality offsets from neutral media ---------------------------------------------------------------------------
-    n_prompts = s_fit[: cfg.neutral_prompts]
-    idx_text = [s_fit.index(p) for p in n_prompts]
+def _fit_axis(acts: TextActs, u_keep: torch.Tensor | None = None, s_keep: torch.Tensor | None = None) -> AxisFit:
+    """Centroids, refusal directions and balanced-accuracy thresholds at one position (masks: the behaviour filter).
+
+    Look-alikes (harmless requests with alarming words) join the safe side by intent, whatever the model does with
+    them: on the real 0.5B backbone this raised held-out separability at the best layer from 0.972 to 0.987 and cut
+    the gate's false positives on plain harmless text from 0.105 to 0.026 (bench/detectors.py).
+    """
+    u_fit = acts["u_fit"] if u_keep is None else acts["u_fit"][u_keep]
+    s_fit = acts["s_fit"] if s_keep is None else acts["s_fit"][s_keep]
+    mu_plus = R.mean_activation(u_fit)  # [L, d] float64
+    mu_minus = R.mean_activation(torch.cat([s_fit, acts["la_fit"]]))
+    r, _ = R.refusal_direction(mu_plus, mu_minus)
+    s_u_held, s_s_held = R.unsafety_score(acts["u_held"], mu_minus, r), R.unsafety_score(acts["s_held"], mu_minus, r)
+    taus, bacc = S.balanced_accuracy_threshold(s_u_held, s_s_held)  # [L], [L]
+    return AxisFit(mu_plus, mu_minus, r, taus, bacc, s_u_held, s_s_held)
+
+
+def _neutral_media(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, text: dict[str, TextActs],
+                   progress: CalibrationProgress | None) -> NeutralMedia:
+    """Modality offsets at both positions: safe fit prompts with neutral solid-colour images (and videos) minus the
+    same prompts as text."""
+    prompts = sets.s_fit[: cfg.neutral_prompts]
+    as_text = [sets.s_fit.index(p) for p in prompts]  # the same prompts' rows among the safe fit text
     images = neutral_images(cfg.k_neutral, seed=cfg.seed, size=cfg.neutral_size)
-    img_sites = collect_sites(backbone, [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(n_prompts)],
-                              bs, _stage(progress, "neutral images"))
-    acts_img = img_sites["post"]
-    text_idx = [b + i for i in idx_text]  # the same prompts as text, in `acts` / `acts_i`
-    offsets = {"image": G.modality_offset(acts_img, acts_s_fit[idx_text])}
-    offsets_i = {"image": G.modality_offset(img_sites["inst"], acts_i[text_idx])}
-    acts_vid = None
+    queries = {"image": [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(prompts)]}
+    videos = None
     if "video" in backbone.modalities:
         videos = [neutral_video(cfg.neutral_video_frames, seed=cfg.seed + SEED_NEUTRAL_VIDEOS + k,
                                 size=cfg.neutral_size) for k in range(cfg.k_neutral)]
-        vid_sites = collect_sites(backbone, [Query(p, video=tuple(videos[i % len(videos)]))
-                                             for i, p in enumerate(n_prompts)], bs, _stage(progress, "neutral videos"))
-        acts_vid = vid_sites["post"]
-        offsets["video"] = G.modality_offset(acts_vid, acts_s_fit[idx_text])
-        offsets_i["video"] = G.modality_offset(vid_sites["inst"], acts_i[text_idx])
+        queries["video"] = [Query(p, video=tuple(videos[i % len(videos)])) for i, p in enumerate(prompts)]
+    acts: dict[str, torch.Tensor] = {}
+    offsets: dict[str, dict[str, torch.Tensor]] = {pos: {} for pos in text}
+    for modality, qs in queries.items():
+        sites = collect_sites(backbone, qs, cfg.batch_size, _stage(progress, f"neutral {modality}s"))
+        acts[modality] = sites["post"]
+        for pos in offsets:
+            offsets[pos][modality] = R.modality_offset(sites[pos], text[pos]["s_fit"][as_text])
+    return NeutralMedia(prompts=prompts, images=images, videos=videos, acts=acts, offsets=offsets)
 
-    # misalignment on *held-out* safe prompts with neutral images (not the prompts the offset was fitted on)
-    held_n = s_held[: cfg.neutral_prompts]
-    acts_img_held = collect_activations(backbone, [Query(p, images=(images[(i + HELDOUT_COLOUR_SHIFT) % len(images)],))
-                                                   for i, p in enumerate(held_n)], bs,
-                                        _stage(progress, "misalignment"))
-    mis_before = G.misalignment(G.unsafety_score(acts_img_held, mu_minus, r))
-    mis_after = G.misalignment(G.unsafety_score(G.recentre(acts_img_held, offsets["image"]), mu_minus, r))
-    mis_video: dict[str, list[float]] = {}
-    if acts_vid is not None:
-        acts_vid_held = collect_activations(backbone, [Query(p, video=tuple(neutral_video(
-            cfg.neutral_video_frames, seed=cfg.seed + SEED_HELDOUT_VIDEOS + i, size=cfg.neutral_size)))
-            for i, p in enumerate(held_n)], bs, _stage(progress, "misalignment (video)"))
-        mis_video["misalignment_video_before"] = [float(x) for x in G.misalignment(
-            G.unsafety_score(acts_vid_held, mu_minus, r))]
-        mis_video["misalignment_video_after"] = [float(x) for x in G.misalignment(
-            G.unsafety_score(G.recentre(acts_vid_held, offsets["video"]), mu_minus, r))]
 
-    # 5. layer scores and choice ---------------------------------------------------------------------------------------
-    gains = refusal_logprob_gain(backbone, s_held[: cfg.steer_prompts], opening, mu_minus, r, 1.0, bs,
-                                 _stage(progress, "steerability"))
-    steer = G.normalise_steerability(gains)
-    sep, cons = G.auroc(s_u_held, s_s_held), G.consistency(acts_u_fit[u_keep], mu_minus, r)
-    combined = G.combined_score(cons, steer)
-    scores = G.LayerScores(separability=sep, fisher=G.fisher_ratio(s_u_held, s_s_held), consistency=cons,
-                           split_half=G.split_half_cosine(acts_u_fit[u_keep], acts_s_fit[s_keep], seed=cfg.seed),
-                           steerability=steer, misalignment_before=mis_before, misalignment_after=mis_after,
-                           combined=combined)
-    allowed = G.allowed_layer_range(sep, cfg.min_sep_frac)
-    for name, value in (("layer", cfg.layer), ("detect_layer", cfg.detect_layer)):
-        if value is not None and not 0 <= value < backbone.num_layers:
-            raise ValueError(f"{name} {value} is out of range 0..{backbone.num_layers - 1}")
-    layer = cfg.layer if cfg.layer is not None else G.choose_layer(combined, allowed)
-    # 8. (before t*, which does not depend on it) the gate's site: both positions' axes, rated on held-out prompts
-    mu_plus_i = G.mean_activation(acts_i[:a])  # by intent: every harmful fit prompt, refused or not
-    mu_minus_i = G.mean_activation(torch.cat([acts_i[b:c], acts_i[e:]]))
-    r_i, _ = G.refusal_direction(mu_plus_i, mu_minus_i)
-    s_u_held_i, s_s_held_i = G.unsafety_score(acts_i[a:b], mu_minus_i, r_i), G.unsafety_score(acts_i[c:e], mu_minus_i,
-                                                                                              r_i)
-    taus_i, _ = G.balanced_accuracy_threshold(s_u_held_i, s_s_held_i)
-    sel = {"post": G.unsafety_score(extra_sites["post"][:n_sel], mu_minus, r),
-           "inst": G.unsafety_score(extra_sites["inst"][:n_sel], mu_minus_i, r_i)}
-    rates = {"post": G.gate_rates(s_u_held, s_s_held, sel["post"], taus),
-             "inst": G.gate_rates(s_u_held_i, s_s_held_i, sel["inst"], taus_i)}
-    seps = {"post": sep, "inst": G.auroc(s_u_held_i, s_s_held_i)}
-    # the same rated prompts with their final punctuation flipped, a trailing space and lower case: a site whose
-    # decision follows the surface (t_inst is often "?" or ".") is not eligible
-    surface: dict[str, torch.Tensor] = {}
-    if cfg.surface_check:
-        rated = u_held + s_held + la_sel
-        forms = collect_sites(backbone, [Query(surface_forms(p)[f]) for f in SURFACE_FORMS for p in rated], bs,
-                              _stage(progress, "surface forms"))
-        held = {"post": (s_u_held, s_s_held, mu_minus, r, taus), "inst": (s_u_held_i, s_s_held_i, mu_minus_i, r_i,
-                                                                           taus_i)}
-        for pos, (s_u, s_s, mu_m, rr, tt) in held.items():
-            s_orig = torch.cat([s_u, s_s, sel[pos]])  # [N, L]: the rated prompts' scores, computed above
-            s_f = G.unsafety_score(forms[pos], mu_m, rr).view(len(SURFACE_FORMS), len(rated), -1)  # [F, N, L]
-            surface[pos] = G.surface_agreement(s_orig, s_f, tt)
+def _misalignment(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, neutral: NeutralMedia, post: AxisFit,
+                  progress: CalibrationProgress | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per modality: misalignment `[L]` of *held-out* safe prompts with other neutral inputs than the offsets were
+    fitted on, (before, after) re-centring at t_post."""
+    held = sets.s_held[: cfg.neutral_prompts]
+    queries = {"image": [Query(p, images=(neutral.images[(i + HELDOUT_COLOUR_SHIFT) % len(neutral.images)],))
+                         for i, p in enumerate(held)]}
+    if neutral.videos is not None:
+        queries["video"] = [Query(p, video=tuple(neutral_video(cfg.neutral_video_frames, size=cfg.neutral_size,
+                                                               seed=cfg.seed + SEED_HELDOUT_VIDEOS + i)))
+                            for i, p in enumerate(held)]
+    out = {}
+    for modality, qs in queries.items():
+        acts = collect_activations(backbone, qs, cfg.batch_size,
+                                   _stage(progress, "misalignment" + ("" if modality == "image" else f" ({modality})")))
+        delta = neutral.offsets["post"][modality]
+        out[modality] = (S.misalignment(post.score(acts)), S.misalignment(post.score(R.recentre(acts, delta))))
+    return out
+
+
+def _layer_scores(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, text: TextActs, behaviour: Behaviour,
+                  post: AxisFit, misalignment: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  progress: CalibrationProgress | None) -> tuple[S.LayerScores, torch.Tensor]:
+    """Per-layer separability, consistency, steerability (and its raw gains `[L]`) and image misalignment."""
+    gains = refusal_logprob_gain(backbone, sets.s_held[: cfg.steer_prompts], behaviour.opening, post.mu_minus, post.r,
+                                 1.0, cfg.batch_size, _stage(progress, "steerability"))
+    steer = S.normalise_steerability(gains)
+    u_fit = text["u_fit"][behaviour.u_keep]
+    cons = S.consistency(u_fit, post.mu_minus, post.r)
+    before, after = misalignment["image"]
+    scores = S.LayerScores(separability=S.auroc(post.s_u_held, post.s_s_held),
+                           fisher=S.fisher_ratio(post.s_u_held, post.s_s_held), consistency=cons,
+                           split_half=S.split_half_cosine(u_fit, text["s_fit"][behaviour.s_keep], seed=cfg.seed),
+                           steerability=steer, misalignment_before=before, misalignment_after=after,
+                           combined=S.combined_score(cons, steer))
+    return scores, gains
+
+
+def _push_layer(cfg: MarsConfig, choices: FitChoices, scores: S.LayerScores) -> tuple[int, range]:
+    """The push layer (best consistency x steerability in the allowed range, unless forced) and that range."""
+    allowed = S.allowed_layer_range(scores.separability, cfg.min_sep_frac)
+    layer = choices.layer if choices.layer is not None else S.choose_layer(scores.combined, allowed)
+    return layer, allowed
+
+
+def _surface_agreement(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, axes: dict[str, AxisFit],
+                       s_select: dict[str, torch.Tensor], progress: CalibrationProgress | None
+                       ) -> dict[str, torch.Tensor]:
+    """Per position, per layer `[L]`: the share of rated prompts whose gate decision survives surface changes (final
+    punctuation flipped, a trailing space, lower case); {} when `cfg.surface_check` is off. A site whose decision
+    follows the surface (t_inst is often "?" or ".") is not eligible."""
+    if not cfg.surface_check:
+        return {}
+    rated = sets.u_held + sets.s_held + sets.la_sel
+    forms = collect_sites(backbone, [Query(surface_forms(p)[f]) for f in SURFACE_FORMS for p in rated],
+                          cfg.batch_size, _stage(progress, "surface forms"))
+    out = {}
+    for pos, axis in axes.items():
+        s_orig = torch.cat([axis.s_u_held, axis.s_s_held, s_select[pos]])  # [N, L]: the rated prompts' scores
+        s_forms = axis.score(forms[pos]).view(len(SURFACE_FORMS), len(rated), -1)  # [F, N, L]
+        out[pos] = S.surface_agreement(s_orig, s_forms, axis.taus)
+    return out
+
+
+def _gate_site(backbone: Backbone, cfg: MarsConfig, choices: FitChoices, sets: PromptSets, text: dict[str, TextActs],
+               axes: dict[str, AxisFit], progress: CalibrationProgress | None) -> GateSite:
+    """The (position, layer) with the best held-out detection rate minus false-positive rates (harmless, look-alike
+    selection split) among the surface-stable sites, unless forced; and the other position's own best layer."""
+    s_select = {pos: axis.score(text[pos]["la_sel"]) for pos, axis in axes.items()}
+    rates = {pos: S.gate_rates(axis.s_u_held, axis.s_s_held, s_select[pos], axis.taus) for pos, axis in axes.items()}
+    quality = {pos: v["quality"] for pos, v in rates.items()}
+    seps = {pos: S.auroc(axis.s_u_held, axis.s_s_held) for pos, axis in axes.items()}
+    surface = _surface_agreement(backbone, cfg, sets, axes, s_select, progress)
     eligible = {pos: v >= cfg.min_surface_agreement for pos, v in surface.items()} or None
-    position, best = G.choose_gate_site({k: v["quality"] for k, v in rates.items()}, seps, eligible=eligible)
-    if cfg.gate_position is not None:
-        position = cfg.gate_position
-        best = int(torch.argmax(torch.where(torch.isfinite(rates[position]["quality"]), rates[position]["quality"],
-                                            torch.full_like(rates[position]["quality"], -math.inf))))
-    if cfg.detect_layer is not None:
-        best = cfg.detect_layer
-    # each position's own layer: the chosen one, and the best of the other position by the same measure
-    site_layers = {pos: best if pos == position else G.choose_gate_site(
-        {pos: rates[pos]["quality"]}, seps, (pos,), None if eligible is None else {pos: eligible[pos]})[1]
-        for pos in rates}
-    detect = site_layers["post"]
-    inst_axis = GateAxis("inst", mu_plus_i, mu_minus_i, taus_i, offsets_i, site_layers["inst"])
-    gate_choice = {"position": position, "chosen_by": "override" if cfg.gate_position or cfg.detect_layer is not None
-                   else "held-out tpr - fpr harmless - fpr look-alike", "n_lookalike_select": n_sel,
-                   "min_surface_agreement": cfg.min_surface_agreement if surface else None,
-                   "surface_fallback": bool(eligible) and not any(bool(v.any()) for v in eligible.values()),
-                   **{pos: {"layer": site_layers[pos], "separability": [float(x) for x in seps[pos]],
-                            **({"surface_agreement": [float(x) for x in surface[pos]]} if surface else {}),
-                            **{k: [float(x) for x in v] for k, v in rates[pos].items()}} for pos in rates}}
+    position, best = S.choose_gate_site(quality, seps, eligible=eligible)
+    if choices.gate_position is not None:
+        position, q = choices.gate_position, quality[choices.gate_position]
+        best = int(torch.argmax(torch.where(torch.isfinite(q), q, torch.full_like(q, -math.inf))))
+    if choices.detect_layer is not None:
+        best = choices.detect_layer
+    layers = {pos: best if pos == position else S.choose_gate_site(
+        {pos: quality[pos]}, seps, (pos,), None if eligible is None else {pos: eligible[pos]})[1] for pos in axes}
+    forced = choices.gate_position is not None or choices.detect_layer is not None
+    record = {"position": position,
+              "chosen_by": "override" if forced else "held-out tpr - fpr harmless - fpr look-alike",
+              "n_lookalike_select": len(sets.la_sel),
+              "min_surface_agreement": cfg.min_surface_agreement if surface else None,
+              "surface_fallback": bool(eligible) and not any(bool(v.any()) for v in eligible.values()),
+              **{pos: {"layer": layers[pos], "separability": [float(x) for x in seps[pos]],
+                       **({"surface_agreement": [float(x) for x in surface[pos]]} if surface else {}),
+                       **{k: [float(x) for x in v] for k, v in rates[pos].items()}} for pos in axes}}
+    return GateSite(position=position, layers=layers, record=record)
 
-    # 6. target level t* ---------------------------------------------------------------------------------------------
-    curve = _target_curve(backbone, s_held[: cfg.curve_prompts], layer, mu_minus[layer], r[layer], cfg.levels, judge,
-                          cfg.filter_tokens, bs, _stage(progress, "target level"))
-    t_star = G.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol)
 
-    # 7. per-position offsets for the "Where in the input" maps, at the gate's layer (neutral media, fit prompts)
-    map_stats: dict = {}
-    if cfg.map_neutral > 0:
-        k = cfg.map_neutral
-        map_queries = {"image": [Query(p, images=(images[i % len(images)],)) for i, p in enumerate(n_prompts[:k])]}
-        if acts_vid is not None:
-            map_queries["video"] = [Query(p, video=tuple(videos[i % len(videos)])) for i, p in enumerate(n_prompts[:k])]
-        gate_layer, gate_mu_minus = site_layers[position], (mu_minus if position == "post" else mu_minus_i)
-        cells, tokens = neutral_position_offsets(backbone, map_queries, gate_layer, gate_mu_minus[gate_layer],
-                                                 _stage(progress, "map offsets"))
-        map_stats = dict(map_layer=gate_layer, map_position=position, map_cells=cells, map_tokens=tokens)
+def _target_level(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, layer: int, post: AxisFit,
+                  judge: RefusalJudge, progress: CalibrationProgress | None) -> tuple[dict[float, float], float]:
+    """The refusal curve of held-out harmless text pushed to each level at `layer`, and t* chosen on it."""
+    curve = _target_curve(backbone, sets.s_held[: cfg.curve_prompts], layer, post.mu_minus[layer], post.r[layer],
+                          cfg.levels, judge, cfg.filter_tokens, cfg.batch_size, _stage(progress, "target level"))
+    return curve, float(S.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol))
 
-    # points for the centroid and plane plots: raw at the chosen layer (for UMAP), 2-D PCA at every layer
-    every = [acts, acts_img] + ([acts_vid] if acts_vid is not None else [])
-    all_acts = torch.cat(every)  # [N, L, d]
-    labels = ["unsafe"] * b + ["safe"] * (len(texts) - b) + ["image"] * len(acts_img)
-    if acts_vid is not None:
-        labels += ["video"] * len(acts_vid)
+
+def _map_offsets(backbone: Backbone, cfg: MarsConfig, neutral: NeutralMedia, site: GateSite, axes: dict[str, AxisFit],
+                 progress: CalibrationProgress | None) -> dict[str, Any]:
+    """Per-position offsets of neutral inputs at the gate's site, for the "Where in the input" maps (`Diagnostics`
+    fields; {} when `cfg.map_neutral` is 0)."""
+    if cfg.map_neutral <= 0:
+        return {}
+    prompts = neutral.prompts[: cfg.map_neutral]
+    queries = {"image": [Query(p, images=(neutral.images[i % len(neutral.images)],)) for i, p in enumerate(prompts)]}
+    if neutral.videos is not None:
+        queries["video"] = [Query(p, video=tuple(neutral.videos[i % len(neutral.videos)]))
+                            for i, p in enumerate(prompts)]
+    layer = site.layers[site.position]
+    cells, tokens = neutral_position_offsets(backbone, queries, layer, axes[site.position].mu_minus[layer],
+                                             _stage(progress, "map offsets"))
+    return dict(map_layer=layer, map_position=site.position, map_cells=cells, map_tokens=tokens)
+
+
+def _plot_points(sets: PromptSets, text: dict[str, TextActs], neutral: NeutralMedia, axes: dict[str, AxisFit],
+                 layer: int, inst_layer: int) -> dict[str, Any]:
+    """The calibration points the dashboard draws (`Diagnostics` fields): raw at the push layer (for UMAP), 2-D PCA
+    and (score, plane PC) at every layer, and the harmfulness x refusal plane (x at t_inst, y at the push layer)."""
+    fitted = sets.rows("u_fit", "la_fit")  # the text the centroids and thresholds were fitted on
+    all_acts = torch.cat([text["post"].acts[fitted], *neutral.acts.values()])  # [N, L, d]
+    n_unsafe = len(sets.u_fit) + len(sets.u_held)
+    labels = ["unsafe"] * n_unsafe + ["safe"] * (fitted.stop - n_unsafe)
+    for modality, acts in neutral.acts.items():
+        labels += [modality] * len(acts)
+    post, inst = axes["post"], axes["inst"]
     proj_mean, proj_basis = pca_basis(all_acts)
-    proj_points = torch.einsum("nld,lkd->nlk", all_acts - proj_mean, proj_basis)  # [N, L, 2]
-    plane_pc = plane_basis(all_acts, mu_minus, r)  # [L, d]
-    plane_points = torch.stack([plane_coords(all_acts[:, i], mu_minus[i], r[i], plane_pc[i])
-                                for i in range(backbone.num_layers)], 1)  # [N, L, 2]
-    # the harmfulness x refusal plane: x at t_inst (the inst axis at its layer), y at t_post (the push layer)
-    li = site_layers["inst"]
-    hr_post = torch.cat([acts, extra_sites["post"]])[:, layer]  # [N, d]: texts, then la_sel, then jailbreak
-    hr_inst = torch.cat([acts_i, extra_sites["inst"]])[:, li]
-    hr_points = torch.stack([G.unsafety_score(hr_inst, mu_minus_i[li], r_i[li]),
-                             G.unsafety_score(hr_post, mu_minus[layer], r[layer])], dim=1).float()  # [N, 2]
-    hr_labels = (["harmful"] * b + ["harmless"] * (e - b) + ["look-alike"] * (len(la_fit) + n_sel)
-                 + ["jailbreak"] * len(jailbreak))
+    plane_pc = plane_basis(all_acts, post.mu_minus, post.r)  # [L, d]
+    plane_points = torch.stack([plane_coords(all_acts[:, i], post.mu_minus[i], post.r[i], plane_pc[i])
+                                for i in range(all_acts.shape[1])], 1)  # [N, L, 2]
+    li = inst_layer  # every prompt set (the look-alike selection split and jailbreak prompts too)
+    hr_points = torch.stack([R.unsafety_score(text["inst"].acts[:, li], inst.mu_minus[li], inst.r[li]),
+                             R.unsafety_score(text["post"].acts[:, layer], post.mu_minus[layer], post.r[layer])],
+                            dim=1).float()  # [N, 2]
+    hr_labels = (["harmful"] * n_unsafe + ["harmless"] * (len(sets.s_fit) + len(sets.s_held))
+                 + ["look-alike"] * (len(sets.la_fit) + len(sets.la_sel)) + ["jailbreak"] * len(sets.jailbreak))
+    return dict(calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
+                proj_basis=proj_basis, proj_points=torch.einsum("nld,lkd->nlk", all_acts - proj_mean, proj_basis),
+                plane_pc=plane_pc, plane_points=plane_points, hr_points=hr_points, hr_labels=hr_labels)
+
+
+def _gate_errors(text: TextActs, behaviour: Behaviour, post: AxisFit) -> dict[str, Any]:
+    """Per-layer spreads of the fit scores and the gate's held-out balanced accuracy, FPR and FNR (`Diagnostics`)."""
+    s_u_fit = post.score(text["u_fit"][behaviour.u_keep])
+    s_s_fit = post.score(text["s_fit"][behaviour.s_keep])
+    fpr = (post.s_s_held > post.taus).double().mean(0)  # [L] gate opens on held-out harmless text
+    fnr = (post.s_u_held <= post.taus).double().mean(0)  # [L] gate stays closed on held-out harmful text
+    return dict(spread_unsafe=s_u_fit.std(dim=0, unbiased=False), spread_safe=s_s_fit.std(dim=0, unbiased=False),
+                balanced_accuracy=[float(x) for x in post.balanced_accuracy], gate_fpr=[float(x) for x in fpr],
+                gate_fnr=[float(x) for x in fnr])
+
+
+def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
+              harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
+              progress: CalibrationProgress | None = None, *, choices: FitChoices | None = None) -> MarsState:
+    """Fit MARS on `backbone` from text prompt sets (default: our built-in sets) and neutral media.
+
+    `choices` forces the push layer, the gate's position / layer and its threshold instead of measuring them.
+    """
+    cfg, choices, judge = config or MarsConfig(), choices or FitChoices(), judge or default_judge()
+    choices.check(backbone.num_layers)
+    sets = PromptSets.of(cfg, harmful, harmless)
+    text = _text_activations(backbone, sets, cfg.batch_size, progress)
+    behaviour = _behaviour_filter(backbone, cfg, sets, judge, progress)
+    post = _fit_axis(text["post"], behaviour.u_keep, behaviour.s_keep)
+    neutral = _neutral_media(backbone, cfg, sets, text, progress)
+    misalignment = _misalignment(backbone, cfg, sets, neutral, post, progress)
+    scores, gains = _layer_scores(backbone, cfg, sets, text["post"], behaviour, post, misalignment, progress)
+    layer, allowed = _push_layer(cfg, choices, scores)
+    axes = {"post": post, "inst": _fit_axis(text["inst"])}  # t_inst by intent: every harmful fit prompt
+    site = _gate_site(backbone, cfg, choices, sets, text, axes, progress)
+    curve, t_star = _target_level(backbone, cfg, sets, layer, post, judge, progress)
+    maps = _map_offsets(backbone, cfg, neutral, site, axes, progress)
+    video = {}
+    if "video" in misalignment:
+        before, after = misalignment["video"]
+        video = {"misalignment_video_before": [float(x) for x in before],
+                 "misalignment_video_after": [float(x) for x in after]}
     diagnostics = Diagnostics(
-        layer_scores=scores, target_curve=curve, spread_unsafe=s_u_fit.std(dim=0, unbiased=False),
-        spread_safe=s_s_fit.std(dim=0, unbiased=False), balanced_accuracy=[float(x) for x in bacc],
-        gate_fpr=[float(x) for x in fpr], gate_fnr=[float(x) for x in fnr],
-        steerability_gain_nats=[float(x) for x in gains], allowed_layers=(allowed.start, allowed.stop),
-        refusal_opening=opening, behaviour=behaviour,
-        prompt_hashes={"harmful": prompts_hash(harmful), "harmless": prompts_hash(harmless)},
-        calib_points=all_acts[:, layer].float().clone(), calib_labels=labels, proj_mean=proj_mean,
-        proj_basis=proj_basis, proj_points=proj_points, plane_pc=plane_pc, plane_points=plane_points, **mis_video,
-        **map_stats, gate_choice=gate_choice, hr_points=hr_points, hr_labels=hr_labels)
+        layer_scores=scores, target_curve=curve, steerability_gain_nats=[float(x) for x in gains],
+        allowed_layers=(allowed.start, allowed.stop), refusal_opening=behaviour.opening, behaviour=behaviour.record,
+        prompt_hashes={"harmful": prompts_hash(sets.harmful), "harmless": prompts_hash(sets.harmless)},
+        gate_choice=site.record, **_gate_errors(text["post"], behaviour, post), **video, **maps,
+        **_plot_points(sets, text, neutral, axes, layer, site.layers["inst"]))
+    inst = axes["inst"]
     return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,
-                     hidden_size=backbone.hidden_size, mu_plus=mu_plus, mu_minus=mu_minus, offsets=offsets, taus=taus,
-                     layer=layer, target_level=float(t_star), config=cfg, diagnostics=diagnostics,
-                     detect_layer=detect, inst=inst_axis, gate_position=position)
+                     hidden_size=backbone.hidden_size, mu_plus=post.mu_plus, mu_minus=post.mu_minus,
+                     offsets=neutral.offsets["post"], taus=post.taus, layer=layer, target_level=t_star, config=cfg,
+                     diagnostics=diagnostics, detect_layer=site.layers["post"], gate_position=site.position,
+                     inst=GateAxis("inst", inst.mu_plus, inst.mu_minus, inst.taus, neutral.offsets["inst"],
+                                   site.layers["inst"]),
+                     tau_override=choices.tau)

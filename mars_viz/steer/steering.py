@@ -1,7 +1,7 @@
 """MARS at the first generated token: score the last prompt position, gate, push inside the trust region.
 
 This module turns a fitted `MarsState` + user options into a `Plan` (push layer, detection layer, rule) and an edit
-function for `hooks.edit_position`. The maths is `geometry.mars_response`; the hook mechanics are `hooks`; nothing
+function for `hooks.edit_position`. The maths is `rule.mars_response`; the hook mechanics are `hooks`; nothing
 else happens here.
 
 Conditional MARS: the gate may read its score at another layer than the push (the layer that separates best need
@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from ..core.geometry import MarsRule, mars_response, unsafety_score
+from ..core.rule import MarsRule, mars_response, unsafety_score
 from ..core.state import MarsState
 from ..model.backbone import Backbone
 from ..model.hooks import EditRecord, edit_position, read_position
@@ -127,7 +127,7 @@ def gate_scores(state: MarsState, p: Plan, h_detect: torch.Tensor, modalities: S
 
 
 def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | None, gate: dict | None = None):
-    """Edit function `(h [B, d], info) -> h'` applying `geometry.mars_response` at the push layer.
+    """Edit function `(h [B, d], info) -> h'` applying `rule.mars_response` at the push layer.
 
     `deltas` `[B, d]` are the per-row modality offsets at the push layer (zeros for text rows), or None for no
     re-centring. `gate["s"]` `[B]`, when the gate is read at another layer, holds the detection layer's scores (set

@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..core.state import STATE_JSON, STATE_TENSORS, MarsConfig
 from ..data.datasets import load_prompts
-from ..fit.calibrate import calibrate
+from ..fit.calibrate import FitChoices, calibrate
 from .common import gr_progress, user_errors
 from .session import Session
 
@@ -63,36 +63,44 @@ def _path(f):
     return None if f is None else (f.get("path") if isinstance(f, dict) else getattr(f, "name", f))
 
 
-def build(session: Session) -> None:
-    with gr.Row():
-        with gr.Column():
-            gr.Markdown("### Model")
-            model = gr.Dropdown(presets(), value=None, allow_custom_value=True, elem_id="model_id",
-                                label="Preset, any hub id, or a local folder")
-            load_model = gr.Button("Load model (replaces the current one for every user)", elem_id="load_model")
-            gr.Markdown("### Calibration")
-            harmful = gr.File(label="Harmful prompts (.txt/.jsonl/.json/.csv; default: built-in set)",
-                              elem_id="harmful_file")
-            harmless = gr.File(label="Harmless prompts (default: built-in set)", elem_id="harmless_file")
-            with gr.Row():
-                max_prompts = gr.Number(value=128, precision=0, label="Prompts per set (0 = all)")
-                k_neutral = gr.Number(value=16, precision=0, label="K neutral inputs")
-                neutral_prompts = gr.Number(value=32, precision=0, label="Safe prompts × neutral inputs")
-            with gr.Row():
-                margin = gr.Number(value=0.1, label="Gate ramp margin m")
-                levels = gr.Textbox(value="1,1.5,2,3,4,6,8", label="Target-level grid")
-                layer = gr.Textbox(value="", label="Force push layer (empty = auto)")
-                detect_layer = gr.Textbox(value="", label="Force gate (detection) layer (empty = auto)")
-            behaviour = gr.Checkbox(value=True, label="Behaviour filter (refused harmful / answered harmless only)")
-            fit = gr.Button("Fit", variant="primary", elem_id="fit")
-            gr.Markdown("### Save or load a state")
-            save = gr.Button("Download the fitted state (zip: safetensors + JSON)", elem_id="save_state")
-            saved = gr.File(label="State", elem_id="state_file")
-            upload = gr.File(label="Load a state: mars_state.json + mars_state.safetensors (or the zip)",
-                             file_count="multiple", elem_id="load_state_files")
-        with gr.Column():
-            summary = gr.JSON(value=lambda: state_summary(session), label="Model and state", elem_id="state_summary")
+def _model_section() -> tuple[gr.Dropdown, gr.Button]:
+    gr.Markdown("### Model")
+    model = gr.Dropdown(presets(), value=None, allow_custom_value=True, elem_id="model_id",
+                        label="Preset, any hub id, or a local folder")
+    load_model = gr.Button("Load model (replaces the current one for every user)", elem_id="load_model")
+    return model, load_model
 
+
+def _calibration_section() -> tuple[list, gr.Button]:
+    """The fit's inputs (in the order of `/fit`'s parameters) and the Fit button."""
+    gr.Markdown("### Calibration")
+    harmful = gr.File(label="Harmful prompts (.txt/.jsonl/.json/.csv; default: built-in set)", elem_id="harmful_file")
+    harmless = gr.File(label="Harmless prompts (default: built-in set)", elem_id="harmless_file")
+    with gr.Row():
+        max_prompts = gr.Number(value=128, precision=0, label="Prompts per set (0 = all)")
+        k_neutral = gr.Number(value=16, precision=0, label="K neutral inputs")
+        neutral_prompts = gr.Number(value=32, precision=0, label="Safe prompts × neutral inputs")
+    with gr.Row():
+        margin = gr.Number(value=0.1, label="Gate ramp margin m")
+        levels = gr.Textbox(value="1,1.5,2,3,4,6,8", label="Target-level grid")
+        layer = gr.Textbox(value="", label="Force push layer (empty = auto)")
+        detect_layer = gr.Textbox(value="", label="Force gate (detection) layer (empty = auto)")
+    behaviour = gr.Checkbox(value=True, label="Behaviour filter (refused harmful / answered harmless only)")
+    fit = gr.Button("Fit", variant="primary", elem_id="fit")
+    return [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour,
+            detect_layer], fit
+
+
+def _state_files_section() -> tuple[gr.Button, gr.File, gr.File]:
+    gr.Markdown("### Save or load a state")
+    save = gr.Button("Download the fitted state (zip: safetensors + JSON)", elem_id="save_state")
+    saved = gr.File(label="State", elem_id="state_file")
+    upload = gr.File(label="Load a state: mars_state.json + mars_state.safetensors (or the zip)",
+                     file_count="multiple", elem_id="load_state_files")
+    return save, saved, upload
+
+
+def _load_model_handler(session: Session):
     @user_errors("load_model")
     def do_load_model(model: str):
         if not model:
@@ -102,8 +110,10 @@ def build(session: Session) -> None:
         gr.Info(f"loaded {model}; fit or load a MARS state for it")
         return state_summary(session)
 
-    load_model.click(do_load_model, model, summary, api_name="load_model")
+    return do_load_model
 
+
+def _fit_handler(session: Session):
     @user_errors("fit")
     def do_fit(harmful=None, harmless=None, max_prompts: int = 128, k_neutral: int = 16, neutral_prompts: int = 32,
                margin: float = 0.1, levels: str = "1,1.5,2,3,4,6,8", layer: str = "", behaviour_filter: bool = True,
@@ -111,21 +121,23 @@ def build(session: Session) -> None:
         cfg = MarsConfig(max_prompts=None if int(max_prompts or 0) == 0 else int(max_prompts),
                          k_neutral=int(k_neutral), neutral_prompts=int(neutral_prompts), margin=float(margin),
                          levels=tuple(float(x) for x in str(levels).split(",") if x.strip()),
-                         layer=int(layer) if str(layer).strip() else None, behaviour_filter=bool(behaviour_filter),
-                         detect_layer=int(detect_layer) if str(detect_layer).strip() else None)
+                         behaviour_filter=bool(behaviour_filter))
+        choices = FitChoices(layer=int(layer) if str(layer).strip() else None,
+                             detect_layer=int(detect_layer) if str(detect_layer).strip() else None)
         hp = load_prompts(_path(harmful)) if harmful else None
         sp = load_prompts(_path(harmless)) if harmless else None
         with session.lock:
-            state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress))
+            state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress), choices=choices)
             session.config = cfg
             session.set_state(state, "fitted in the Calibrate tab")
         for note in state.diagnostics.behaviour.get("notes", []):
             gr.Warning(note)
         return state_summary(session)
 
-    fit.click(do_fit, [harmful, harmless, max_prompts, k_neutral, neutral_prompts, margin, levels, layer, behaviour,
-                       detect_layer], summary, api_name="fit")
+    return do_fit
 
+
+def _save_handler(session: Session):
     @user_errors("save_state")
     def do_save():
         if session.state is None:
@@ -138,8 +150,24 @@ def build(session: Session) -> None:
                 z.write(tmp / "state" / name, name)
         return str(zpath)
 
-    save.click(do_save, None, saved, api_name="save_state")
+    return do_save
 
+
+def _gather_state_files(paths: list[Path], into: Path) -> None:
+    """Copy an uploaded state (the zip, or mars_state.json + mars_state.safetensors) into the folder `into`."""
+    for p in paths:
+        if p.suffix == ".zip":
+            with zipfile.ZipFile(p) as z:
+                for name in (STATE_JSON, STATE_TENSORS):
+                    if name in z.namelist():
+                        (into / name).write_bytes(z.read(name))
+        elif p.suffix == ".json":
+            shutil.copy(p, into / STATE_JSON)
+        elif p.suffix == ".safetensors":
+            shutil.copy(p, into / STATE_TENSORS)
+
+
+def _upload_handler(session: Session):
     @user_errors("load_state")
     def do_upload(files: list):
         paths = [Path(_path(f)) for f in (files or [])]
@@ -147,16 +175,7 @@ def build(session: Session) -> None:
             raise ValueError("upload mars_state.json and mars_state.safetensors, or the zip from 'Download'")
         tmp = Path(tempfile.mkdtemp(prefix="mars_state_in_"))
         try:
-            for p in paths:
-                if p.suffix == ".zip":
-                    with zipfile.ZipFile(p) as z:
-                        for name in (STATE_JSON, STATE_TENSORS):
-                            if name in z.namelist():
-                                (tmp / name).write_bytes(z.read(name))
-                elif p.suffix == ".json":
-                    shutil.copy(p, tmp / STATE_JSON)
-                elif p.suffix == ".safetensors":
-                    shutil.copy(p, tmp / STATE_TENSORS)
+            _gather_state_files(paths, tmp)
             with session.lock:
                 session.load_state(tmp)
         except zipfile.BadZipFile as e:  # a broken JSON is a ValueError (JSONDecodeError) already
@@ -165,4 +184,18 @@ def build(session: Session) -> None:
         gr.Info("state loaded")
         return state_summary(session)
 
-    upload.upload(do_upload, upload, summary, api_name="load_state")
+    return do_upload
+
+
+def build(session: Session) -> None:
+    with gr.Row():
+        with gr.Column():
+            model, load_model = _model_section()
+            fit_inputs, fit = _calibration_section()
+            save, saved, upload = _state_files_section()
+        with gr.Column():
+            summary = gr.JSON(value=lambda: state_summary(session), label="Model and state", elem_id="state_summary")
+    load_model.click(_load_model_handler(session), model, summary, api_name="load_model")
+    fit.click(_fit_handler(session), fit_inputs, summary, api_name="fit")
+    save.click(_save_handler(session), None, saved, api_name="save_state")
+    upload.upload(_upload_handler(session), upload, summary, api_name="load_state")

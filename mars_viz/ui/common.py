@@ -16,7 +16,7 @@ import gradio as gr
 from ..model.inputs import GATE_POSITIONS, Query, clean_prompt
 from ..model.media import load_image, read_video
 from ..steer.steering import SteerOptions
-from ..views.plots import PLOTLY_JS, figure_csv, figure_html, plotly_js
+from ..views.export import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from .session import Session
 
 __all__ = ["GATE_POSITION_CHOICES", "build_query", "credibility_banner", "export_zip", "gr_progress",

@@ -15,8 +15,8 @@ from ..analysis.occlusion import neutral_fill, occlusion
 from ..core.state import MarsState
 from ..data.examples import EXAMPLES, example_by_name
 from ..steer.steering import plan
+from ..views.figures import placeholder_figure
 from ..views.panels import build_figures, map_figures, map_files, occlusion_figure
-from ..views.plots import placeholder_figure
 from .common import (
     GATE_POSITION_CHOICES,
     build_query,
@@ -109,92 +109,230 @@ def _figures(state: MarsState | None, analysis: Analysis | None, layer, method: 
     return [figs.get(name) for name in PLOTS]
 
 
-def build(session: Session, generation: gr.State) -> ExploreTab:
-    """`generation`: the page's `Session.generation` of its last results (the app's stale-results banner reads it)."""
-    st_analysis = gr.State(None)
-    with gr.Row():
-        with gr.Column(scale=2, min_width=320):
-            example = gr.Dropdown(["(none)"] + [e.name for e in EXAMPLES], value="(none)", label="Bundled example",
-                                  elem_id="example")
-            prompt = gr.Textbox(label="Prompt", value="What colour is this image?", lines=3, elem_id="prompt")
-            # gr.File, not gr.Image/gr.Video: those decode uploads themselves and fail before our checks run.
-            image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image")
-            video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video")
-            with gr.Accordion("Steering controls", open=True):
-                steer = gr.Checkbox(value=True, label="Steering on", elem_id="steer")
-                strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Strength λ", elem_id="strength")
-                recenter = gr.Checkbox(value=True, label="Re-centre (remove the modality offset)", elem_id="recenter")
-                layer = gr.Dropdown(["auto"] + [str(i) for i in range(session.backbone.num_layers)], value="auto",
-                                    label="Push layer (auto = chosen by calibration)", elem_id="layer")
-                detect_layer = gr.Dropdown(["auto"] + [str(i) for i in range(session.backbone.num_layers)],
-                                           value="auto", label="Gate (detection) layer (auto = calibrated)",
-                                           elem_id="detect_layer")
-                gate_position = gr.Dropdown(GATE_POSITION_CHOICES, value="auto", elem_id="gate_position",
-                                            label="Gate reads at (the push is always at t_post)")
-                tau = gr.Textbox(label="τ override (empty = fitted)", value="", elem_id="tau")
-                frames = gr.Slider(1, 32, value=8, step=1, label="Frames sampled from a video")
-                max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
-            run = gr.Button("Run", variant="primary", elem_id="run")
-        with gr.Column(scale=5):
-            seen = gr.Gallery(label="What the model sees", columns=8, height=260, object_fit="contain",
-                              elem_id="seen")
-            verdict = gr.Markdown("Run an input to see the gate decision.", elem_id="verdict")
-            with gr.Row():
-                unsteered_box = gr.Textbox(label="Unsteered answer", lines=4, interactive=False, elem_id="unsteered")
-                steered_box = gr.Textbox(label="MARS-steered answer", lines=4, interactive=False, elem_id="steered")
-            with gr.Row():
-                toggle = gr.Radio(ANSWERS, value="MARS-steered", label="Active answer (instant, no re-run)",
-                                  elem_id="toggle")
-            active = gr.Textbox(label="Active answer", lines=3, interactive=False, elem_id="active")
-            with gr.Tabs():
-                with gr.Tab("Centroids"):
-                    method = gr.Radio(["PCA", "UMAP"], value="PCA", label="Projection (UMAP: chosen layer only)",
-                                      elem_id="method")
-                    p_centroids = gr.Plot(label="Calibration activations at the layer", elem_id="plot_centroids")
-                with gr.Tab("Modality offset"):
-                    p_offset = gr.Plot(label="Offset norm and spurious score shift", elem_id="plot_modality_offset")
-                with gr.Tab("Trust region"):
-                    p_trust = gr.Plot(label="The unsafety axis", elem_id="plot_trust_region")
-                    with gr.Row():
-                        p_plane = gr.Plot(label="Plane of r̂ and the top residual PC", elem_id="plot_plane")
-                        p_curve = gr.Plot(label="Refusal rate against level", elem_id="plot_target_curve")
-                with gr.Tab("Harmfulness × refusal"):
-                    p_hr = gr.Plot(label="Harmfulness at t_inst against refusal at t_post", elem_id="plot_hr_plane")
-                with gr.Tab("Layer scores"):
-                    inspect = gr.Slider(0, session.backbone.num_layers - 1, step=1, value=0,
-                                        label="Inspect layer (re-scores the current input, no re-run)",
-                                        elem_id="inspect")
-                    p_layers = gr.Plot(label="Layer scores", elem_id="plot_layer_scores")
-                with gr.Tab("Video frames"):
-                    p_frames = gr.Plot(label="Per-frame unsafety score", elem_id="plot_frames")
-                with gr.Tab("Where in the input"):
-                    p_map_image = gr.Plot(label="Each patch's score over the image / each sampled frame",
-                                          elem_id="plot_map_image")
-                    p_map_tokens = gr.Plot(label="The prompt's tokens coloured by score", elem_id="plot_map_tokens")
-                    with gr.Row():  # re-score the kept residuals (no re-run)
-                        map_rec = gr.Button("Map: re-centred", size="sm", elem_id="map_recentred")
-                        map_raw = gr.Button("Map: raw (no offsets)", size="sm", elem_id="map_raw")
-                        map_push = gr.Button("Map at the push layer", size="sm", elem_id="map_push")
-                    occl_btn = gr.Button("Occlusion check: cover each region with the neutral colour and re-score "
-                                         "(slower: one forward per region)", size="sm", elem_id="occlusion")
-                    p_occl = gr.Plot(placeholder_figure("Run an image or a video, then press the occlusion check "
-                                                        "above: it re-scores the input once per covered region"),
-                                     label="Occlusion: how much each region raises the gate's score",
-                                     elem_id="plot_occlusion")
-            with gr.Accordion("Result JSON and export", open=False):
-                result_json = gr.JSON(label="Result (same object as `run --json` and the /analyze API)",
-                                      elem_id="result_json")
-                export_btn = gr.Button("Export plots (HTML + CSV) and result (JSON) as a zip", elem_id="export")
-                export_file = gr.File(label="Export", elem_id="export_file")
-    plots = [p_centroids, p_offset, p_trust, p_plane, p_curve, p_layers, p_hr, p_frames, p_map_image, p_map_tokens]
+@dataclass
+class _Controls:
+    """The "Steering controls" accordion."""
 
+    steer: gr.Checkbox
+    strength: gr.Slider
+    recenter: gr.Checkbox
+    layer: gr.Dropdown
+    detect_layer: gr.Dropdown
+    gate_position: gr.Dropdown
+    tau: gr.Textbox
+    frames: gr.Slider
+    max_tokens: gr.Slider
+
+
+@dataclass
+class _Inputs:
+    """The left column: the input, the steering controls and the Run button."""
+
+    example: gr.Dropdown
+    prompt: gr.Textbox
+    image: gr.File
+    video: gr.File
+    controls: _Controls
+    run: gr.Button
+
+
+@dataclass
+class _Answers:
+    """What the model sees, the verdict and both answers, with the instant answer toggle."""
+
+    seen: gr.Gallery
+    verdict: gr.Markdown
+    unsteered: gr.Textbox
+    steered: gr.Textbox
+    toggle: gr.Radio
+    active: gr.Textbox
+
+
+@dataclass
+class _MapTab:
+    """The "Where in the input" tab: the maps, their re-scoring buttons and the occlusion check."""
+
+    image: gr.Plot
+    tokens: gr.Plot
+    recentred: gr.Button
+    raw: gr.Button
+    push: gr.Button
+    occlusion: gr.Button
+    occlusion_plot: gr.Plot
+
+
+@dataclass
+class _Plots:
+    """The plot tabs. `figures`: the plots `_figures` fills, in `PLOTS` order."""
+
+    method: gr.Radio
+    inspect: gr.Slider
+    figures: list
+    maps: _MapTab
+
+
+@dataclass
+class _Export:
+    """The "Result JSON and export" accordion."""
+
+    result_json: gr.JSON
+    button: gr.Button
+    file: gr.File
+
+
+@dataclass
+class _Page:
+    """Every component of the tab the handlers read or write, plus the per-page states."""
+
+    analysis: gr.State  # the page's last Analysis
+    generation: gr.State  # the page's `Session.generation` of its last results
+    inputs: _Inputs
+    answers: _Answers
+    plots: _Plots
+    export: _Export
+
+
+def _layer_choices(num_layers: int) -> list[str]:
+    return ["auto"] + [str(i) for i in range(num_layers)]
+
+
+def _steering_controls(num_layers: int) -> _Controls:
+    with gr.Accordion("Steering controls", open=True):
+        steer = gr.Checkbox(value=True, label="Steering on", elem_id="steer")
+        strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Strength λ", elem_id="strength")
+        recenter = gr.Checkbox(value=True, label="Re-centre (remove the modality offset)", elem_id="recenter")
+        layer = gr.Dropdown(_layer_choices(num_layers), value="auto",
+                            label="Push layer (auto = chosen by calibration)", elem_id="layer")
+        detect_layer = gr.Dropdown(_layer_choices(num_layers), value="auto",
+                                   label="Gate (detection) layer (auto = calibrated)", elem_id="detect_layer")
+        gate_position = gr.Dropdown(GATE_POSITION_CHOICES, value="auto", elem_id="gate_position",
+                                    label="Gate reads at (the push is always at t_post)")
+        tau = gr.Textbox(label="τ override (empty = fitted)", value="", elem_id="tau")
+        frames = gr.Slider(1, 32, value=8, step=1, label="Frames sampled from a video")
+        max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
+    return _Controls(steer, strength, recenter, layer, detect_layer, gate_position, tau, frames, max_tokens)
+
+
+def _input_column(num_layers: int) -> _Inputs:
+    with gr.Column(scale=2, min_width=320):
+        example = gr.Dropdown(["(none)"] + [e.name for e in EXAMPLES], value="(none)", label="Bundled example",
+                              elem_id="example")
+        prompt = gr.Textbox(label="Prompt", value="What colour is this image?", lines=3, elem_id="prompt")
+        # gr.File, not gr.Image/gr.Video: those decode uploads themselves and fail before our checks run.
+        image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image")
+        video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video")
+        controls = _steering_controls(num_layers)
+        run = gr.Button("Run", variant="primary", elem_id="run")
+    return _Inputs(example, prompt, image, video, controls, run)
+
+
+def _answer_panel() -> _Answers:
+    seen = gr.Gallery(label="What the model sees", columns=8, height=260, object_fit="contain", elem_id="seen")
+    verdict = gr.Markdown("Run an input to see the gate decision.", elem_id="verdict")
+    with gr.Row():
+        unsteered = gr.Textbox(label="Unsteered answer", lines=4, interactive=False, elem_id="unsteered")
+        steered = gr.Textbox(label="MARS-steered answer", lines=4, interactive=False, elem_id="steered")
+    with gr.Row():
+        toggle = gr.Radio(ANSWERS, value="MARS-steered", label="Active answer (instant, no re-run)", elem_id="toggle")
+    active = gr.Textbox(label="Active answer", lines=3, interactive=False, elem_id="active")
+    return _Answers(seen, verdict, unsteered, steered, toggle, active)
+
+
+def _centroids_tab() -> tuple[gr.Radio, gr.Plot]:
+    with gr.Tab("Centroids"):
+        method = gr.Radio(["PCA", "UMAP"], value="PCA", label="Projection (UMAP: chosen layer only)",
+                          elem_id="method")
+        plot = gr.Plot(label="Calibration activations at the layer", elem_id="plot_centroids")
+    return method, plot
+
+
+def _single_plot_tab(tab: str, label: str, elem_id: str) -> gr.Plot:
+    with gr.Tab(tab):
+        return gr.Plot(label=label, elem_id=elem_id)
+
+
+def _trust_region_tab() -> tuple[gr.Plot, gr.Plot, gr.Plot]:
+    with gr.Tab("Trust region"):
+        trust = gr.Plot(label="The unsafety axis", elem_id="plot_trust_region")
+        with gr.Row():
+            plane = gr.Plot(label="Plane of r̂ and the top residual PC", elem_id="plot_plane")
+            curve = gr.Plot(label="Refusal rate against level", elem_id="plot_target_curve")
+    return trust, plane, curve
+
+
+def _layer_scores_tab(num_layers: int) -> tuple[gr.Slider, gr.Plot]:
+    with gr.Tab("Layer scores"):
+        inspect = gr.Slider(0, num_layers - 1, step=1, value=0,
+                            label="Inspect layer (re-scores the current input, no re-run)", elem_id="inspect")
+        plot = gr.Plot(label="Layer scores", elem_id="plot_layer_scores")
+    return inspect, plot
+
+
+def _map_tab() -> _MapTab:
+    with gr.Tab("Where in the input"):
+        image = gr.Plot(label="Each patch's score over the image / each sampled frame", elem_id="plot_map_image")
+        tokens = gr.Plot(label="The prompt's tokens coloured by score", elem_id="plot_map_tokens")
+        with gr.Row():  # re-score the kept residuals (no re-run)
+            recentred = gr.Button("Map: re-centred", size="sm", elem_id="map_recentred")
+            raw = gr.Button("Map: raw (no offsets)", size="sm", elem_id="map_raw")
+            push = gr.Button("Map at the push layer", size="sm", elem_id="map_push")
+        occl = gr.Button("Occlusion check: cover each region with the neutral colour and re-score "
+                         "(slower: one forward per region)", size="sm", elem_id="occlusion")
+        occl_plot = gr.Plot(placeholder_figure("Run an image or a video, then press the occlusion check "
+                                               "above: it re-scores the input once per covered region"),
+                            label="Occlusion: how much each region raises the gate's score", elem_id="plot_occlusion")
+    return _MapTab(image, tokens, recentred, raw, push, occl, occl_plot)
+
+
+def _plot_tabs(num_layers: int) -> _Plots:
+    with gr.Tabs():
+        method, centroids = _centroids_tab()
+        offset = _single_plot_tab("Modality offset", "Offset norm and spurious score shift", "plot_modality_offset")
+        trust, plane, curve = _trust_region_tab()
+        hr = _single_plot_tab("Harmfulness × refusal", "Harmfulness at t_inst against refusal at t_post",
+                              "plot_hr_plane")
+        inspect, layers = _layer_scores_tab(num_layers)
+        frames = _single_plot_tab("Video frames", "Per-frame unsafety score", "plot_frames")
+        maps = _map_tab()
+    figures = [centroids, offset, trust, plane, curve, layers, hr, frames, maps.image, maps.tokens]
+    return _Plots(method, inspect, figures, maps)
+
+
+def _export_row() -> _Export:
+    with gr.Accordion("Result JSON and export", open=False):
+        result_json = gr.JSON(label="Result (same object as `run --json` and the /analyze API)",
+                              elem_id="result_json")
+        button = gr.Button("Export plots (HTML + CSV) and result (JSON) as a zip", elem_id="export")
+        file = gr.File(label="Export", elem_id="export_file")
+    return _Export(result_json, button, file)
+
+
+def _layout(session: Session, generation: gr.State) -> _Page:
+    analysis = gr.State(None)
+    num_layers = session.backbone.num_layers
+    with gr.Row():
+        inputs = _input_column(num_layers)
+        with gr.Column(scale=5):
+            answers = _answer_panel()
+            plots = _plot_tabs(num_layers)
+            export = _export_row()
+    return _Page(analysis, generation, inputs, answers, plots, export)
+
+
+def _wire_example(inputs: _Inputs) -> None:
     def pick_example(example: str):
         if not example or example == "(none)":
             return gr.update(), None, None  # keep the prompt, drop the previous example's file
         e = example_by_name(example)
         return e.prompt, e.path() if e.image else None, e.path() if e.video else None
 
-    example.change(pick_example, example, [prompt, image, video], api_name="example")
+    inputs.example.change(pick_example, inputs.example, [inputs.prompt, inputs.image, inputs.video],
+                          api_name="example")
+
+
+def _run_handler(session: Session, page: _Page):
+    """The Run handler (`/explore`): streams both answers, then the verdict, the figures and the page's state."""
+    ans, plots = page.answers, page.plots
 
     # Parameter names are the API's: client.predict(prompt=..., image=handle_file(...), api_name="/explore").
     @user_errors("explore")
@@ -210,7 +348,7 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
         # the gallery is sent once: re-sending it with every streamed token rewrote its files while the browser was
         # still fetching them (broken thumbnails, h11 "Too much data for declared Content-Length")
         first = "the first run calibrates MARS for this model, then it is cached" if session.state is None else ""
-        yield {seen: shown, verdict: f"Running…{' (' + first + ')' if first else ''}"}
+        yield {ans.seen: shown, ans.verdict: f"Running…{' (' + first + ')' if first else ''}"}
         with session.lock:
             if session.state is None:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
@@ -224,20 +362,20 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                                      frame_indices=indices, notes=notes, strategy=session.pair_strategy)
             for upd in updates:
                 if upd.analysis is None:
-                    yield {unsteered_box: upd.unsteered, steered_box: upd.steered}
+                    yield {ans.unsteered: upd.unsteered, ans.steered: upd.steered}
                     continue
                 a = upd.analysis
         figs = _figures(state, a, a.result.layer, method)
         chosen = a.result.steered.text if toggle == "MARS-steered" else a.result.unsteered.text
-        yield {unsteered_box: a.result.unsteered.text, steered_box: a.result.steered.text,
-               verdict: verdict_markdown(a), active: chosen, result_json: a.to_json(), st_analysis: a,
-               generation: gen, inspect: gr.update(value=a.result.layer), **dict(zip(plots, figs, strict=True))}
+        yield {ans.unsteered: a.result.unsteered.text, ans.steered: a.result.steered.text,
+               ans.verdict: verdict_markdown(a), ans.active: chosen, page.export.result_json: a.to_json(),
+               page.analysis: a, page.generation: gen, plots.inspect: gr.update(value=a.result.layer),
+               **dict(zip(plots.figures, figs, strict=True))}
 
-    run_inputs = [prompt, image, video, frames, steer, strength, layer, tau, recenter, max_tokens, toggle, method,
-                  detect_layer, gate_position]
-    run_outputs = [unsteered_box, steered_box, seen, verdict, active, result_json, st_analysis, generation, inspect,
-                   *plots]
+    return do_run
 
+
+def _check_handler(session: Session):
     def check_inputs(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
                      layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
                      toggle: str = "", method: str = "", detect_layer: str = "auto", gate_position: str = "auto"):
@@ -254,12 +392,27 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
             raise rejected("explore", e) from None
         yield gr.update()
 
-    # the button checks the input first, then runs; `/explore` (the same run, for API clients) checks it itself
-    run.click(check_inputs, run_inputs, verdict, api_name=False).success(
-        do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
+    return check_inputs
 
-    # The three handlers below re-use the page's last analysis. Against another model or state it would be re-scored
-    # into a figure that mixes two fits, so they keep what the page shows and say to run again instead.
+
+def _wire_run(session: Session, page: _Page) -> tuple[object, list, list]:
+    """Wire the Run button; returns the Run handler with its inputs and outputs (for other tabs to chain)."""
+    i, c, ans = page.inputs, page.inputs.controls, page.answers
+    run_inputs = [i.prompt, i.image, i.video, c.frames, c.steer, c.strength, c.layer, c.tau, c.recenter,
+                  c.max_tokens, ans.toggle, page.plots.method, c.detect_layer, c.gate_position]
+    run_outputs = [ans.unsteered, ans.steered, ans.seen, ans.verdict, ans.active, page.export.result_json,
+                   page.analysis, page.generation, page.plots.inspect, *page.plots.figures]
+    do_run = _run_handler(session, page)
+    # the button checks the input first, then runs; `/explore` (the same run, for API clients) checks it itself
+    i.run.click(_check_handler(session), run_inputs, ans.verdict, api_name=False).success(
+        do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
+    return do_run, run_inputs, run_outputs
+
+
+# The handlers below re-use the page's last analysis. Against another model or state it would be re-scored into a
+# figure that mixes two fits, so the instant ones keep what the page shows and say to run again instead.
+
+def _wire_toggle(session: Session, page: _Page) -> None:
     # The toggle is queued (gr.Warning reaches only queued events' pages) without a concurrency limit: never waits.
     def do_toggle(toggle: str, analysis: Analysis | None):
         if analysis is None:
@@ -269,22 +422,30 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
             return gr.update()
         return analysis.result.steered.text if toggle == "MARS-steered" else analysis.result.unsteered.text
 
-    toggle.change(do_toggle, [toggle, st_analysis], active, api_name="toggle", concurrency_limit=None)
+    page.answers.toggle.change(do_toggle, [page.answers.toggle, page.analysis], page.answers.active,
+                               api_name="toggle", concurrency_limit=None)
+
+
+def _wire_inspector(session: Session, page: _Page) -> None:
+    """The layer inspector and the projection switch: the figures re-drawn from the page's analysis."""
+    plots = page.plots
 
     def do_inspect(layer: int, method: str, analysis: Analysis | None):
         state = session.state
         if analysis is not None and (stale := _stale(state, analysis)) is not None:
             gr.Warning(stale)
-            return [gr.update()] * len(plots)
+            return [gr.update()] * len(plots.figures)
         return _figures(state, analysis, layer, method)
 
-    inspect.release(user_errors("inspect_layer")(do_inspect), [inspect, method, st_analysis], plots,
-                    api_name="inspect_layer")
+    inputs = [plots.inspect, plots.method, page.analysis]
+    plots.inspect.release(user_errors("inspect_layer")(do_inspect), inputs, plots.figures, api_name="inspect_layer")
     # a number typed into the slider's box fires `input`, not `release`; only the last of a burst is drawn
-    inspect.input(user_errors("inspect_layer")(do_inspect), [inspect, method, st_analysis], plots, api_name=False,
-                  trigger_mode="always_last")
-    method.change(user_errors("projection")(do_inspect), [inspect, method, st_analysis], plots, api_name="projection")
+    plots.inspect.input(user_errors("inspect_layer")(do_inspect), inputs, plots.figures, api_name=False,
+                        trigger_mode="always_last")
+    plots.method.change(user_errors("projection")(do_inspect), inputs, plots.figures, api_name="projection")
 
+
+def _wire_export(session: Session, page: _Page) -> None:
     @user_errors("export")
     def do_export(analysis: Analysis | None, layer: int, method: str):
         state = session.state
@@ -295,8 +456,11 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
         figs, _ = build_figures(state, analysis, int(layer) if analysis is not None else None, method.lower())
         return export_zip(figs, analysis.to_json() if analysis is not None else None, session, map_files(analysis))
 
-    export_btn.click(do_export, [st_analysis, inspect, method], export_file, api_name="export")
+    page.export.button.click(do_export, [page.analysis, page.plots.inspect, page.plots.method], page.export.file,
+                             api_name="export")
 
+
+def _wire_occlusion(session: Session, page: _Page) -> None:
     @user_errors("occlusion")
     def do_occlusion(analysis: Analysis | None, progress=gr.Progress()):
         """Cover each region of the last input in the neutral colour and re-score it (one forward per region)."""
@@ -310,8 +474,11 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
                             progress=lambda d, t: progress((d, t), desc="Occlusion: re-scoring covered regions"))
         return occlusion_figure(analysis, res)
 
-    occl_btn.click(do_occlusion, [st_analysis], p_occl, api_name="occlusion")
+    maps = page.plots.maps
+    maps.occlusion.click(do_occlusion, [page.analysis], maps.occlusion_plot, api_name="occlusion")
 
+
+def _wire_maps(session: Session, page: _Page) -> None:
     def map_view(recenter: bool | None, at_push: bool = False):
         """The map re-scored (re-centring on / off, or at the push layer) from the kept residuals: no model call."""
 
@@ -325,14 +492,36 @@ def build(session: Session, generation: gr.State) -> ExploreTab:
 
         return show
 
-    map_rec.click(map_view(True), [st_analysis], [p_map_image, p_map_tokens], api_name="map_recentred")
-    map_raw.click(map_view(False), [st_analysis], [p_map_image, p_map_tokens], api_name="map_raw")
-    map_push.click(map_view(None, True), [st_analysis], [p_map_image, p_map_tokens], api_name="map_push")
+    maps = page.plots.maps
+    outputs = [maps.image, maps.tokens]
+    maps.recentred.click(map_view(True), [page.analysis], outputs, api_name="map_recentred")
+    maps.raw.click(map_view(False), [page.analysis], outputs, api_name="map_raw")
+    maps.push.click(map_view(None, True), [page.analysis], outputs, api_name="map_push")
 
+
+def _state_plots(session: Session):
     def show_state_plots():
         """On page load: the state's own figures (no input yet), if a state is fitted or cached."""
         state = session.cached_state()
         return _figures(state, None, None if state is None else state.layer, "PCA")
 
-    return ExploreTab(prompt=prompt, image=image, video=video, example=example, plots=plots,
-                      on_load=show_state_plots, run=do_run, run_inputs=run_inputs, run_outputs=run_outputs)
+    return show_state_plots
+
+
+def _wire(session: Session, page: _Page) -> ExploreTab:
+    """Every event of the tab, in the order the API lists them."""
+    _wire_example(page.inputs)
+    run, run_inputs, run_outputs = _wire_run(session, page)
+    _wire_toggle(session, page)
+    _wire_inspector(session, page)
+    _wire_export(session, page)
+    _wire_occlusion(session, page)
+    _wire_maps(session, page)
+    i = page.inputs
+    return ExploreTab(prompt=i.prompt, image=i.image, video=i.video, example=i.example, plots=page.plots.figures,
+                      on_load=_state_plots(session), run=run, run_inputs=run_inputs, run_outputs=run_outputs)
+
+
+def build(session: Session, generation: gr.State) -> ExploreTab:
+    """`generation`: the page's `Session.generation` of its last results (the app's stale-results banner reads it)."""
+    return _wire(session, _layout(session, generation))

@@ -11,7 +11,7 @@ __all__ = ["add_app_args", "launch"]
 def _pair_strategies() -> list[str]:
     from typing import get_args
 
-    from ..steer.generate import PairStrategy
+    from ..steer.pair import PairStrategy
 
     return list(get_args(PairStrategy))
 

@@ -43,7 +43,7 @@ class Session:
     config: MarsConfig = field(default_factory=MarsConfig)
     generation: int = 0  # bumped when the model or the state is replaced; each page compares it with its last run
     change: str = ""  # what the last bump replaced, in words (shown in the pages' "run again" banner)
-    pair_strategy: str = "auto"  # how both answers are computed: auto, gate_first, batched or doubled (generate.py)
+    pair_strategy: str = "auto"  # how both answers are computed: auto, gate_first, batched or doubled (steer/pair.py)
     showcase: list = field(default_factory=list)  # `showcase.ShowcaseEntry`s of the last evaluation (Learn shows them)
 
     def set_state(self, state: MarsState | None, source: str) -> None:

@@ -25,8 +25,11 @@ import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 from plotly.subplots import make_subplots
 
-from ..maps.maps import Grid, InputMap, map_csv
-from .plots import COLORS, HEIGHT, TEMPLATE, figure_html
+from ..maps.export import map_csv
+from ..maps.layout import Grid
+from ..maps.scoring import InputMap
+from .export import figure_html
+from .figures import COLORS, HEIGHT, TEMPLATE
 
 __all__ = ["MAP_SCALE", "Panel", "export_files", "map_panels", "overlay_figure", "overlay_png", "score_range",
            "token_strip_figure", "token_strip_png"]

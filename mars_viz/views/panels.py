@@ -1,7 +1,7 @@
 """What the dashboard draws for one analysed input: re-scoring at any layer, and every figure (pure; no model).
 
 `analysis.analyze_stream` runs the model once and keeps the residuals of every layer; this module turns those and the
-fitted state into a `LayerView` (scores and where MARS moves the input, from `geometry.mars_response`, the same
+fitted state into a `LayerView` (scores and where MARS moves the input, from `rule.mars_response`, the same
 function the steering hook calls) and into plotly figures, so the toggle and the layer inspector never touch the model.
 
 Example:
@@ -17,12 +17,12 @@ import plotly.graph_objects as go
 import torch
 
 from ..analysis.analyze import Analysis
-from ..core import geometry as G
+from ..core import rule as R
 from ..core.projection import plane_coords, project, project_onto
 from ..core.state import MarsState
 from ..steer.steering import SteerOptions, gate_scores, plan
+from . import figures as F
 from . import map_plots as MP
-from . import plots as P
 
 __all__ = ["LayerView", "build_figures", "hr_current", "hr_figure", "map_figures", "map_files", "occlusion_figure",
            "rescore", "state_figures"]
@@ -34,7 +34,7 @@ class LayerView:
 
     layer: int  # the push layer this view shows
     detect_layer: int  # where the gate read its score
-    rule: G.MarsRule  # tau (of the detection layer), t*, margin, strength, gated, steer
+    rule: R.MarsRule  # tau (of the detection layer), t*, margin, strength, gated, steer
     s_gate: float  # the score the gate read (re-centred, at detect_layer)
     s_raw: float
     s_recentred: float
@@ -67,7 +67,7 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
     the options' / state's) and the gate read at its layer and position (`acts_inst [L, d]` for t_inst), as the
     hook does.
 
-    Pure maths through `geometry.mars_response`, so it honours strength, mode and steer exactly as the hook does.
+    Pure maths through `rule.mars_response`, so it honours strength, mode and steer exactly as the hook does.
     """
     opts = options if layer is None else replace(options, layer=layer)
     p = plan(state, opts)
@@ -79,12 +79,12 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
     if at_gate is None:
         raise ValueError("the gate reads t_inst but this result holds no residuals there: run it again")
     s_gate = gate_scores(state, p, at_gate[p.detect_layer][None].double(), [modality], opts.recenter)  # [1]
-    out = G.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
-    h_rec = h if delta is None else G.recentre(h, delta)  # [d]
+    out = R.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
+    h_rec = h if delta is None else R.recentre(h, delta)  # [d]
     h_steered = h_rec + out.displacement  # [d]
     return LayerView(layer=layer, detect_layer=p.detect_layer, rule=rule, s_gate=float(s_gate[0]),
-                     s_raw=float(G.unsafety_score(h, mu_minus, r)),
-                     s_recentred=float(out.score), s_steered=float(G.unsafety_score(h_steered, mu_minus, r)),
+                     s_raw=float(R.unsafety_score(h, mu_minus, r)),
+                     s_recentred=float(out.score), s_steered=float(R.unsafety_score(h_steered, mu_minus, r)),
                      gate_open=bool(out.gate_open), displacement_norm=float(out.displacement.norm()),
                      h_raw=h.float(), h_recentred=h_rec.float(), h_steered=h_steered.float(),
                      gate_position=p.gate_position)
@@ -108,7 +108,7 @@ def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: 
     if view is not None:
         p = fn(torch.stack([view.h_raw, view.h_recentred, view.h_steered]))
         cur = {"raw": tuple(p[0]), "recentred": tuple(p[1]), "steered": tuple(p[2])}
-    fig = P.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
+    fig = F.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
                             method=name)
     note = f" — UMAP is fitted at layer {state.layer} only" if method == "umap" and name != "UMAP" else ""
     return fig.update_layout(title_text=f"Calibration activations at layer {layer} ({name}){note}")
@@ -124,7 +124,7 @@ def _plane_fig(state: MarsState, layer: int, view: LayerView | None) -> go.Figur
         pts = plane_coords(h, state.mu_minus[layer], state.r[layer], diag.plane_pc[layer]).tolist()
         cur = dict(zip(("raw", "recentred", "steered"), map(tuple, pts), strict=True))
     tau = view.tau if view is not None else float(state.taus[layer])
-    return P.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level)
+    return F.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level)
 
 
 HR_TITLE = "Harmfulness × refusal"
@@ -164,11 +164,11 @@ def hr_figure(state: MarsState, current: dict[str, tuple[float, float]] | None =
     a state without the t_inst fit or its points."""
     diag = state.diagnostics
     if state.inst is None:
-        return P.placeholder_figure(NO_INST, HR_TITLE)
+        return F.placeholder_figure(NO_INST, HR_TITLE)
     if diag.hr_points is None or not diag.hr_labels:
-        return P.placeholder_figure(NO_HR, HR_TITLE)
+        return F.placeholder_figure(NO_HR, HR_TITLE)
     li = _hr_inst_layer(state)
-    return P.harm_refusal_figure(diag.hr_points.numpy(), diag.hr_labels, current, float(state.inst.taus[li]),
+    return F.harm_refusal_figure(diag.hr_points.numpy(), diag.hr_labels, current, float(state.inst.taus[li]),
                                  float(state.taus[state.layer]), li, state.layer)
 
 
@@ -190,14 +190,14 @@ def state_figures(state: MarsState, layer: int | None = None, view: LayerView | 
     detect, position = (p.detect_layer, p.gate_position) if view is None else (view.detect_layer, view.gate_position)
     gate = None
     if detect != layer or position != "post":
-        gate = P.GateRead(layer=detect, tau=rule.tau, score=None if view is None else view.s_gate, position=position)
+        gate = F.GateRead(layer=detect, tau=rule.tau, score=None if view is None else view.s_gate, position=position)
     figs = {
         "centroids": _centroid_fig(state, layer, view, method),
-        "modality_offset": P.modality_offset_figure(ratio, before, after, layer),
-        "trust_region": P.trust_region_figure(rule, scores, (float(diag.spread_safe[layer]),
+        "modality_offset": F.modality_offset_figure(ratio, before, after, layer),
+        "trust_region": F.trust_region_figure(rule, scores, (float(diag.spread_safe[layer]),
                                                              float(diag.spread_unsafe[layer])), layer, gate),
-        "target_curve": P.target_curve_figure(diag.target_curve, state.target_level, state.layer),
-        "layer_scores": P.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.gate_layer,
+        "target_curve": F.target_curve_figure(diag.target_curve, state.target_level, state.layer),
+        "layer_scores": F.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.gate_layer,
                                               inspected=None if layer == state.layer else layer,
                                               gate_position=state.gate_position),
         "hr_plane": hr_figure(state),
@@ -219,7 +219,7 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
     if analysis is not None:
         figs["hr_plane"] = hr_figure(state, hr_current(state, analysis, view))
     if analysis is not None and analysis.frame_scores is not None:
-        figs["frames"] = P.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
+        figs["frames"] = F.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
                                                analysis.frame_indices, None, view.detect_layer if view else None)
     return figs, view
 
@@ -245,7 +245,7 @@ def map_figures(analysis: Analysis | None, state: MarsState | None = None, recen
     if analysis is None or analysis.input_map is None:
         return {}
     m, q = analysis.input_map, analysis.query
-    from ..maps.maps import rescore as rescore_map
+    from ..maps.scoring import rescore as rescore_map
 
     opts = analysis.options if recenter is None else replace(analysis.options, recenter=recenter)
     if at_push:

@@ -14,7 +14,7 @@ import torch
 
 from ..conftest import real_model
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(3600)]  # a full fit on it takes ~15 min
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_real_mars_changes_refusals(qwen_state):
     from mars_viz.fit.calibrate import split_sets
     from mars_viz.model.inputs import Query
     from mars_viz.model.media import neutral_images
-    from mars_viz.steer.generate import run_pairs
+    from mars_viz.steer.pair import run_pairs
     from mars_viz.steer.steering import SteerOptions
 
     bb, state = qwen_state

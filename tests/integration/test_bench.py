@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 def test_bench_json_has_the_ratios(tiny_dirs, tmp_path):
     out = tmp_path / "bench.json"

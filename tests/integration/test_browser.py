@@ -11,7 +11,7 @@ import pytest
 from mars_viz.data.examples import EXAMPLES_DIR
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -15,7 +15,7 @@ from mars_viz.data.examples import EXAMPLES_DIR
 
 from .test_browser import CHROMIUM, _plot_rendered, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
 
 # Every visible, non-empty <text> in a plot: its box, and whether it sticks out of the figure's own <svg>.
@@ -123,7 +123,7 @@ def test_evaluate_charts_have_no_overlapping_or_clipped_text(browser, app_server
 @pytest.mark.parametrize("width", [1280, 1600])
 def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, app_server, width):  # noqa: F811
     """The plane's quadrant names, threshold values and legend render after a run, none over another or clipped."""
-    from mars_viz.views.plots import HR_QUADRANTS
+    from mars_viz.views.figures import HR_QUADRANTS
 
     page = browser.new_page(viewport={"width": width, "height": 1100})
     page.goto(app_server["url"])

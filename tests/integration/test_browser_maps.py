@@ -14,7 +14,7 @@ from mars_viz.data.examples import EXAMPLES_DIR
 
 from .test_browser import CHROMIUM, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
 
 

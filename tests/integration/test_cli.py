@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "mars_viz", *map(str, args)], capture_output=True, text=True,

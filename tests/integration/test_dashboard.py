@@ -182,6 +182,8 @@ def test_loading_a_missing_model_is_an_error_and_keeps_the_current_one(client, a
     assert app_server["session"].backbone is before
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_second_user_stays_responsive_while_first_generates(app_server):
     """While one request holds the model (slowed by a test hook), another user's toggle and page still answer."""
     session = app_server["session"]

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from mars_viz.analysis.evaluate import SETS, build_items, evaluate, items_from_benchmark, summarise, write_report
+from mars_viz.analysis.evaluate import SETS, build_items, evaluate, items_from_benchmark, summarise
 from mars_viz.core.state import MarsConfig
 from mars_viz.data.datasets import load_standard
 from mars_viz.fit.calibrate import calibrate
+from mars_viz.views.report import write_report
 
 from ..conftest import SMALL_CONFIG
 
@@ -72,6 +73,8 @@ def test_gate_closed_means_unchanged(qwen):
         assert entry["refusal_steered"] == entry["refusal_unsteered"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cli_eval_single_and_sharded_reports_are_identical(qwen, tmp_path, tiny_dirs):
     _, _, folder = qwen
     common = ["eval", "--model", str(tiny_dirs("qwen2_vl")), "--state", str(folder), "--limit", "2",

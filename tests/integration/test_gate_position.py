@@ -126,6 +126,8 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_cli_fit_and_run_take_a_gate_position(tiny_dirs, tmp_path):
     model = tiny_dirs("llava")
     r = _cli("fit", "--model", model, "--out", tmp_path / "s", "--max-prompts", "12", "--k-neutral", "2",
@@ -135,7 +137,8 @@ def test_cli_fit_and_run_take_a_gate_position(tiny_dirs, tmp_path):
     fit = json.loads(r.stdout)
     assert fit["gate_position"] == "inst" and fit["gate_layer"] == fit["inst_detect_layer"]
     meta = json.loads((tmp_path / "s" / "mars_state.json").read_text())
-    assert meta["config"]["surface_check"] is False and meta["config"]["gate_position"] == "inst"
+    assert meta["config"]["surface_check"] is False and "gate_position" not in meta["config"]  # the state's own
+    assert meta["gate_position"] == "inst" and meta["diagnostics"]["gate_choice"]["chosen_by"] == "override"
     assert "surface_agreement" not in meta["diagnostics"]["gate_choice"]["inst"]
     rows = {}
     for position in ("post", "inst", None):

@@ -11,6 +11,8 @@ import torch
 from mars_viz.cli.main import main
 from tests.graft_fixtures import build_tiny_qwen2
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # trains a graft
+
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from mars_viz.analysis.analyze import analyze_stream
 from mars_viz.core.state import MarsState
-from mars_viz.maps.maps import layout_grids, layout_spec, rescore
+from mars_viz.maps.layout import layout_grids, layout_spec
+from mars_viz.maps.scoring import rescore
 from mars_viz.model.backbone import load_backbone
 from mars_viz.model.hooks import capture_sequence, count_hooks
 from mars_viz.model.inputs import Query, build_batch
@@ -46,7 +47,7 @@ def _layout(bb, q):
 
 
 def _expected_shapes(arch: str, bb, batch, q) -> list[tuple[str, tuple[int, int]]]:
-    """(view, shape) of each grid, from the processor's own outputs and the configs (not from maps.py)."""
+    """(view, shape) of each grid, from the processor's own outputs and the configs (not from maps/layout.py)."""
     cfg, proc = bb.model.config, bb.processor
     n_img = len(q.images) or len(q.video or ())
     if arch in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
@@ -357,7 +358,8 @@ def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backb
     """What the per-position offsets mean: re-centred, the fit's own neutral images average 0 (the safe centroid's
     score) in every cell of every view, however far their raw scores are from it."""
     from mars_viz.fit.calibrate import split_sets
-    from mars_viz.maps.maps import capture_prompt_positions, input_map
+    from mars_viz.maps.offsets import capture_prompt_positions
+    from mars_viz.maps.scoring import input_map
     from mars_viz.model.media import neutral_images
 
     bb, state = tiny_backbones(arch), fitted(arch)
@@ -381,7 +383,7 @@ def test_the_neutral_inputs_score_zero_in_every_cell_on_average(arch, tiny_backb
 
 
 def test_push_layer_map_from_the_same_prefill(tiny_backbones, fitted):
-    from mars_viz.maps.maps import capture_prompt_positions
+    from mars_viz.maps.offsets import capture_prompt_positions
     from mars_viz.views.panels import map_figures
 
     bb, state = tiny_backbones("qwen2_vl"), fitted("qwen2_vl")

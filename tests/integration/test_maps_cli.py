@@ -7,8 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mars_viz.model.media import neutral_video
 from mars_viz.model.videoio import write_video
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _run(*args, timeout=300):

@@ -12,7 +12,7 @@ from mars_viz.fit.calibrate import calibrate
 from mars_viz.model.hooks import capture_residuals, count_hooks
 from mars_viz.model.inputs import Query, build_batch
 from mars_viz.model.media import neutral_images, read_video
-from mars_viz.steer.generate import run_pairs
+from mars_viz.steer.pair import run_pairs
 from mars_viz.steer.steering import SteerOptions, mars_steering
 
 from ..conftest import ARCHS, SMALL_CONFIG

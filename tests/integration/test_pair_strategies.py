@@ -14,15 +14,12 @@ from mars_viz.model.hooks import count_hooks
 from mars_viz.model.inputs import Query, build_batch
 from mars_viz.model.media import neutral_images
 from mars_viz.steer import generate as G
-from mars_viz.steer.generate import (
-    PAIR_STRATEGIES,
-    generate_batch,
-    measure_pair_cost,
-    resolve_strategy,
-    run_pairs,
-    stream_pair,
-)
+from mars_viz.steer import timing
+from mars_viz.steer.generate import generate_batch
+from mars_viz.steer.pair import PAIR_STRATEGIES, resolve_strategy, run_pairs
 from mars_viz.steer.steering import SteerOptions, gate_scores, mars_steering, plan
+from mars_viz.steer.stream import stream_pair
+from mars_viz.steer.timing import measure_pair_cost
 
 from ..conftest import ARCHS
 
@@ -144,7 +141,7 @@ def test_auto_follows_the_measured_ratio(tiny_backbones, monkeypatch):
     bb = tiny_backbones("qwen2_vl")
     for (t1, t2), chosen in (((0.010, 0.010), "batched"), ((0.010, 0.030), "gate_first")):
         monkeypatch.setattr(bb, "pair_costs", {})
-        monkeypatch.setattr(G, "_time_decode_steps", lambda _bb, t1=t1, t2=t2: (t1, t2))
+        monkeypatch.setattr(timing, "_time_decode_steps", lambda _bb, t1=t1, t2=t2: (t1, t2))
         assert resolve_strategy(bb, "auto") == chosen
         info = bb.describe()["pair_strategy"]
         assert info["chosen"] == chosen and info["ratio"] == pytest.approx(t2 / t1)
@@ -155,8 +152,8 @@ def test_real_measurement_is_taken_once(tiny_backbones, fitted, monkeypatch):
     bb, state = tiny_backbones("llava"), fitted("llava")
     monkeypatch.setattr(bb, "pair_costs", {})
     calls, hooks_before = [], count_hooks(bb.model)
-    real = G._time_decode_steps
-    monkeypatch.setattr(G, "_time_decode_steps", lambda b: calls.append(1) or real(b))
+    real = timing._time_decode_steps
+    monkeypatch.setattr(timing, "_time_decode_steps", lambda b: calls.append(1) or real(b))
     cost = measure_pair_cost(bb)
     assert len(calls) == 1 and _no_hook_of_ours(bb, hooks_before)
     for key in ("decode_1row_s", "decode_2row_s", "ratio"):
@@ -185,6 +182,8 @@ RELATIONS = {"detect<push": 1, "detect=push": 2, "detect>push": 3}  # push at la
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_layer_gate_on_every_strategy(strategy, arch, relation, position, tiny_backbones, fitted, separate):
     """Conditional MARS: the gate read before, at or after the push layer, at t_post or t_inst. Closed:
     bit-identical answers. Open: exactly the tokens of a separate steered generation given the gate of a plain

@@ -16,8 +16,9 @@ from mars_viz.core.state import MarsConfig
 from mars_viz.model.hooks import capture_residuals, count_hooks
 from mars_viz.model.inputs import Query, build_batch, clean_prompt
 from mars_viz.model.media import load_image, prepare_image, read_video
-from mars_viz.steer.generate import run_pairs, stream_pair
+from mars_viz.steer.pair import run_pairs
 from mars_viz.steer.steering import SteerOptions, mars_steering
+from mars_viz.steer.stream import stream_pair
 
 from ..conftest import SMALL_CONFIG
 from ..corpus import build_corpus
@@ -74,6 +75,8 @@ def test_corpus_through_the_cli(corpus, tiny_dirs, capsys):
             _check(expect, last, name)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_corpus_through_the_app_and_it_stays_up(corpus, app_server):
     client = Client(app_server["url"], verbose=False)
     for name, kind, value, expect in corpus:
@@ -184,6 +187,8 @@ def test_no_hook_left_after_edit_function_raises(qwen):
 
 # ---- concurrency -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_eight_concurrent_users_get_what_they_get_alone(app_server):
     """Mixed steering on/off and strengths from 8 clients at once; each equals the same request made alone."""
     url = app_server["url"]

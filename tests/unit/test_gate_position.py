@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mars_viz.core import geometry as G
+from mars_viz.core import selection as S
 from mars_viz.core.state import STATE_JSON, STATE_TENSORS, GateAxis, MarsState
 from mars_viz.data.datasets import SURFACE_FORMS, surface_forms
 from mars_viz.steer.steering import SteerOptions, gate_scores, plan
@@ -31,27 +31,27 @@ def test_gate_rates_count_openings_per_layer():
     s_u = torch.tensor([[0.9, 0.9], [0.1, 0.9]])  # [N, L]
     s_s = torch.tensor([[0.0, 0.2], [0.0, -0.1]])
     s_la = torch.tensor([[0.6, 0.3], [0.0, 0.3], [0.0, -1.0]])
-    r = G.gate_rates(s_u, s_s, s_la, taus)
+    r = S.gate_rates(s_u, s_s, s_la, taus)
     assert r["tpr"].tolist() == [0.5, 1.0]
     assert r["fpr_harmless"].tolist() == [0.0, 0.5]
     assert r["fpr_lookalike"].tolist() == pytest.approx([1 / 3, 2 / 3])
     assert r["quality"].tolist() == pytest.approx([0.5 - 0.0 - 1 / 3, 1.0 - 0.5 - 2 / 3])
-    assert G.gate_rates(s_u, s_s, None, taus)["fpr_lookalike"].tolist() == [0.0, 0.0]
+    assert S.gate_rates(s_u, s_s, None, taus)["fpr_lookalike"].tolist() == [0.0, 0.0]
 
 
 def test_choose_gate_site_prefers_quality_then_separability_then_post():
     q = {"post": torch.tensor([0.2, 0.6, float("nan")]), "inst": torch.tensor([0.7, 0.1, 0.7])}
     sep = {"post": torch.tensor([0.9, 0.9, 0.9]), "inst": torch.tensor([0.8, 0.9, 0.95])}
-    assert G.choose_gate_site(q, sep) == ("inst", 2)  # tie on quality: the higher separability
+    assert S.choose_gate_site(q, sep) == ("inst", 2)  # tie on quality: the higher separability
     tie = {"post": torch.tensor([0.7]), "inst": torch.tensor([0.7])}
-    assert G.choose_gate_site(tie, {"post": torch.tensor([0.9]), "inst": torch.tensor([0.9])}) == ("post", 0)
+    assert S.choose_gate_site(tie, {"post": torch.tensor([0.9]), "inst": torch.tensor([0.9])}) == ("post", 0)
     # a site that fails the surface check is skipped, unless every site fails it
-    assert G.choose_gate_site(q, sep, eligible={"post": torch.tensor([True, True, True]),
+    assert S.choose_gate_site(q, sep, eligible={"post": torch.tensor([True, True, True]),
                                                 "inst": torch.tensor([False, True, False])}) == ("post", 1)
     none = {"post": torch.zeros(3, dtype=torch.bool), "inst": torch.zeros(3, dtype=torch.bool)}
-    assert G.choose_gate_site(q, sep, eligible=none) == ("inst", 2)
+    assert S.choose_gate_site(q, sep, eligible=none) == ("inst", 2)
     with pytest.raises(ValueError, match="no finite gate quality"):
-        G.choose_gate_site({"post": torch.tensor([float("nan")])}, {"post": torch.tensor([0.5])})
+        S.choose_gate_site({"post": torch.tensor([float("nan")])}, {"post": torch.tensor([0.5])})
 
 
 def test_surface_forms_change_only_the_surface():
@@ -88,6 +88,7 @@ def test_a_state_from_before_positions_reads_at_t_post_and_says_why_not_inst(tmp
     meta = json.loads((folder / STATE_JSON).read_text())
     for key in ("gate_position", "inst_detect_layer"):
         meta.pop(key)
+    meta["format_version"] = 1  # shape 1c (core/migrate.py): format 1 before gate positions
     (folder / STATE_JSON).write_text(json.dumps(meta))
     from safetensors.torch import load_file, save_file
 

@@ -1,4 +1,4 @@
-"""Planted-geometry tests for mars_viz.core.geometry.
+"""Planted-geometry tests for mars_viz.core.rule and mars_viz.core.selection.
 
 Synthetic activations with a known refusal direction, modality offset and
 spread; each test asserts that the maths recovers what was planted.
@@ -12,8 +12,18 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import mars_viz.core.geometry as G
-from mars_viz.core.geometry import (
+import mars_viz.core.rule as R
+from mars_viz.core.rule import (
+    gate_weight,
+    mean_activation,
+    modality_offset,
+    recentre,
+    refusal_direction,
+    steer_displacement,
+    trust_region_coefficient,
+    unsafety_score,
+)
+from mars_viz.core.selection import (
     LayerScores,
     allowed_layer_range,
     auroc,
@@ -24,17 +34,9 @@ from mars_viz.core.geometry import (
     combined_score,
     consistency,
     fisher_ratio,
-    gate_weight,
-    mean_activation,
     misalignment,
-    modality_offset,
     normalise_steerability,
-    recentre,
-    refusal_direction,
     split_half_cosine,
-    steer_displacement,
-    trust_region_coefficient,
-    unsafety_score,
 )
 
 N, L, D = 64, 4, 16
@@ -516,38 +518,38 @@ def _planted_axis(d: int = 6):
 
 def test_mars_response_places_inputs_and_reports_the_push():
     mu_minus, r, h, levels = _planted_axis()
-    out = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN))
+    out = R.mars_response(h, mu_minus, r, R.MarsRule(TAU, T_STAR, MARGIN))
     assert torch.allclose(out.score, levels.double())
     assert out.gate_open.tolist() == [False, False, True, True, True, True]
     assert torch.equal(out.displacement[:2], torch.zeros(2, h.shape[1], dtype=h.dtype))  # gate closed: exactly 0
-    after = G.unsafety_score(h + out.displacement, mu_minus, r)
+    after = R.unsafety_score(h + out.displacement, mu_minus, r)
     assert after[3] == pytest.approx(T_STAR)  # fully open gate inside the trust region: lands on t*
     assert torch.allclose(out.planned_norm, out.push * r.norm())
-    disp, s = G.steer_displacement(h, mu_minus, r, TAU, T_STAR, margin=MARGIN)
+    disp, s = R.steer_displacement(h, mu_minus, r, TAU, T_STAR, margin=MARGIN)
     assert torch.equal(disp, out.displacement) and torch.equal(s, out.score)
 
 
 def test_mars_response_strength_mode_and_steer_off():
     mu_minus, r, h, _ = _planted_axis()
-    full = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN))
-    half = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, strength=0.5))
+    full = R.mars_response(h, mu_minus, r, R.MarsRule(TAU, T_STAR, MARGIN))
+    half = R.mars_response(h, mu_minus, r, R.MarsRule(TAU, T_STAR, MARGIN, strength=0.5))
     assert torch.allclose(half.displacement, 0.5 * full.displacement)
-    ungated = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, gated=False))
-    assert torch.allclose(G.unsafety_score(h + ungated.displacement, mu_minus, r)[:4], torch.full((4,), T_STAR,
+    ungated = R.mars_response(h, mu_minus, r, R.MarsRule(TAU, T_STAR, MARGIN, gated=False))
+    assert torch.allclose(R.unsafety_score(h + ungated.displacement, mu_minus, r)[:4], torch.full((4,), T_STAR,
                                                                                                   dtype=torch.float64))
-    off = G.mars_response(h, mu_minus, r, G.MarsRule(TAU, T_STAR, MARGIN, steer=False))
+    off = R.mars_response(h, mu_minus, r, R.MarsRule(TAU, T_STAR, MARGIN, steer=False))
     assert torch.equal(off.displacement, torch.zeros_like(h)) and torch.equal(off.planned_norm, full.planned_norm)
 
 
 def test_response_curve_matches_mars_response_on_real_vectors():
     mu_minus, r, h, levels = _planted_axis()
-    rule = G.MarsRule(TAU, T_STAR, MARGIN, strength=0.7)
-    curve = G.response_curve(levels, rule)
-    out = G.mars_response(h, mu_minus, r, rule)
+    rule = R.MarsRule(TAU, T_STAR, MARGIN, strength=0.7)
+    curve = R.response_curve(levels, rule)
+    out = R.mars_response(h, mu_minus, r, rule)
     assert torch.allclose(curve.push, out.push) and torch.equal(curve.gate_open, out.gate_open)
 
 
 def test_mars_rule_rejects_bad_controls():
     for bad in (dict(strength=-1.0), dict(margin=0.0), dict(tau=float("nan"))):
         with pytest.raises(ValueError):
-            G.MarsRule(**{"tau": TAU, "t_star": T_STAR, **bad})
+            R.MarsRule(**{"tau": TAU, "t_star": T_STAR, **bad})

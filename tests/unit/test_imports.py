@@ -9,9 +9,12 @@ from __future__ import annotations
 import ast
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import mars_viz
 
@@ -43,7 +46,7 @@ def _imports(name: str, path: Path) -> set[str]:
                 base = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            # `from . import geometry` imports the submodule; `from .state import MarsState` imports .state
+            # `from . import rule` imports the submodule; `from .state import MarsState` imports .state
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         else:
             continue
@@ -89,7 +92,7 @@ def test_the_walk_finds_the_package():
 
 def test_the_import_parser_resolves_relative_and_local_imports():
     graph = {name: _imports(name, path) for name, path in MODULES.items()}
-    assert "mars_viz.core.geometry" in graph["mars_viz.core.state"]  # from .geometry import LayerScores
+    assert "mars_viz.core.selection" in graph["mars_viz.core.state"]  # from .selection import LayerScores
     assert "mars_viz.ui.api" in graph["mars_viz.ui.app"]  # from . import api, ...
     assert "mars_viz.ui.launch" in graph["mars_viz.cli.main"]  # a function-local `from .ui.launch import launch`
 
@@ -128,9 +131,94 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_module_imports_on_its_own():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
     names = sorted(m for m in MODULES if m != "mars_viz.__main__")  # __main__ runs the CLI when imported
     proc = subprocess.run([sys.executable, "-c", CHILD, *names], capture_output=True, text=True, env=env,
                           cwd=ROOT.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---- the layers (README "Use it as a library"; each folder's docstring says the same) -----------------------------
+# folder -> the mars_viz folders it may import. Lower layers know nothing of the ones above: the maths runs without a
+# model, the model code without MARS, the figures without gradio; `api` is the library's front door, `ui` and `cli`
+# sit on top.
+LAYERS: dict[str, set[str]] = {
+    "paths": set(),
+    "core": set(),
+    "model": {"paths"},
+    "data": {"paths", "model"},
+    "steer": {"core", "model", "data"},
+    "maps": {"core", "model", "data", "steer"},
+    "fit": {"paths", "core", "model", "data", "steer", "maps"},
+    "analysis": {"paths", "core", "model", "data", "steer", "maps", "fit"},
+    "views": {"core", "data", "steer", "maps", "analysis"},
+    "api": {"core", "model", "steer"},
+    "ui": {"paths", "core", "model", "data", "steer", "maps", "fit", "analysis", "views", "api"},
+    "cli": {"paths", "core", "model", "data", "steer", "maps", "fit", "analysis", "views", "api", "ui"},
+}
+# third-party modules only some layers may import
+ONLY_IN = {"gradio": {"ui", "cli"}, "plotly": {"views", "ui"}}
+
+
+def _folder(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] not in {"__main__"} else None
+
+
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_folder_has_a_rule():
+    folders = {_folder(m) for m in MODULES} - {None}
+    assert folders == set(LAYERS), f"folders without a layer rule (or rules without a folder): {folders ^ set(LAYERS)}"
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    bad = []
+    for name, path in MODULES.items():
+        src = _folder(name)
+        if src is None:
+            continue
+        for dep in _imports(name, path):
+            dst = _folder(dep)
+            if dst is not None and dst != src and dst not in LAYERS[src]:
+                bad.append(f"{name} imports {dep} ({src} may import only {sorted(LAYERS[src]) or 'nothing'})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_rules_check_catches_an_upward_import(tmp_path):
+    fake = tmp_path / "geometry.py"
+    fake.write_text("from ..ui.app import create_app\n")
+    MODULES["mars_viz.core._fake"] = fake
+    try:
+        deps = _imports("mars_viz.core._fake", fake)
+    finally:
+        del MODULES["mars_viz.core._fake"]
+    assert "mars_viz.ui.app" in deps and _folder("mars_viz.ui.app") not in LAYERS["core"]
+
+
+def test_gradio_and_plotly_stay_in_the_top_layers():
+    bad = [f"{name} imports {lib}" for name, path in MODULES.items()
+           for lib, allowed in ONLY_IN.items() if lib in _third_party(path) and _folder(name) not in allowed]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_runtime_never_imports_the_lab_outside_the_graft_command():
+    users = sorted(name for name, path in MODULES.items() if "mars_lab" in _third_party(path))
+    assert users == ["mars_viz.cli.main"], users
+
+
+def test_the_maths_holds_no_hooks_and_no_model():
+    bad = [name for name, path in MODULES.items() if _folder(name) == "core"
+           and re.search(r"register_forward|transformers|nn\.Module", path.read_text())]
+    assert not bad, f"core must stay pure maths: {bad}"

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from mars_viz.analysis.occlusion import neutral_fill, occlusion, occlusion_grids
-from mars_viz.maps.maps import Grid, InputMap, LayoutSpec, layout_grids, map_csv
+from mars_viz.maps.export import map_csv
+from mars_viz.maps.layout import Grid, LayoutSpec, layout_grids
+from mars_viz.maps.scoring import InputMap
 from mars_viz.model.inputs import Query
 from mars_viz.views.map_plots import (
     Panel,

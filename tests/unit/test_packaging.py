@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,3 +86,15 @@ def test_the_package_data_covers_the_prompt_sets_examples_and_phrases():
               for p in (REPO / "assets" / sub).iterdir()] + ["refusal_phrases.txt"]
     missing = [f for f in needed if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"assets the wheel would not carry: {missing}"
+
+
+def test_every_public_name_resolves_and_nothing_else_does():
+    import pytest
+
+    import mars_viz
+
+    for name in mars_viz.__all__:
+        assert getattr(mars_viz, name) is not None, name
+    assert {"steering", "score", "calibrate", "load_backbone", "MarsState"} <= set(dir(mars_viz))
+    with pytest.raises(AttributeError, match="no attribute 'stearing'"):
+        mars_viz.stearing  # noqa: B018

@@ -10,14 +10,12 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from mars_viz.core.geometry import MarsRule
-from mars_viz.views import plots
-from mars_viz.views.plots import (
+from mars_viz.core.rule import MarsRule
+from mars_viz.views import export, figures, layout
+from mars_viz.views.export import PLOT_CONFIG, figure_csv, figure_html
+from mars_viz.views.figures import (
     COLORS,
-    PLOT_CONFIG,
     centroid_figure,
-    figure_csv,
-    figure_html,
     frame_scores_figure,
     layer_scores_figure,
     modality_offset_figure,
@@ -43,7 +41,7 @@ def shapes(fig: go.Figure, name: str) -> list:
 
 def common(fig: go.Figure) -> None:
     assert fig.layout.template.layout.paper_bgcolor is not None  # a template object is attached
-    assert fig.layout.height in (plots.HEIGHT, plots.HEIGHT + 80)  # + room for a legend under the plot
+    assert fig.layout.height in (figures.HEIGHT, figures.HEIGHT + 80)  # + room for a legend under the plot
     assert all(t.name for t in fig.data), "every trace must be named"
 
 
@@ -101,7 +99,7 @@ def test_modality_offset_figure():
     before = {"image": [0.1, 0.4, 0.9], "video": [0.05, 0.3, 0.6]}
     after = {"image": [0.0, 0.02, -0.01], "video": [0.01, 0.0, 0.0]}
     fig = modality_offset_figure(ratio, before, after, chosen_layer=2)
-    assert fig.layout.height in (plots.HEIGHT, plots.HEIGHT + 80)  # + room for a legend under the plot
+    assert fig.layout.height in (figures.HEIGHT, figures.HEIGHT + 80)  # + room for a legend under the plot
     img = trace(fig, "image offset")
     assert list(img.x) == [0, 1, 2] and list(img.y) == [0.2, 0.8, 1.5]
     assert img.xaxis == "x" and img.yaxis == "y"  # left panel
@@ -340,12 +338,13 @@ def test_figure_html_and_config():
 
 
 def test_all_exports():
-    for name in plots.__all__:
-        assert hasattr(plots, name), name
+    for module in (figures, export):
+        for name in module.__all__:
+            assert hasattr(module, name), name
 
 
 def test_label_rows_never_put_two_overlapping_labels_in_one_row():
-    from mars_viz.views.plots import _Label, _label_rows
+    from mars_viz.views.layout import _Label, _label_rows
 
     labels = [_Label(x, f"label {i}", f"n{i}", anchor=a) for i, (x, a) in
               enumerate([(0.0, "left"), (0.02, "left"), (0.5, "center"), (0.51, "left"), (3.0, "left"), (9.9, "left")])]
@@ -365,9 +364,9 @@ def test_label_rows_never_put_two_overlapping_labels_in_one_row():
 
 
 def test_strength_sweep_labels_each_distinct_point_once():
-    fig = plots.strength_sweep_figure({"0": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
-                                       "0.5": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
-                                       "1": {"refusal_harmless": 0.25, "refusal_harmful": 0.9}})
+    fig = figures.strength_sweep_figure({"0": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
+                                         "0.5": {"refusal_harmless": 0.0, "refusal_harmful": 0.5},
+                                         "1": {"refusal_harmless": 0.25, "refusal_harmful": 0.9}})
     assert list(fig.data[0].text) == ["λ=0, 0.5", "", "λ=1"]
 
 
@@ -377,11 +376,11 @@ HR_CURRENT = {"raw": (0.7, 0.45), "recentred": (0.6, 0.2), "steered": (0.6, 2.0)
 
 
 def test_harm_refusal_figure_points_thresholds_and_path():
-    fig = plots.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35,
-                                    inst_layer=4, push_layer=2)
-    assert fig.layout.height > plots.HEIGHT and all(t.name for t in fig.data)  # a tab to itself: taller
+    fig = figures.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35,
+                                      inst_layer=4, push_layer=2)
+    assert fig.layout.height > figures.HEIGHT and all(t.name for t in fig.data)  # a tab to itself: taller
     for key, rows in (("harmful", [0, 1]), ("harmless", [2, 3]), ("look-alike", [4]), ("jailbreak", [5])):
-        name, color = plots.HR_GROUPS[key]
+        name, color = figures.HR_GROUPS[key]
         t = trace(fig, name)
         assert list(t.x) == HR_POINTS[rows, 0].tolist() and list(t.y) == HR_POINTS[rows, 1].tolist()
         assert t.marker.color == color
@@ -402,36 +401,36 @@ def test_harm_refusal_figure_points_thresholds_and_path():
 
 
 def test_harm_refusal_figure_names_the_quadrants_clear_of_the_points():
-    fig = plots.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35)
+    fig = figures.harm_refusal_figure(HR_POINTS, HR_LABELS, HR_CURRENT, x_threshold=0.45, y_threshold=0.35)
     quads = {a.text: a for a in fig.layout.annotations if (a.name or "").startswith("quadrant")}
-    assert set(quads) == set(plots.HR_QUADRANTS.values())
+    assert set(quads) == set(figures.HR_QUADRANTS.values())
     x0, x1 = fig.layout.xaxis.range
     y0, y1 = fig.layout.yaxis.range
-    for (refused, harmful), text in plots.HR_QUADRANTS.items():
+    for (refused, harmful), text in figures.HR_QUADRANTS.items():
         a = quads[text]
         assert (a.yanchor, a.y < 0.5) == (("top", False) if refused else ("bottom", True)), text
         assert (a.xanchor, a.x) == (("right", x1) if harmful else ("left", x0)), text
-    assert "jailbreaks sit here" in plots.HR_QUADRANTS[False, True]
-    assert "over-refusal" in plots.HR_QUADRANTS[True, False]
+    assert "jailbreaks sit here" in figures.HR_QUADRANTS[False, True]
+    assert "over-refusal" in figures.HR_QUADRANTS[True, False]
     # every label row (from the top and from the bottom) is reserved: no point, path node or threshold lies there
-    rows = {anchor: 1 + max(round((1 - a.y if anchor == "top" else a.y) / plots._ROW)
+    rows = {anchor: 1 + max(round((1 - a.y if anchor == "top" else a.y) / layout._ROW)
                             for a in fig.layout.annotations if a.yref == "y domain" and a.yanchor == anchor)
             for anchor in ("top", "bottom")}
-    below, above = (y0 + rows["bottom"] * plots._ROW * (y1 - y0), y1 - rows["top"] * plots._ROW * (y1 - y0))
+    below, above = (y0 + rows["bottom"] * layout._ROW * (y1 - y0), y1 - rows["top"] * layout._ROW * (y1 - y0))
     ys = [*HR_POINTS[:, 1], *(p[1] for p in HR_CURRENT.values()), 0.35]
     assert all(below < y < above for y in ys)
     assert all(x0 < x < x1 for x in [*HR_POINTS[:, 0], 0.45])
 
 
 def test_harm_refusal_figure_empty_and_errors():
-    fig = plots.harm_refusal_figure(np.zeros((0, 2)), [], None, 0.5, 0.5)
+    fig = figures.harm_refusal_figure(np.zeros((0, 2)), [], None, 0.5, 0.5)
     assert [t.name for t in fig.data] == [] and shapes(fig, "refusal threshold")
     with pytest.raises(ValueError, match="labels"):
-        plots.harm_refusal_figure(HR_POINTS, HR_LABELS[:2])
+        figures.harm_refusal_figure(HR_POINTS, HR_LABELS[:2])
     with pytest.raises(ValueError, match="unknown point label"):
-        plots.harm_refusal_figure(HR_POINTS[:1], ["safe"])
+        figures.harm_refusal_figure(HR_POINTS[:1], ["safe"])
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
-        plots.harm_refusal_figure(np.zeros((2, 3)), ["harmful", "harmless"])
+        figures.harm_refusal_figure(np.zeros((2, 3)), ["harmful", "harmless"])
 
 
 def test_layer_scores_figure_names_a_gate_at_t_inst():
@@ -442,13 +441,13 @@ def test_layer_scores_figure_names_a_gate_at_t_inst():
 
 def test_trust_region_names_a_gate_read_at_t_inst():
     fig = trust_region_figure(MarsRule(0.4, 3.0), {"recentred": 0.5}, layer=2,
-                              gate=plots.GateRead(layer=2, tau=0.4, score=0.9, position="inst"))
+                              gate=figures.GateRead(layer=2, tau=0.4, score=0.9, position="inst"))
     assert fig.layout.title.text == "Push at layer 2, gate read at layer 2 at t_inst"
     assert any("gate read at layer 2 at t_inst: s = 0.90 > τ = 0.40" in (a.text or "") for a in fig.layout.annotations)
 
 
 def test_a_label_too_long_for_either_side_stays_anchored_inside_the_plot():
-    from mars_viz.views.plots import _Label, _label_rows
+    from mars_viz.views.layout import _Label, _label_rows
 
     long = _Label(0.0, "gate read at layer 0 at t_inst: s = 4.31 ≤ τ = 4.32 → closed", "gate")
     [(_, _, anchor)] = _label_rows([long], (0.0, 10.0), plot_px=380)

@@ -96,6 +96,8 @@ def umap_proj(clusters):
     return project(points, "umap", seed=0, n_neighbors=500)  # n_neighbors capped at N - 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_umap_coords_and_transform(umap_proj, clusters):
     points, labels, *_ = clusters
     assert umap_proj.method == "umap"

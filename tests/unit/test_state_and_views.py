@@ -1,7 +1,7 @@
 """A planted MarsState (no model): equality, .to(), round-trip, old formats, and one source for the push.
 
 The hook's edit function (`steering.mars_edit`), the dashboard's re-scoring (`views.rescore`) and the trust-region
-figure all go through `geometry.mars_response`; these tests check that they agree on planted geometry.
+figure all go through `rule.mars_response`; these tests check that they agree on planted geometry.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from mars_viz.analysis.analyze import Analysis
-from mars_viz.core import geometry as G
+from mars_viz.core import rule as R
+from mars_viz.core import selection as S
 from mars_viz.core.state import STATE_JSON, Diagnostics, GateAxis, MarsConfig, MarsState
 from mars_viz.model.inputs import Query
-from mars_viz.steer.generate import Answer, PairResult
+from mars_viz.steer.results import Answer, PairResult
 from mars_viz.steer.steering import SteerOptions, gate_scores, mars_edit, plan
 from mars_viz.views.panels import build_figures, hr_current, rescore, state_figures
 
@@ -27,7 +28,7 @@ def planted_state(seed: int = 0) -> MarsState:
     g = torch.Generator().manual_seed(seed)
     mu_minus = torch.randn(L, D, generator=g, dtype=torch.float64)
     r = torch.randn(L, D, generator=g, dtype=torch.float64)
-    ls = G.LayerScores(**{n: torch.linspace(0.1, 0.9, L, dtype=torch.float64) for n in (
+    ls = S.LayerScores(**{n: torch.linspace(0.1, 0.9, L, dtype=torch.float64) for n in (
         "separability", "fisher", "consistency", "split_half", "steerability", "misalignment_before",
         "misalignment_after", "combined")})
     diag = Diagnostics(layer_scores=ls, target_curve={1.0: 0.2, 3.0: 0.6}, spread_unsafe=torch.full((L,), 0.2),
@@ -106,7 +107,8 @@ def test_old_state_with_untyped_extra_loads(tmp_path):
     state.diagnostics.misalignment_video_before = [0.1] * L
     state.save(tmp_path)
     meta = json.loads((tmp_path / STATE_JSON).read_text())
-    meta["extra"] = meta.pop("diagnostics")  # how format 1 stored them before the split
+    meta["extra"] = meta.pop("diagnostics")  # how format 1 stored them before the split (shape 1a, core/migrate.py)
+    meta["format_version"] = 1
     meta["extra"]["allowed_layers"] = [1, 3]
     (tmp_path / STATE_JSON).write_text(json.dumps(meta))
     again = MarsState.load(tmp_path)
@@ -205,7 +207,7 @@ def test_hr_plane_draws_the_points_the_thresholds_and_the_input_moving_up():
     # an image input: harmful at t_inst (0.9 > 0.35), at the safe side at t_post: a gate at t_inst opens, pushes up
     a = planted_analysis(state, s_post=0.1, s_inst=0.9, options=SteerOptions(gate_position="inst"))
     cur = hr_current(state, a)
-    x_raw = float(G.unsafety_score(a.acts_inst[1].double(), state.inst.mu_minus[1], state.inst.r[1]))
+    x_raw = float(R.unsafety_score(a.acts_inst[1].double(), state.inst.mu_minus[1], state.inst.r[1]))
     assert cur["raw"][0] == pytest.approx(x_raw) and cur["raw"][0] == pytest.approx(0.9 + 0.5)  # offset 0.5 r
     assert cur["recentred"][0] == pytest.approx(0.9) and cur["steered"][0] == cur["recentred"][0]
     assert cur["raw"][1] == pytest.approx(0.1 + 0.3) and cur["recentred"][1] == pytest.approx(0.1)

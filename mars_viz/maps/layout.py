@@ -1,11 +1,5 @@
-"""Where in the input: per-position unsafety scores, mapped back to the prompt's words, the image's patch grid and
-the video's frames.
-
-The Run's prefill already computes the residual at every prompt position; `generate.stream_pair(seq_layers=...)`
-keeps it at the detection layer (T x d floats). Each position is scored along that layer's r-hat with the gate's
-own affine map (`steering.gate_scores`, i.e. `geometry.unsafety_score`); image and video tokens are re-centred by
-a *per-position* offset measured at fit time on the neutral solid-colour inputs (so a neutral image scores 0, the
-safe centroid's score, in every cell). Then the media tokens are placed on their grids:
+"""Where the media tokens sit: the per-architecture position layouts that place a prompt's image and video tokens
+on 2-D grids (`Grid`) over the image's patches and the video's frames.
 
   qwen2_vl, qwen2_5_vl   `image_grid_thw` / `video_grid_thw` / `spatial_merge_size`: one token per merged 2x2 patch,
                          a video token covers `temporal_patch_size` consecutive frames (flagged: not per frame)
@@ -17,29 +11,20 @@ safe centroid's score, in every cell). Then the media tokens are placed on their
 
 Everything except `layout_spec` (which reads the processor, config and model) is pure: ids and metadata in, grids
 out. Where a mapping is not exact, the grid says so (`exact=False` and a note) instead of guessing.
-
-Example:
-    >>> for upd in stream_pair(bb, state, q, opts, seq_layers=[plan(state, opts).detect_layer]):  # doctest: +SKIP
-    ...     pass
-    >>> m = input_map(bb, state, opts, q, upd.seq)                                               # doctest: +SKIP
-    >>> m.grids[0].scores.shape, m.text()[:3]                                                    # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..steer.steering import Plan, SteerOptions, gate_scores, plan
+from ..model.inputs import media_token_ids
 
-__all__ = ["Grid", "InputMap", "LayoutSpec", "build_input_map", "input_map", "layout_grids", "layout_spec",
-           "map_csv", "neutral_position_offsets", "position_scores", "rescore"]
+__all__ = ["Grid", "LayoutSpec", "layout_grids", "layout_spec"]
 
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1 of the source image
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
@@ -81,46 +66,6 @@ class Grid:
         return {"kind": self.kind, "index": self.index, "view": self.view, "frames": list(self.frames),
                 "rows": self.shape[0], "cols": self.shape[1], "box": None if self.box is None else list(self.box),
                 "exact": self.exact, "note": self.note, "positions": self.positions.tolist(), "scores": sc}
-
-
-@dataclass
-class InputMap:
-    """Per-position scores of one input and where they sit: text tokens, image grids, video frame grids."""
-
-    layer: int  # the layer scored (the gate's detection layer)
-    recenter: bool
-    tokens: list[str]  # [T] the text of every prompt position
-    kinds: list[str]  # [T] "text", "image" or "video"
-    scores: np.ndarray  # [T] float64
-    grids: list[Grid]
-    offset_source: str  # "per-position", "mean modality offset" or "none"
-    notes: list[str] = field(default_factory=list)
-    modality: str = "text"  # the input's modality (text positions are re-centred by its offset, as the gate does)
-    layout_notes: list[str] = field(default_factory=list)  # the layout's own notes (kept when re-scored)
-    h: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [T, d] the residuals scored
-    gate_at: int = -1  # the position the gate reads (t_post: the last; t_inst: the user's last token), from the start
-
-    @property
-    def exact(self) -> bool:
-        return all(g.exact for g in self.grids)
-
-    def text(self) -> list[tuple[int, str, float]]:
-        """(position, token, score) of every text (non-media) position, in order."""
-        return [(i, t, float(s)) for i, (t, k, s) in enumerate(zip(self.tokens, self.kinds, self.scores, strict=True))
-                if k == "text"]
-
-    def frame_grids(self) -> list[Grid]:
-        return [g for g in self.grids if g.kind == "frame"]
-
-    def image_grids(self) -> list[Grid]:
-        return [g for g in self.grids if g.kind == "image"]
-
-    def to_json(self) -> dict:
-        return {"layer": self.layer, "recenter": self.recenter, "offset_source": self.offset_source,
-                "exact": self.exact, "notes": list(self.notes), "gate_at": self.gate_at % len(self.tokens),
-                "positions": [{"pos": i, "token": t, "kind": k, "score": float(s)}
-                              for i, (t, k, s) in enumerate(zip(self.tokens, self.kinds, self.scores, strict=True))],
-                "grids": [g.to_json() for g in self.grids]}
 
 
 # ---- the layout table -------------------------------------------------------------------------------------------
@@ -184,10 +129,7 @@ def layout_spec(backbone) -> LayoutSpec:
     """The layout facts of a loaded `Backbone` (the only transformers-specific part of the maps)."""
     mt, cfg, proc = backbone.model_type, backbone.model.config, backbone.processor
     tok = backbone.tokenizer
-    img = getattr(cfg, "image_token_id", None)
-    img = getattr(cfg, "image_token_index", None) if img is None else img
-    vid = getattr(cfg, "video_token_id", None)
-    vid = getattr(cfg, "video_token_index", None) if vid is None else vid
+    img, vid = media_token_ids(backbone)
     base = dict(model_type=mt, image_token_id=img, video_token_id=vid, video_mode=backbone.video_mode)
     if mt in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
         vc = cfg.vision_config
@@ -443,224 +385,3 @@ def layout_grids(spec: LayoutSpec, ids: Sequence[int], meta: dict, n_images: int
             if g.kind == "frame" and not g.frames:
                 g.frames = (g.index,)
     return grids, notes
-
-
-# ---- scores ------------------------------------------------------------------------------------------------------
-
-def _score(state, p: Plan, h: torch.Tensor) -> torch.Tensor:
-    """The gate's own score of residuals `h [N, d]` at the detection layer, with no further offset (any re-centring
-    was applied to `h` already): `steering.gate_scores`, i.e. `geometry.unsafety_score`."""
-    return gate_scores(state, p, h, ["text"] * h.shape[0], recenter=False)
-
-
-def _cell_offsets(cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Fit-time offsets `[gh, gw, d]` resampled (bilinear; identity when the shapes agree) to `shape` -> [r, c, d]."""
-    if tuple(cells.shape[:2]) == tuple(shape):
-        return cells
-    x = cells.permute(2, 0, 1)[None].double()
-    return torch.nn.functional.interpolate(x, size=shape, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-
-
-def position_scores(state, options: SteerOptions, h: torch.Tensor, kinds: Sequence[str], grids: Sequence[Grid],
-                    modality: str = "text") -> tuple[np.ndarray, str, list[str]]:
-    """Score every position `h [T, d]` (residuals at the detection layer) -> (`[T]` scores, offset source, notes).
-
-    Text positions are scored as the gate scores the last one: re-centred by the input's modality offset (the gate's
-    delta; zero for a text-only input), so the last position's score *is* the gate's. Media positions, with
-    re-centring: minus the per-position offset the state measured on neutral inputs for that grid view (resampled
-    when the grid's shape differs), or the mean over the neutral media tokens where no view matches. A state without
-    per-position offsets (fitted before maps existed, or read at another layer) falls back to the gate's mean modality
-    offset, and says so. Without re-centring every position is scored raw.
-    """
-    p = plan(state, options)
-    h = h.double()
-    kinds = list(kinds)
-    text = [i for i, k in enumerate(kinds) if k == "text"]
-    media = [i for i, k in enumerate(kinds) if k != "text"]
-    scores = torch.zeros(len(kinds), dtype=torch.float64)
-    notes: list[str] = []
-    source = "none"
-    if text:
-        scores[text] = gate_scores(state, p, h[text], [modality] * len(text), options.recenter).cpu()
-    if not media:
-        return scores.numpy(), source, notes
-    if not options.recenter:
-        scores[media] = _score(state, p, h[media]).cpu()
-        return scores.numpy(), source, notes
-    diag = state.diagnostics
-    cells = getattr(diag, "map_cells", None) or {}
-    tokens = getattr(diag, "map_tokens", None) or {}
-    measured = (getattr(diag, "map_layer", None), getattr(diag, "map_position", "post"))
-    if measured != (p.detect_layer, p.gate_position) or not tokens:
-        why = ("this state has no per-position offsets (fitted before the maps existed)" if not tokens else
-               f"the per-position offsets were measured at layer {measured[0]} for the gate at t_{measured[1]}, "
-               f"not at layer {p.detect_layer} for t_{p.gate_position}")
-        notes.append(f"{why}: image and video tokens are re-centred by the mean modality offset (the gate's δ)")
-        scores[media] = gate_scores(state, p, h[media], [kinds[i] for i in media], recenter=True).cpu()
-        return scores.numpy(), "mean modality offset", notes
-    delta = torch.zeros_like(h)
-    for i in media:
-        if kinds[i] not in tokens:
-            raise ValueError(f"this state has no {kinds[i]} offsets: refit it with neutral {kinds[i]} inputs")
-        delta[i] = tokens[kinds[i]].double()
-    resampled = set()
-    for g in grids:
-        placed = g.positions[g.positions >= 0]
-        if not len(placed):
-            continue
-        key = f"{kinds[int(placed[0])]}.{g.view}"
-        if key not in cells:
-            continue
-        off = _cell_offsets(cells[key].double(), g.shape)
-        if tuple(cells[key].shape[:2]) != g.shape:
-            resampled.add(f"{key} {tuple(cells[key].shape[:2])} -> {g.shape}")
-        for (r, c), pos in np.ndenumerate(g.positions):
-            if pos >= 0:
-                delta[pos] = off[r, c]
-    if resampled:
-        notes.append("per-position offsets resampled (bilinear) from the neutral inputs' grid: "
-                     + "; ".join(sorted(resampled)))
-    scores[media] = _score(state, p, h[media] - delta[media]).cpu()
-    return scores.numpy(), "per-position", notes
-
-
-def build_input_map(spec: LayoutSpec, decode: Callable[[int], str], state, options: SteerOptions, query,
-                    ids: Sequence[int], h: torch.Tensor, meta: dict, gate_at: int = -1) -> InputMap:
-    """The `InputMap` of one query from its unpadded prompt ids, residuals `h [T, d]` at the detection layer and the
-    processor's media metadata (`image_grid_thw`, `image_sizes`, ...). `decode(id)` gives a token's text; `gate_at`
-    is the position the gate reads (`inputs.gate_index`)."""
-    ids = [int(t) for t in ids]
-    if h.shape[0] != len(ids):
-        raise ValueError(f"{h.shape[0]} residuals for {len(ids)} prompt positions")
-    n_frames = len(query.video or ())
-    sizes = [im.size for im in (query.images or ())] or [f.size for f in (query.video or ())]
-    grids, notes = layout_grids(spec, ids, meta, len(query.images or ()), n_frames, sizes)
-    kinds = ["text"] * len(ids)
-    video_modality = "video" if query.video else "image"
-    for g in grids:
-        for pos in g.positions[g.positions >= 0].tolist():
-            kinds[pos] = "video" if g.kind == "frame" else "image"
-    for i, t in enumerate(ids):  # media tokens that no grid holds (newline, class token): still media
-        if kinds[i] == "text" and t in (spec.image_token_id, spec.video_token_id):
-            kinds[i] = video_modality if (t == spec.video_token_id or query.video) else "image"
-    scores, source, more = position_scores(state, options, h, kinds, grids, query.modality)
-    for g in grids:
-        g.scores = np.where(g.positions >= 0, scores[np.clip(g.positions, 0, None)], np.nan)
-    layout_notes = list(dict.fromkeys(notes + [g.note for g in grids if not g.exact and g.note]))
-    return InputMap(layer=plan(state, options).detect_layer, recenter=options.recenter,
-                    tokens=[decode(t) for t in ids], kinds=kinds, scores=scores, grids=grids, offset_source=source,
-                    notes=list(dict.fromkeys(layout_notes + more)), modality=query.modality,
-                    layout_notes=layout_notes, h=h.detach().float().cpu(), gate_at=gate_at % len(ids))
-
-
-def rescore(state, m: InputMap, options: SteerOptions, h: torch.Tensor | None = None,
-            layer: int | None = None) -> InputMap:
-    """The same map scored with other options (re-centring on / off), from its kept residuals: no model call.
-
-    `h` `[T, d]` and `layer`: score residuals the same prefill kept at another layer (the push layer) on the same
-    grids. The per-position offsets are measured at the gate's layer only, so there media tokens are re-centred by the
-    mean modality offset, and the map says so. That map is scored along the push's own axis (t_post's), whatever
-    position the gate reads at.
-    """
-    if layer is not None:
-        options = replace(options, detect_layer=layer, gate_position="post")
-    h = m.h if h is None else h
-    if h is None:
-        raise ValueError("this map kept no residuals: run the input again")
-    if layer is None and plan(state, options).detect_layer != m.layer:
-        raise ValueError(f"the map was captured at layer {m.layer}: run the input again to map another layer")
-    if h.shape[0] != len(m.kinds):
-        raise ValueError(f"{h.shape[0]} residuals for {len(m.kinds)} prompt positions")
-    scores, source, more = position_scores(state, options, h, m.kinds, m.grids, m.modality)
-    grids = [replace(g, scores=np.where(g.positions >= 0, scores[np.clip(g.positions, 0, None)], np.nan))
-             for g in m.grids]
-    return replace(m, layer=plan(state, options).detect_layer, recenter=options.recenter, scores=scores, grids=grids,
-                   offset_source=source, notes=list(dict.fromkeys(m.layout_notes + more)), h=h)
-
-
-def input_map(backbone, state, options: SteerOptions, query, seq: dict) -> InputMap:
-    """`build_input_map` from a `PairUpdate.seq` (or `capture_prompt_positions`) on a loaded backbone."""
-    from ..model.inputs import gate_index
-
-    p = plan(state, options)
-    tok = backbone.tokenizer
-    return build_input_map(layout_spec(backbone), lambda t: tok.decode([t]), state, options, query,
-                           seq["input_ids"].tolist(), seq["h"][p.detect_layer], seq["meta"],
-                           gate_at=gate_index(backbone, p.gate_position))
-
-
-# ---- fit-time statistics -------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def capture_prompt_positions(backbone, query, layers: Sequence[int]) -> dict:
-    """One forward of one query, keeping every position at `layers` (the fit-time pass; a Run uses its prefill)."""
-    from ..model.hooks import capture_sequence
-    from ..model.inputs import build_batch
-
-    batch = build_batch(backbone, [query])
-    with capture_sequence(backbone.layers, layers) as cap:
-        backbone.model(**batch, use_cache=False, logits_to_keep=1)
-    return {"h": {i: cap[i][0] for i in cap.layers}, "input_ids": batch["input_ids"][0].cpu(),
-            "meta": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()
-                     if k not in ("input_ids", "attention_mask") and not k.startswith("pixel_values")}}
-
-
-def neutral_position_offsets(backbone, queries: dict[str, Sequence], layer: int, mu_minus: torch.Tensor,
-                             progress: Callable[[int, int], None] | None = None
-                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-position offsets at `layer` from neutral inputs (`queries`: modality -> neutral-media queries).
-
-    Returns (cells, tokens): `cells["image.patches"]` `[rows, cols, d]` is the mean residual of each grid cell over
-    the neutral inputs minus the safe centroid `mu_minus [d]` (so a neutral image scores 0 in every cell after
-    re-centring); `tokens["image"]` `[d]` the same over all media tokens (for tokens no grid view matches).
-    """
-    spec = layout_spec(backbone)
-    cells: dict[str, torch.Tensor] = {}
-    tokens: dict[str, torch.Tensor] = {}
-    mu = mu_minus.double()
-    total, done = sum(len(qs) for qs in queries.values()), 0
-    for modality, qs in queries.items():
-        acc: dict[str, list[torch.Tensor]] = {}
-        toks: list[torch.Tensor] = []
-        for q in qs:
-            seq = capture_prompt_positions(backbone, q, [layer])
-            h = seq["h"][layer].double()  # [T, d]
-            ids = seq["input_ids"].tolist()
-            grids, _ = layout_grids(spec, ids, seq["meta"], len(q.images), len(q.video or ()),
-                                    [im.size for im in q.images] or [f.size for f in (q.video or ())])
-            media = [i for i, t in enumerate(ids) if t in (spec.image_token_id, spec.video_token_id)]
-            toks.append(h[media])
-            for g in grids:
-                if not g.exact and g.view in ("sequence", "crop"):
-                    continue
-                pos = torch.as_tensor(g.positions)
-                cell = torch.where((pos >= 0)[..., None], h[pos.clamp(min=0)], torch.nan)  # [r, c, d]
-                key = f"{modality}.{g.view}"
-                if key in acc and tuple(acc[key][0].shape[:2]) != g.shape:
-                    cell = _cell_offsets(torch.nan_to_num(cell), tuple(acc[key][0].shape[:2]))
-                acc.setdefault(key, []).append(cell)
-            done += 1
-            if progress:
-                progress(done, total)
-        if toks:
-            tokens[modality] = (torch.cat(toks).mean(0) - mu).float()
-        for key, cs in acc.items():
-            cells[key] = (torch.stack(cs).nanmean(0) - mu).nan_to_num().float()
-    return cells, tokens
-
-
-# ---- export ----------------------------------------------------------------------------------------------------------
-
-def map_csv(m: InputMap) -> str:
-    """One row per prompt position: position, token, kind, score, and the grid cell(s) it sits in."""
-    where: dict[int, list[str]] = {}
-    for g in m.grids:
-        for (r, c), pos in np.ndenumerate(g.positions):
-            if pos >= 0:
-                where.setdefault(int(pos), []).append(f"{g.label} r{r} c{c}")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["position", "token", "kind", "score", "cell", "layer", "recentred", "offset"])
-    for i, (t, k, s) in enumerate(zip(m.tokens, m.kinds, m.scores, strict=True)):
-        w.writerow([i, t, k, f"{float(s):.6g}", "; ".join(where.get(i, [])), m.layer, m.recenter, m.offset_source])
-    return buf.getvalue()

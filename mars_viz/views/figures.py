@@ -1,10 +1,13 @@
-"""Plotly figure builders. Pure: data in, `go.Figure` out; no model, no gradio. Tested on fixed data.
+"""Plotly figure builders: the dashboard's nine figures. Pure: data in, `go.Figure` out; no model, no gradio.
+Tested on fixed data.
 
 Every builder shares one look: the ``plotly_white`` template, ``HEIGHT`` pixels,
 the colour map ``COLORS`` (safe / unsafe / neutral image / neutral video /
 current input raw, re-centred, steered) and named traces, so the dashboard,
 the tests and the CSV export can find each series by name. Reference lines
-and shaded regions are layout shapes with a ``name`` too (``fig.layout.shapes``).
+and shaded regions are layout shapes with a ``name`` too (``fig.layout.shapes``);
+they and their text labels are placed by `layout`, and `export` writes a figure
+as HTML or CSV.
 
 Inputs are plain Python / numpy data (lists of floats, ``[N, 2]`` coordinates
 from ``mars_viz.core.projection``), never tensors or a ``MarsState``, so a figure
@@ -18,8 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core.geometry import MarsRule, response_curve
+from ..core.rule import MarsRule, response_curve
+from .layout import _LINE_GREY, _ROW, _hline, _Label, _label_rows, _place_labels, _vline, _vrect
 
 __all__ = [
     "COLORS",
@@ -38,15 +40,11 @@ __all__ = [
     "HEIGHT",
     "HR_GROUPS",
     "HR_QUADRANTS",
-    "PLOT_CONFIG",
     "TEMPLATE",
     "centroid_figure",
     "eval_conditions_figure",
     "strength_sweep_figure",
-    "figure_csv",
-    "figure_html",
     "placeholder_figure",
-    "plotly_js",
     "frame_scores_figure",
     "harm_refusal_figure",
     "layer_scores_figure",
@@ -83,20 +81,10 @@ CURRENT_NAMES: dict[str, str] = {
 }
 _CURRENT_SYMBOLS = {"raw": "circle", "recentred": "diamond", "steered": "square"}
 _SCORE_NAMES = {"raw": "score (raw)", "recentred": "score (re-centred)", "steered": "score (steered)"}
-_LINE_GREY = "#6c757d"
 # Scatter plots with many legend entries keep the legend under the plot, so it never takes the plot's width.
 _LEGEND_BELOW: dict[str, Any] = dict(legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top",
                                                  font=dict(size=10)),
                                      height=HEIGHT + 80, margin=dict(l=55, r=20, t=50, b=110))
-
-# Browser modebar config: the camera button exports a 2x PNG client-side (no server dependency).
-# Server-side PNG (fig.write_image) would need kaleido plus a Chrome/Chromium install, which the
-# offline app does not assume; pass this as `config=` to `fig.show`/`to_html` (figure_html does).
-PLOT_CONFIG: dict[str, Any] = {
-    "displaylogo": False,
-    "responsive": True,
-    "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "mars_viz"},
-}
 
 
 # ---------------------------------------------------------------------------
@@ -110,92 +98,6 @@ def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, **kw
     fig.layout.xaxis.title.text = xaxis_title
     fig.layout.yaxis.title.text = yaxis_title  # the primary y axis, also in secondary-y figures
     return fig
-
-
-def _vline(fig: go.Figure, x: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
-           dash: str = "dash", xref: str = "x", yref: str = "y domain") -> None:
-    """A named vertical line across the plot height (plus a label at the top when ``text`` is given)."""
-    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref=xref, yref=yref, name=name,
-                  line=dict(color=color, dash=dash, width=1.5))
-    if text:
-        fig.add_annotation(x=x, y=1, xref=xref, yref=yref, text=text, name=name, showarrow=False,
-                           xanchor="left", yanchor="top", xshift=3, font=dict(size=11, color=color))
-
-
-def _hline(fig: go.Figure, y: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,
-           dash: str = "dash", xref: str = "x domain", yref: str = "y") -> None:
-    """A named horizontal line across the plot width (plus a label at the right when ``text`` is given)."""
-    fig.add_shape(type="line", x0=0, x1=1, y0=y, y1=y, xref=xref, yref=yref, name=name,
-                  line=dict(color=color, dash=dash, width=1.5))
-    if text:
-        fig.add_annotation(x=1, y=y, xref=xref, yref=yref, text=text, name=name, showarrow=False,
-                           xanchor="right", yanchor="bottom", font=dict(size=11, color=color))
-
-
-def _vrect(fig: go.Figure, x0: float, x1: float, name: str, color: str, opacity: float, *,
-           xref: str = "x", yref: str = "y domain") -> None:
-    """A named shaded band ``x0..x1`` across the plot height, drawn below the data (its label, if any, goes
-    through ``_place_labels`` so it cannot collide with another)."""
-    fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, xref=xref, yref=yref, name=name, fillcolor=color,
-                  opacity=opacity, line_width=0, layer="below")
-
-
-@dataclass(frozen=True)
-class _Label:
-    """A text label at data ``x`` (``anchor`` "left": the text starts there; "center": it is centred there)."""
-
-    x: float
-    text: str
-    name: str
-    color: str = _LINE_GREY
-    anchor: str = "left"
-
-
-_CHAR_PX = 7.0  # width of one character at font size 11, with room to spare
-_MIN_PLOT_PX = 380  # the narrowest plot area the dashboard draws (1280 px wide, two plots side by side)
-_ROW = 0.085  # one row of labels, as a fraction of the plot height
-
-
-def _label_rows(labels: Sequence[_Label], x_range: tuple[float, float], plot_px: float = _MIN_PLOT_PX
-                ) -> list[tuple[_Label, int, str]]:
-    """Give each label a row so that no two labels in a row overlap: ``(label, row, xanchor)``.
-
-    Greedy interval packing in data units, with widths estimated from the text length on a plot ``plot_px``
-    wide (an overestimate makes more rows, never a collision). A left-anchored label that would run past the
-    right edge of ``x_range`` is anchored on its right instead, unless that would run past the left edge.
-
-    >>> rows = _label_rows([_Label(0.0, "safe", "a"), _Label(0.05, "tau", "b"), _Label(5.0, "far", "c")], (0, 10))
-    >>> [(lab.text, row) for lab, row, _ in rows]
-    [('safe', 0), ('tau', 1), ('far', 0)]
-    """
-    lo, hi = x_range
-    per_px = (hi - lo) / plot_px
-    rows: list[list[tuple[float, float]]] = []
-    out = []
-    for lab in sorted(labels, key=lambda item: item.x):
-        w = (len(lab.text) * _CHAR_PX + 10) * per_px
-        anchor = lab.anchor
-        if anchor == "left" and lab.x + w > hi and lab.x - w >= lo:
-            anchor = "right"
-        x0 = {"left": lab.x, "right": lab.x - w, "center": lab.x - w / 2}[anchor]
-        iv = (x0, x0 + w)
-        free = [i for i, row in enumerate(rows) if all(iv[0] >= b or iv[1] <= a for a, b in row)]
-        if not free:
-            rows.append([])
-        i = free[0] if free else len(rows) - 1
-        rows[i].append(iv)
-        out.append((lab, i, anchor))
-    return out
-
-
-def _place_labels(fig: go.Figure, labels: Sequence[_Label], x_range: tuple[float, float], *, top: bool = True,
-                  xref: str = "x", yref: str = "y domain", plot_px: float = _MIN_PLOT_PX) -> None:
-    """Draw ``labels`` as annotations in rows from the top (or bottom) of the plot, none overlapping another."""
-    for lab, row, anchor in _label_rows(labels, x_range, plot_px):
-        fig.add_annotation(x=lab.x, y=1 - row * _ROW if top else row * _ROW, xref=xref, yref=yref, text=lab.text,
-                           name=lab.name, showarrow=False, xanchor=anchor, yanchor="top" if top else "bottom",
-                           xshift={"left": 3, "right": -3, "center": 0}[anchor],
-                           font=dict(size=11, color=lab.color), bgcolor="rgba(255,255,255,0.75)")
 
 
 def _floats(values: Sequence[float] | np.ndarray, name: str) -> list[float]:
@@ -403,7 +305,7 @@ def trust_region_figure(
     Stars mark the centroids at s = 0 and 1 (with +-1 std error bars when
     ``spreads = (std of safe fit scores, std of unsafe fit scores)``). On a
     secondary y axis: the gate weight ``w(s)`` and the push (how far along r an
-    input at s is moved), both from ``geometry.response_curve``, the same
+    input at s is moved), both from ``rule.response_curve``, the same
     maths as the steering hook, so the curve honours ``rule.strength`` and
     ``rule.gated`` (zero on the safe side, largest just past the ramp, zero
     again at t*). The axis is in re-centred coordinates: the gate reads the
@@ -415,7 +317,7 @@ def trust_region_figure(
     the input's gate weight (or an open gate before any input), and a note says
     where the gate read its score and what it decided.
 
-    >>> from mars_viz.core.geometry import MarsRule
+    >>> from mars_viz.core.rule import MarsRule
     >>> fig = trust_region_figure(MarsRule(tau=0.5, t_star=3.0), {"recentred": 1.0, "steered": 3.0})
     >>> sorted(s.name for s in fig.layout.shapes if s.type == "line")
     ['t*', 'tau']
@@ -726,7 +628,7 @@ def layer_scores_figure(
     "inst", whose separability is not the one drawn), and ``inspected`` (the
     layer inspector's) a dotted one. Layers outside
     ``allowed = (start, stop)`` (range semantics, as
-    ``geometry.allowed_layer_range``: separability below 90% of the best) are
+    ``selection.allowed_layer_range``: separability below 90% of the best) are
     shaded "excluded layers". If present, misalignment (mean s of neutral
     media + safe text) before/after re-centring is drawn on a secondary axis.
     Accepts ``LayerScores.to_dict()`` directly; other keys (fisher, split_half)
@@ -822,79 +724,6 @@ def frame_scores_figure(
     _layout(fig, title, "sampled frame (index in file)", "unsafety score s (re-centred)")
     fig.update_xaxes(type="category")
     return fig
-
-
-# ---------------------------------------------------------------------------
-# export
-# ---------------------------------------------------------------------------
-
-
-PLOTLY_JS = "plotly.min.js"
-
-
-def figure_html(fig: go.Figure, shared_js: bool = False) -> str:
-    """A standalone HTML page of ``fig`` that opens offline: plotly.js inlined (~4.6 MB), or with ``shared_js``
-    loaded from ``plotly.min.js`` beside it (for a bundle of several figures: write it once, see ``plotly_js``)."""
-    return fig.to_html(full_html=True, include_plotlyjs="directory" if shared_js else True, config=PLOT_CONFIG)
-
-
-def plotly_js() -> str:
-    """The plotly.js bundle that ``figure_html(..., shared_js=True)`` pages load from ``plotly.min.js``."""
-    from plotly.offline import get_plotlyjs
-
-    return get_plotlyjs()
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return repr(float(v))
-    return str(v)
-
-
-def figure_csv(fig: go.Figure) -> str:
-    """Every trace's data as long-format CSV: columns ``trace,x,y`` (plus ``text`` if any trace has text).
-
-    One row per point, so a spreadsheet or pandas can pivot it back
-    (``pd.read_csv(io.StringIO(s)).pivot(...)``). Layout shapes (threshold
-    lines, shaded regions) are not data and are not exported.
-
-    >>> import plotly.graph_objects as go
-    >>> print(figure_csv(go.Figure(go.Scatter(x=[0, 1], y=[0.5, 2.0], name="a"))).strip())
-    trace,x,y
-    a,0,0.5
-    a,1,2.0
-    """
-    rows: list[list[str]] = []
-    any_text = False
-    for i, trace in enumerate(fig.data):
-        name = trace.name if trace.name is not None else f"trace {i}"
-        xs = list(trace.x) if getattr(trace, "x", None) is not None else None
-        ys = list(trace.y) if getattr(trace, "y", None) is not None else None
-        n = max(len(xs) if xs is not None else 0, len(ys) if ys is not None else 0)
-        if xs is None:
-            xs = list(range(n))
-        if ys is None:
-            ys = [None] * n
-        text = getattr(trace, "text", None)
-        if text is not None and not isinstance(text, str):
-            text = list(text)
-        any_text = any_text or text is not None
-        for j in range(n):
-            t = text if isinstance(text, str) else (text[j] if text is not None and j < len(text) else None)
-            rows.append([name, _cell(xs[j] if j < len(xs) else None), _cell(ys[j] if j < len(ys) else None),
-                         _cell(t)])
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["trace", "x", "y", "text"] if any_text else ["trace", "x", "y"])
-    for row in rows:
-        writer.writerow(row if any_text else row[:3])
-    return out.getvalue()
 
 
 EVAL_MODES = [("refusal_unsteered", "unsteered", "#adb5bd"), ("refusal_steered", "MARS", COLORS["steered"]),
