@@ -105,8 +105,8 @@ class Diagnostics:
     proj_points: torch.Tensor | None = None  # [N, L, 2] calibration points in that PCA plane
     plane_pc: torch.Tensor | None = None  # [L, d] top PC of residuals orthogonal to r (trust-region plane)
     plane_points: torch.Tensor | None = None  # [N, L, 2] calibration points in (score along r_hat, plane PC) coords
-    # "Where in the input" maps (`maps.neutral_position_offsets`): per-position offsets at `map_layer` measured on the
-    # neutral inputs, minus mu_minus there. States fitted before the maps have none (the maps then say so).
+    # "Where in the input" maps (`maps.offsets.neutral_position_offsets`): per-position offsets at `map_layer`
+    # measured on the neutral inputs, minus mu_minus there. States fitted before the maps have none (the maps say so).
     map_layer: int | None = None
     map_position: str = "post"  # the gate position the per-position offsets were measured for (its mu_minus)
     map_cells: dict[str, torch.Tensor] = field(default_factory=dict)  # "image.patches" -> [rows, cols, d] per cell

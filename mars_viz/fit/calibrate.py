@@ -18,7 +18,7 @@
      among the sites that pass `_surface_agreement`;
   7. `_target_level`: t* from the refusal rate of held-out harmless prompts pushed to each level at the push layer;
   8. `_map_offsets`: for the "Where in the input" maps, per-position offsets of the neutral inputs at the gate's
-     layer (`maps.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted);
+     layer (`maps.offsets.neutral_position_offsets`, `MarsConfig.map_neutral` inputs per modality; only plotted);
   9. `_plot_points`: the calibration points in the planes the dashboard draws (only plotted).
 
 `FitChoices` forces what steps 5 and 6 would choose (the CLI's `fit --layer/--detect-layer/--gate-position/--tau`).
