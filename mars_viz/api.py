@@ -26,7 +26,7 @@ from .core.state import MarsState
 from .model.backbone import Backbone
 from .model.hooks import EditRecord
 from .model.inputs import Modality, row_modalities
-from .steer.steering import SteerOptions, mars_steering, plan, probe_gate
+from .steer.steering import SteerOptions, mars_steering
 
 __all__ = ["GateReading", "score", "steering"]
 
@@ -64,25 +64,24 @@ def steering(backbone: Backbone, state: MarsState, inputs: Mapping | None = None
 
 @dataclass(frozen=True)
 class GateReading:
-    """What the gate reads for each row of a batch: its score `s` (re-centred, along the gate site's axis), the
-    threshold `tau`, and whether the gate opens (`s > tau`: MARS would push this input toward refusal)."""
+    """What the gate reads for each row of a batch, as the steering hook records it: its score `s` (re-centred,
+    along the gate site's axis), the threshold `tau`, and whether the gate opens (`open`: MARS would push this input
+    toward refusal)."""
 
     s: torch.Tensor  # [B] float64
+    open: torch.Tensor  # [B] bool
     tau: float
     layer: int  # the layer the gate reads
     position: str  # "post" (the prompt's last position) or "inst" (the last token of the user's text)
-
-    @property
-    def open(self) -> torch.Tensor:
-        return self.s > self.tau
 
 
 @torch.inference_mode()
 def score(backbone: Backbone, state: MarsState, inputs: Mapping, *, modalities: Sequence[Modality] | None = None,
           options: SteerOptions | None = None, **overrides) -> GateReading:
     """The gate's reading for each row of `inputs` (one unsteered forward; nothing is generated or changed)."""
-    opts = _options(options, overrides)
-    p = plan(state, opts)
-    mods = _modalities(backbone, inputs, modalities)
-    s = probe_gate(backbone, state, opts, mods, lambda: backbone.model(**inputs))
-    return GateReading(s=s.double(), tau=p.rule.tau, layer=p.detect_layer, position=p.gate_position)
+    opts = replace(_options(options, overrides), steer=False)
+    with mars_steering(backbone, state, opts, _modalities(backbone, inputs, modalities)) as rec:
+        backbone.model(**inputs)
+    info = rec.info
+    return GateReading(s=info["s_gate"].double(), open=info["gate_open"], tau=float(info["tau"]),
+                       layer=int(info["detect_layer"]), position=info["gate_position"])
