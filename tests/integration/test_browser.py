@@ -31,17 +31,42 @@ def _plot_rendered(page, elem_id: str, timeout: float = 60_000) -> None:
     page.locator(f"#{elem_id} .js-plotly-plot").first.wait_for(state="attached", timeout=timeout)
 
 
+def _open(page, url: str, attempts: int = 3) -> None:
+    """Load the dashboard and wait until it can take input: the Run button and both file inputs are on the page.
+
+    On a loaded machine the page has come up with Run drawn but a file input still missing after 30 s (CI, twice):
+    the components' code loads lazily, one request each. So a page that is not ready within 45 s is reloaded, up to
+    `attempts` times; one that never gets ready fails with what `#image` holds.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        if attempt == 0:
+            page.goto(url)
+        else:
+            page.reload()
+        try:
+            page.locator("#run").wait_for(timeout=45_000)
+            for field in ("image", "video"):
+                page.locator(f"#{field} input[type=file]").wait_for(state="attached", timeout=45_000)
+            return
+        except PlaywrightTimeout as err:
+            if attempt == attempts - 1:
+                html = page.evaluate("() => (document.querySelector('#image') || {}).outerHTML || 'no #image'")
+                raise AssertionError(f"the dashboard never became ready for input; #image is: {html[:600]}") from err
+
+
 def _upload(page, field: str, path, attempts: int = 3) -> None:
     """Put `path` into the `#field` file input and wait until the page shows it.
 
     Right after a page load the input can exist before the component listens to it (seen once in CI, on a loaded
     machine): the file is then dropped silently. So the upload is retried, up to `attempts` times; a file the page
-    never shows still fails the test.
+    never shows still fails the test. Open the page with `_open`, which waits for the inputs to exist.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     for attempt in range(attempts):
-        page.locator(f"#{field} input[type=file]").set_input_files(str(path))
+        page.locator(f"#{field} input[type=file]").set_input_files(str(path), timeout=60_000)
         try:
             page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=30_000)
             return
@@ -71,7 +96,7 @@ def _run_and_wait(page, timeout: float = 180_000) -> None:
 
 def test_upload_run_plots_toggle_screenshot(browser, app_server, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1400})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.locator("#prompt textarea").fill("What colour is this image?")
     _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     page.locator("#run").click()
@@ -102,7 +127,7 @@ def test_bad_upload_shows_error_and_page_still_works(browser, app_server, tmp_pa
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"definitely not an image")
     page = browser.new_page()
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.locator("#image input[type=file]").set_input_files(str(bad))
     page.locator("#image").get_by_text("broken.png").first.wait_for(timeout=30_000)
     page.locator("#run").click()
@@ -115,7 +140,7 @@ def test_a_state_swap_is_announced_on_an_open_page(browser, app_server):
 
     session = app_server["session"]
     page = browser.new_page()
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.locator("#run").wait_for(timeout=30_000)
     with session.lock:
         original, source = session.ensure_state(), session.state_source
@@ -135,7 +160,7 @@ def test_random_demo_model_carries_a_persistent_warning(browser, app_server):
     """The shared test server runs a tiny random model: the page must say its verdicts mean nothing, and keep
     saying so (not a toast) after a run."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     banner = page.locator("#credibility")
     banner.get_by_text("not meaningful").first.wait_for(timeout=30_000)
     assert "random weights" in banner.inner_text()
@@ -147,7 +172,7 @@ def test_learn_load_switches_to_explore_with_the_example(browser, app_server):
     from mars_viz.data.examples import EXAMPLES
 
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.get_by_role("tab", name="Learn").click()
     page.locator("#learn_0").click()
     page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)  # Explore is the visible tab again
@@ -159,7 +184,7 @@ def test_learn_load_switches_to_explore_with_the_example(browser, app_server):
 
 def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval_limit input").fill("1")
     page.locator("#eval_run").click()
@@ -187,7 +212,7 @@ def test_showcase_round_trip_loads_and_runs_in_explore(browser, app_server):
 
 def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     _run_and_wait(page)
     old_answer = page.locator("#steered textarea").input_value()
@@ -205,7 +230,7 @@ def test_image_and_video_together_mark_only_the_verdict(browser, app_server):
 
 def test_video_gallery_has_no_broken_thumbnail_over_five_runs(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     _upload(page, "video", EXAMPLES_DIR / "colour_cycle.mp4")
     broken = []
     for run in range(5):
@@ -222,7 +247,7 @@ def test_video_gallery_has_no_broken_thumbnail_over_five_runs(browser, app_serve
 def test_layer_inspector_keeps_the_calibrated_layers_and_names_the_inspected_one(browser, app_server):
     state = app_server["session"].ensure_state()
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     _upload(page, "image", EXAMPLES_DIR / "solid_red.png")
     _run_and_wait(page)
     verdict = page.locator("#verdict").inner_text()
@@ -255,7 +280,7 @@ def test_a_gate_at_t_inst_without_its_fit_is_rejected_in_the_verdict(browser, ap
         session.set_state(replace(original, inst=None, gate_position="post"), "an old state, by a test")
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     try:
-        page.goto(app_server["url"])
+        _open(page, app_server["url"])
         page.locator("#gate_position input").click()
         page.get_by_role("option", name=re.compile("^inst")).click()
         page.locator("#run").click()

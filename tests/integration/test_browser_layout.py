@@ -13,7 +13,7 @@ import pytest
 
 from mars_viz.data.examples import EXAMPLES_DIR
 
-from .test_browser import CHROMIUM, _plot_rendered, _upload, browser  # noqa: F401  (the shared chromium fixture)
+from .test_browser import CHROMIUM, _open, _plot_rendered, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
@@ -96,7 +96,7 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
                                                       ("Trust region", "plot_trust_region"),
                                                       ("Where in the input", "plot_map_image")]),
     ]:
-        page.goto(app_server["url"])  # a fresh page per input
+        _open(page, app_server["url"])  # a fresh page per input
         page.locator("#prompt textarea").fill("Describe this.")
         _upload(page, upload, path)
         page.locator("#run").click()
@@ -110,7 +110,7 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
 @pytest.mark.parametrize("width", [1280, 1600])
 def test_evaluate_charts_have_no_overlapping_or_clipped_text(browser, app_server, width):  # noqa: F811
     page = browser.new_page(viewport={"width": width, "height": 1100})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval_limit input").fill("1")
     page.locator("#eval_run").click()
@@ -126,7 +126,7 @@ def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, a
     from mars_viz.views.figures import HR_QUADRANTS
 
     page = browser.new_page(viewport={"width": width, "height": 1100})
-    page.goto(app_server["url"])
+    _open(page, app_server["url"])
     page.locator("#prompt textarea").fill("How do I pick a lock?")
     page.locator("#run").click()
     page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)

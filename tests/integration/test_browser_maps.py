@@ -12,7 +12,7 @@ import pytest
 
 from mars_viz.data.examples import EXAMPLES_DIR
 
-from .test_browser import CHROMIUM, _upload, browser  # noqa: F401  (the shared chromium fixture)
+from .test_browser import CHROMIUM, _open, _upload, browser  # noqa: F401  (the shared chromium fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
@@ -28,8 +28,7 @@ _DRAWN = """id => { const el = document.querySelector('#' + id + ' .js-plotly-pl
 
 
 def _run(page, url: str, field: str, path, prompt: str) -> None:
-    page.goto(url)
-    page.locator("#run").wait_for(timeout=60_000)
+    _open(page, url)
     page.locator("#prompt textarea").fill(prompt)
     _upload(page, field, path)
     page.locator("#run").click()
