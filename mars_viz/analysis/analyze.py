@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,12 +23,15 @@ from ..maps.scoring import InputMap, input_map
 from ..model.activations import forward_sites
 from ..model.backbone import Backbone
 from ..model.inputs import Query
+from ..model.memory import OutOfMemory, is_out_of_memory, release_memory, weights_bytes
 from ..steer.pair import PairStrategy
 from ..steer.results import PairResult
 from ..steer.steering import SteerOptions, gate_scores, plan
 from ..steer.stream import stream_pair
 
 __all__ = ["Analysis", "StreamUpdate", "analyze_stream", "frame_scores", "gate_scorer"]
+
+log = logging.getLogger("mars_viz")
 
 
 @dataclass
@@ -100,7 +104,23 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
                    notes: list[str] | None = None, strategy: PairStrategy = "auto",
                    maps: bool = True) -> Iterator[StreamUpdate]:
     """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video and, with `maps`, the
-    per-position scores of the same prefill placed on the input: `Analysis.input_map`)."""
+    per-position scores of the same prefill placed on the input: `Analysis.input_map`).
+
+    Running out of memory anywhere in it raises `OutOfMemory` (a ValueError whose message gives the device's free
+    memory and what to change), after letting go of what the failed step held."""
+    try:
+        yield from _analyze_stream(backbone, state, query, options, max_new_tokens, frame_indices, notes, strategy,
+                                   maps)
+    except Exception as e:
+        if isinstance(e, OutOfMemory) or not is_out_of_memory(e):
+            raise
+        release_memory(e)
+        raise OutOfMemory.running(e, backbone.input_device, weights=weights_bytes(backbone.model)) from None
+
+
+def _analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions, max_new_tokens: int,
+                    frame_indices: list[int] | None, notes: list[str] | None, strategy: PairStrategy,
+                    maps: bool) -> Iterator[StreamUpdate]:
     p = plan(state, options)
     seq_layers = ([p.detect_layer] + ([p.layer] if p.layer != p.detect_layer else [])) if maps else None
     for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy,
@@ -111,10 +131,7 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
         imap, map_note, push_h = None, None, None
         if upd.seq is not None:
             push_h = upd.seq["h"].get(p.layer) if p.layer != p.detect_layer else None
-            try:
-                imap = input_map(backbone, state, options, query, upd.seq)
-            except (ValueError, RuntimeError, KeyError, IndexError) as e:  # the answers stand without the map
-                map_note = f"the per-position map could not be built ({type(e).__name__}: {e})"
+            imap, map_note = _input_map(backbone, state, options, query, upd.seq)
         fs = None
         if query.video:
             fs = frame_scores(backbone, state, query.prompt, query.video, options)
@@ -123,3 +140,22 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
                             frame_indices=frame_indices, notes=list(notes or []) + ([map_note] if map_note else []),
                             input_map=imap, push_residuals=push_h, acts_inst=upd.acts_inst)
         yield StreamUpdate(upd.unsteered, upd.steered, analysis)
+
+
+def _input_map(backbone: Backbone, state: MarsState, options: SteerOptions, query: Query,
+               seq: dict) -> tuple[InputMap | None, str | None]:
+    """(the per-position map, None), or (None, a note saying why there is none): the answers stand without it.
+
+    A ValueError is what the map cannot show for this input (one WARNING line); a RuntimeError, KeyError or
+    IndexError is a bug, logged with its traceback; running out of memory is not a note at all (re-raised)."""
+    try:
+        return input_map(backbone, state, options, query, seq), None
+    except ValueError as e:
+        log.warning("no per-position map: %s", e)
+        return None, f"the per-position map could not be built ({e})"
+    except (RuntimeError, KeyError, IndexError) as e:
+        if is_out_of_memory(e):
+            raise
+        log.exception("the per-position map failed (a bug; the answers stand without it)")
+        return None, (f"the per-position map could not be built: a bug ({type(e).__name__}: {e}); its traceback is "
+                      "in the server log")

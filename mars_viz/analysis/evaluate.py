@@ -142,7 +142,7 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
     """
     from ..model.activations import forward_sites
 
-    sites = {k: v.double() for k, v in forward_sites(backbone, [it.query for it in chunk]).items()}  # [n, L, d]
+    sites = forward_sites(backbone, [it.query for it in chunk])  # [n, L, d], scored in float64 by the rule
     acts = sites["post"]
     out = []
     for i, it in enumerate(chunk):
@@ -155,7 +155,7 @@ def _probe(backbone: Backbone, state: MarsState, chunk: list[EvalItem], variants
             delta = state.offset(it.query.modality, p.layer) if opt.recenter else None
             h_gate = sites[p.gate_position][i:i + 1, p.detect_layer]
             gate = {"s": gate_scores(state, p, h_gate, [it.query.modality], opt.recenter)}
-            _, edit = mars_edit(state, opt, None if delta is None else delta[None].double(), gate)
+            _, edit = mars_edit(state, opt, None if delta is None else delta[None], gate)
             info: dict = {}
             edit(acts[i:i + 1, p.layer], info)
             per.append({k: (v[0].item() if torch.is_tensor(v) and v.dim() else v) for k, v in info.items()})

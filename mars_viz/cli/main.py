@@ -1,6 +1,7 @@
 """Command line: `python -m mars_viz {app,demo-model,capture,...}`.
 
-Bad arguments or inputs exit non-zero with one line starting `error:`, never a traceback.
+Bad arguments or inputs exit non-zero with one line starting `error:`, never a traceback; so does running out of
+memory (`error: out of memory ...`, with the model's size, the free memory and what to change).
 
 Example:
     $ python -m mars_viz demo-model --arch qwen2_vl --out /tmp/tiny-qwen2-vl
@@ -438,13 +439,28 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable = args.func
     try:
         return int(func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if _out_of_memory(e):
+            return 1
+        if not isinstance(e, (ValueError, FileNotFoundError, OSError)):
+            raise  # a bug: its traceback is the report
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """Print `error: out of memory ...` (the free memory, what to change) when `e` is running out of memory, from
+    loading (`OutOfMemory`, with the model's size) or from a forward pass (torch's own error)."""
+    from ..model.memory import as_out_of_memory, is_out_of_memory
+
+    if not is_out_of_memory(e):
+        return False
+    print(f"error: {' '.join(str(as_out_of_memory(e)).split())}", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,13 +18,16 @@ Shape conventions (written beside the code as ``# [N, L, d]``):
 Most functions also accept a single layer (drop the ``L`` axis everywhere), and
 then return scalars (0-d tensors) where they would return ``[L]``.
 
-Means and scores are computed in float64: activations of bf16 models have large
-norms, and the score is a small difference of large dot products.
+One numerics path. Means, scores, the gate and the displacement are computed in float64 from ``h.double() - delta``
+(``judged_score``): activations of bf16 models have large norms, and the score is a small difference of large dot
+products, so nothing is rounded back to ``h``'s dtype on the way. The maths runs on ``float64_device(h.device)``: the
+model's device, or the CPU for one without float64 (Apple's MPS), where the ``[B, d]`` vectors are small. The edit is
+rounded once, on write (``MarsResponse.apply``), and a row the rule does not move is returned bit for bit.
 
 Example:
     >>> rule = MarsRule(tau=0.5, t_star=3.0)  # doctest: +SKIP
     >>> out = mars_response(h, mu_minus, r, rule, delta)  # doctest: +SKIP
-    >>> h_steered = h + out.displacement  # doctest: +SKIP
+    >>> h_steered = out.apply(h)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -37,9 +40,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NO_FLOAT64_DEVICES",
     "MarsResponse",
     "MarsRule",
+    "as_float64",
+    "float64_device",
     "gate_weight",
+    "judged_score",
     "mars_response",
     "mean_activation",
     "modality_offset",
@@ -53,6 +60,9 @@ __all__ = [
 
 _F64 = torch.float64
 
+# Device types without float64 (Apple's MPS raises on it): MARS's maths for their tensors runs on the CPU.
+NO_FLOAT64_DEVICES: frozenset[str] = frozenset({"mps"})
+
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -62,6 +72,30 @@ _F64 = torch.float64
 def _f64(x: Tensor | float | Sequence[float], device: torch.device | None = None) -> Tensor:
     """``x`` as a float64 tensor (on ``device`` when given)."""
     return torch.as_tensor(x, dtype=_F64, device=device)
+
+
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 maths on tensors from ``device`` runs: ``device`` itself, or the CPU for a device type without
+    float64 (``NO_FLOAT64_DEVICES``).
+
+    >>> float64_device("mps"), float64_device("cpu")
+    (device(type='cpu'), device(type='cpu'))
+    """
+    device = torch.device(device)
+    return torch.device("cpu") if device.type in NO_FLOAT64_DEVICES else device
+
+
+def as_float64(x: Tensor) -> Tensor:
+    """``x`` in float64 on ``float64_device(x.device)``: moved first (as-is) when its device has no float64, then
+    converted, so no float64 tensor is ever made on such a device.
+
+    >>> as_float64(torch.ones(2, dtype=torch.bfloat16)).dtype
+    torch.float64
+    """
+    x = torch.as_tensor(x)
+    if x.device.type in NO_FLOAT64_DEVICES:
+        x = x.to(float64_device(x.device))
+    return x.to(_F64)
 
 
 def _check_finite(x: Tensor, name: str) -> None:
@@ -168,19 +202,19 @@ def modality_offset(acts_with_media: Tensor, acts_text: Tensor) -> Tensor:
 
 
 def recentre(h: Tensor, delta: Tensor) -> Tensor:
-    """Re-centred activation ``h~ = h - delta``, in ``h``'s dtype and on ``h``'s device.
+    """Re-centred activation ``h~ = h.double() - delta`` in float64, on ``float64_device(h.device)``.
 
     ``delta`` matches the trailing dims of ``h``: ``h [N, L, d]`` with ``delta [L, d]``,
-    or ``h [N, d]`` / ``[d]`` with ``delta [d]`` for one layer. The subtraction is
-    done in float64 and rounded once, so a bf16 ``h`` loses no extra precision.
+    or ``h [N, d]`` / ``[d]`` with ``delta [d]`` for one layer. Never rounded back to
+    ``h``'s dtype: a bf16 ``h`` keeps every bit of ``h - delta`` for the score.
 
-    >>> recentre(torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(4)).dtype
-    torch.bfloat16
+    >>> recentre(torch.ones(3, 4, dtype=torch.bfloat16), torch.full((4,), 0.001)).dtype
+    torch.float64
     """
-    h = torch.as_tensor(h)
+    h = as_float64(h)
     delta = _f64(delta, device=h.device)
     _check_trailing(h, delta, "h", "delta")
-    return (h.to(_F64) - delta).to(h.dtype)
+    return h - delta
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +235,7 @@ def unsafety_score(h: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
     >>> unsafety_score(torch.tensor([2.0, 5.0]), torch.zeros(2), torch.tensor([1.0, 0.0]))
     tensor(2., dtype=torch.float64)
     """
-    h = torch.as_tensor(h)
+    h = as_float64(h)
     mu_minus = _f64(mu_minus, device=h.device)
     r = _f64(r, device=h.device)
     if mu_minus.shape != r.shape:
@@ -210,7 +244,20 @@ def unsafety_score(h: Tensor, mu_minus: Tensor, r: Tensor) -> Tensor:
         )
     _check_trailing(h, r, "h", "r")
     norm = _norm_nonzero(r)  # [L]
-    return ((h.to(_F64) - mu_minus) * r).sum(dim=-1) / norm.square()  # [N, L]
+    return ((h - mu_minus) * r).sum(dim=-1) / norm.square()  # [N, L]
+
+
+def judged_score(h: Tensor, mu_minus: Tensor, r: Tensor, delta: Tensor | None = None) -> Tensor:
+    """The score MARS judges an input by: ``unsafety_score(h.double() - delta)`` (``delta`` None: no re-centring).
+
+    The one function behind the gate: the steering hook (``mars_response``), the gate read at another site
+    (``steering.gate_scores``), the dashboard's re-scoring and the evaluation's probe all call it, so for the same
+    residuals they cannot disagree about whether the gate is open.
+
+    >>> judged_score(torch.tensor([2.0, 5.0]), torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]))
+    tensor(1.5000, dtype=torch.float64)
+    """
+    return unsafety_score(as_float64(h) if delta is None else recentre(h, delta), mu_minus, r)
 
 
 # ---------------------------------------------------------------------------
@@ -315,32 +362,42 @@ class MarsResponse:
     gate_open: Tensor  # [...] bool: gate_score > tau
     push: Tensor  # [...] float64: c, how far along r the input is (or would be) moved, in score units
     planned_norm: Tensor  # [...] float64: ||c r||, the displacement these controls plan, even with steering off
-    displacement: Tensor  # [..., d] in h's dtype: what is added to h (exactly zero when rule.steer is False)
+    displacement: Tensor  # [..., d] float64: c r, what is added to h (exactly zero when rule.steer is False)
+    moved: Tensor  # [...] bool: rows the edit changes (c > 0 and steering on); every other row stays bit for bit
+
+    def apply(self, h: Tensor) -> Tensor:
+        """``h`` with the displacement added, in ``h``'s dtype and on its device: ``(h.double() + c r)`` rounded
+        once, on write. Rows not ``moved`` are ``h``'s own values, bit for bit (a closed gate changes nothing)."""
+        h = torch.as_tensor(h)
+        if not bool(self.moved.any()):
+            return h
+        new = (as_float64(h) + self.displacement).to(h.dtype).to(h.device)  # round on the float64 device, then move
+        return torch.where(self.moved.to(h.device)[..., None], new, h)
 
 
 def _response(h: Tensor, mu_minus: Tensor, r: Tensor, tau: Tensor | float, t_star: Tensor | float,
               strength: float, margin: float, gated: bool, steer: bool, delta: Tensor | None,
               gate: Tensor | None = None) -> MarsResponse:
-    h = torch.as_tensor(h)
-    h_judged = h if delta is None else recentre(h, delta)  # [..., d]
-    s = unsafety_score(h_judged, mu_minus, r)  # [...]
-    g = s if gate is None else _f64(gate, device=h.device)  # [...]
+    s = judged_score(h, mu_minus, r, delta)  # [...] float64, on float64_device(h.device)
+    dev = s.device
+    g = s if gate is None else _f64(gate, device=dev)  # [...]
     c = trust_region_coefficient(s, tau, t_star, strength, margin, gated, gate=g)  # [...]
-    r64 = _f64(r, device=h.device)  # [d] or [L, d]
-    planned = torch.where((c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=h.device))
-    tau64 = _f64(tau, device=h.device)
+    r64 = _f64(r, device=dev)  # [d] or [L, d]
+    planned = torch.where((c > 0)[..., None], c[..., None] * r64, torch.zeros((), dtype=_F64, device=dev))
+    tau64 = _f64(tau, device=dev)
     return MarsResponse(score=s, gate_score=g, gate_weight=gate_weight(g, tau64, margin), gate_open=g > tau64,
-                        push=c,
-                        planned_norm=torch.linalg.vector_norm(planned, dim=-1),
-                        displacement=(planned if steer else torch.zeros_like(planned)).to(h.dtype))
+                        push=c, planned_norm=torch.linalg.vector_norm(planned, dim=-1),
+                        displacement=planned if steer else torch.zeros_like(planned),
+                        moved=(c > 0) & steer)
 
 
 def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta: Tensor | None = None,
                   gate_score: Tensor | None = None) -> MarsResponse:
     """The one answer to "what does MARS do to this h": score, gate weight, push and displacement.
 
-    The score is read on the re-centred activation ``h - delta`` (when ``delta`` is given), but the displacement is
-    added to the raw ``h`` in the model: the offset is only removed for *judging*, the model keeps seeing its input.
+    The score is read on the re-centred activation ``h.double() - delta`` (``judged_score``; when ``delta`` is given),
+    but the displacement is added to the raw ``h`` in the model (``out.apply(h)``, rounded once): the offset is only
+    removed for *judging*, the model keeps seeing its input.
     The steering hook, the dashboard's re-scoring and every plot of the push call this function, so they cannot
     drift apart (a plot that ignores ``strength`` while the hook honours it).
 
@@ -356,8 +413,8 @@ def mars_response(h: Tensor, mu_minus: Tensor, r: Tensor, rule: MarsRule, delta:
 
     >>> rule = MarsRule(tau=0.5, t_star=3.0)
     >>> out = mars_response(torch.tensor([[1.0, 0.0]]), torch.zeros(2), torch.tensor([1.0, 0.0]), rule)
-    >>> out.score, out.push, out.displacement
-    (tensor([1.], dtype=torch.float64), tensor([2.], dtype=torch.float64), tensor([[2., 0.]]))
+    >>> out.score, out.push, out.apply(torch.tensor([[1.0, 0.0]]))
+    (tensor([1.], dtype=torch.float64), tensor([2.], dtype=torch.float64), tensor([[3., 0.]]))
     """
     return _response(h, mu_minus, r, rule.tau, rule.t_star, rule.strength, rule.margin, rule.gated, rule.steer,
                      delta, gate_score)
@@ -398,4 +455,4 @@ def steer_displacement(
     (tensor([[2., 0.]]), tensor([1.], dtype=torch.float64))
     """
     out = _response(h, mu_minus, r, tau, t_star, strength, margin, gated=True, steer=True, delta=delta)
-    return out.displacement, out.score
+    return out.displacement.to(torch.as_tensor(h).dtype), out.score

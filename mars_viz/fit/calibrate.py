@@ -140,7 +140,7 @@ def _opening_logprob(backbone: Backbone, batch: dict, open_ids: torch.Tensor) ->
     logits = backbone.model(**batch, use_cache=False, logits_to_keep=k + 1).logits[:, :k].float()  # [B, k, V]
     lp = torch.log_softmax(logits, dim=-1)
     target = open_ids.to(lp.device).view(1, k, 1).expand(lp.shape[0], k, 1)
-    return lp.gather(-1, target).squeeze(-1).sum(-1).double().cpu()
+    return lp.gather(-1, target).squeeze(-1).sum(-1).float().cpu().double()  # float64 on the CPU (MPS has none)
 
 
 @torch.inference_mode()

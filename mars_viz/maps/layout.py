@@ -1,13 +1,15 @@
-"""Where the media tokens sit: the per-architecture position layouts that place a prompt's image and video tokens
-on 2-D grids (`Grid`) over the image's patches and the video's frames.
+"""Where the media tokens sit: the per-family position layouts that place a prompt's image and video tokens on
+2-D grids (`Grid`) over the image's patches and the video's frames. Which family a model type follows is the
+architecture registry's (`model.archs.ArchSpec.maps`); the families, by the model types that use them today:
 
-  qwen2_vl, qwen2_5_vl   `image_grid_thw` / `video_grid_thw` / `spatial_merge_size`: one token per merged 2x2 patch,
-                         a video token covers `temporal_patch_size` consecutive frames (flagged: not per frame)
-  llava                  the CLIP patch grid of the centre crop (the class token, if kept, is not placed)
-  llava_onevision        the base grid, then the anyres tiles stitched and unpadded (traced through the model's own
-                         `pack_image_features`; downsampled tiles are flagged); video: frames x pooled grid
-  idefics3 / smolvlm     `<row_r_col_c>` tiles stitched into one grid, plus the `<global-img>` grid
-  gemma3                 the pooled `mm_tokens_per_image` grid (pan-and-scan crops: region unknown, flagged)
+  qwen       (qwen2_vl, qwen2_5_vl, mars_reader) `image_grid_thw` / `video_grid_thw` / `spatial_merge_size`: one
+             token per merged 2x2 patch, a video token covers `temporal_patch_size` consecutive frames (flagged: not
+             per frame)
+  llava      (llava) the CLIP patch grid of the centre crop (the class token, if kept, is not placed)
+  onevision  (llava_onevision) the base grid, then the anyres tiles stitched and unpadded (traced through the model's
+             own `pack_image_features`; downsampled tiles are flagged); video: frames x pooled grid
+  idefics3   (idefics3, smolvlm) `<row_r_col_c>` tiles stitched into one grid, plus the `<global-img>` grid
+  gemma3     (gemma3) the pooled `mm_tokens_per_image` grid (pan-and-scan crops: region unknown, flagged)
 
 Everything except `layout_spec` (which reads the processor, config and model) is pure: ids and metadata in, grids
 out. Where a mapping is not exact, the grid says so (`exact=False` and a note) instead of guessing.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..model.archs import arch_spec
 from ..model.inputs import media_token_ids
 
 __all__ = ["Grid", "LayoutSpec", "layout_grids", "layout_spec"]
@@ -125,42 +128,61 @@ def _size(d, key: str):
     return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
 
 
+def _qwen_spec(backbone, base: dict) -> LayoutSpec:
+    vc = backbone.model.config.vision_config
+    return LayoutSpec("qwen", merge=int(vc.spatial_merge_size), temporal_patch=int(vc.temporal_patch_size), **base)
+
+
+def _llava_spec(backbone, base: dict) -> LayoutSpec:
+    ip = backbone.processor.image_processor
+    crop = None
+    edge = _size(getattr(ip, "size", None), "shortest_edge")
+    cw, ch = (_size(getattr(ip, "crop_size", None), k) for k in ("width", "height"))
+    if getattr(ip, "do_center_crop", False) and edge and cw and ch:
+        crop = (int(edge), int(cw), int(ch))
+    return LayoutSpec("llava", crop=crop, **base)
+
+
+def _onevision_spec(backbone, base: dict) -> LayoutSpec:
+    vc = backbone.model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    return LayoutSpec("onevision", base_side=side, video_grid=(math.ceil(side / 2), math.ceil(side / 2)),
+                      trace=_onevision_trace(backbone.model), **base)
+
+
+def _idefics3_spec(backbone, base: dict) -> LayoutSpec:
+    proc, tok = backbone.processor, backbone.tokenizer
+    tags = {}
+    g = _tok(tok, getattr(proc, "global_image_tag", "<global-img>"))
+    if g is not None:
+        tags[g] = ("global", 0, 0)
+    for r in range(1, 13):
+        for c in range(1, 13):
+            i = _tok(tok, f"<row_{r}_col_{c}>")
+            if i is not None:
+                tags[i] = ("tiles", r - 1, c - 1)
+    return LayoutSpec("idefics3", tags=tags, seq_len=int(proc.image_seq_len), **base)
+
+
+def _gemma3_spec(backbone, base: dict) -> LayoutSpec:
+    return LayoutSpec("gemma3", **base)
+
+
+# layout family (`ArchSpec.maps`) -> what reads that family's facts off the loaded model and processor
+_FAMILY_SPECS: dict[str, Callable[[object, dict], LayoutSpec]] = {
+    "qwen": _qwen_spec, "llava": _llava_spec, "onevision": _onevision_spec, "idefics3": _idefics3_spec,
+    "gemma3": _gemma3_spec,
+}
+
+
 def layout_spec(backbone) -> LayoutSpec:
-    """The layout facts of a loaded `Backbone` (the only transformers-specific part of the maps)."""
-    mt, cfg, proc = backbone.model_type, backbone.model.config, backbone.processor
-    tok = backbone.tokenizer
+    """The layout facts of a loaded `Backbone` (the only transformers-specific part of the maps). Its family is the
+    architecture registry's (`archs.ArchSpec.maps`); a type without one gets its media tokens in sequence order."""
     img, vid = media_token_ids(backbone)
-    base = dict(model_type=mt, image_token_id=img, video_token_id=vid, video_mode=backbone.video_mode)
-    if mt in ("qwen2_vl", "qwen2_5_vl", "mars_reader"):
-        vc = cfg.vision_config
-        return LayoutSpec("qwen", merge=int(vc.spatial_merge_size), temporal_patch=int(vc.temporal_patch_size),
-                          **base)
-    if mt == "llava":
-        ip = proc.image_processor
-        crop = None
-        edge = _size(getattr(ip, "size", None), "shortest_edge")
-        cw, ch = (_size(getattr(ip, "crop_size", None), k) for k in ("width", "height"))
-        if getattr(ip, "do_center_crop", False) and edge and cw and ch:
-            crop = (int(edge), int(cw), int(ch))
-        return LayoutSpec("llava", crop=crop, **base)
-    if mt == "llava_onevision":
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        return LayoutSpec("onevision", base_side=side, video_grid=(math.ceil(side / 2), math.ceil(side / 2)),
-                          trace=_onevision_trace(backbone.model), **base)
-    if mt in ("idefics3", "smolvlm"):
-        tags = {}
-        g = _tok(tok, getattr(proc, "global_image_tag", "<global-img>"))
-        if g is not None:
-            tags[g] = ("global", 0, 0)
-        for r in range(1, 13):
-            for c in range(1, 13):
-                i = _tok(tok, f"<row_{r}_col_{c}>")
-                if i is not None:
-                    tags[i] = ("tiles", r - 1, c - 1)
-        return LayoutSpec("idefics3", tags=tags, seq_len=int(proc.image_seq_len), **base)
-    if mt == "gemma3":
-        return LayoutSpec("gemma3", **base)
-    return LayoutSpec("", **base)
+    base = dict(model_type=backbone.model_type, image_token_id=img, video_token_id=vid,
+                video_mode=backbone.video_mode)
+    build = _FAMILY_SPECS.get(arch_spec(backbone.model_type).maps)
+    return LayoutSpec("", **base) if build is None else build(backbone, base)
 
 
 # ---- pure layout ---------------------------------------------------------------------------------------------------
@@ -333,7 +355,7 @@ def _onevision(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_i
     if vid:
         gh, gw = spec.video_grid
         per = gh * gw
-        fed = (len(vid) - 1) // per  # frames the processor got (an odd count gets its last frame repeated)
+        fed = (len(vid) - 1) // per  # frames the processor got (n_frames, or one more where a count was made even)
         if fed * per + 1 != len(vid) or fed not in (n_frames, n_frames + 1):
             return None
         for f in range(fed):

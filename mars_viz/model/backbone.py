@@ -2,7 +2,8 @@
 
 `Backbone` is the one narrow model interface the rest of mars_viz talks to: the model, its processor, the decoder
 layer list (the residual stream MARS reads and steers), and a few facts (model id, `model_type`, layer count, hidden
-size, whether it has a native video path). It is an explicit object, never a module global.
+size, whether it has a native video path) and its architecture's record in the registry (`Backbone.arch`, from
+`archs`). It is an explicit object, never a module global.
 
 Example:
     >>> bb = load_backbone("/tmp/tiny/qwen2_vl")          # doctest: +SKIP
@@ -20,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .archs import ARCHS, ArchSpec, arch_spec, at_path
+
 __all__ = [
     "Backbone",
     "DECODER_LAYERS_FALLBACK",
@@ -31,35 +34,13 @@ __all__ = [
     "typographic_layout",
 ]
 
+# Derived from the registry (`archs.ARCHS`, one record per model_type), kept for callers that import them.
 # model_type -> dotted path of the language model's decoder layers, for when `get_decoder().layers` is not there.
-DECODER_LAYERS_FALLBACK: dict[str, str] = {
-    "llava": "model.language_model.layers",
-    "llava_next": "model.language_model.layers",
-    "llava_next_video": "model.language_model.layers",
-    "llava_onevision": "model.language_model.layers",
-    "qwen2_vl": "model.language_model.layers",
-    "qwen2_5_vl": "model.language_model.layers",
-    "mars_reader": "model.language_model.layers",  # our reading graft (model.reader): Qwen2-VL's layout
-    "qwen3_vl": "model.language_model.layers",
-    "idefics3": "model.text_model.layers",
-    "smolvlm": "model.text_model.layers",
-    "gemma3": "model.language_model.layers",
-    "mistral3": "model.language_model.layers",
-    "internvl": "model.language_model.layers",
-    "qwen2": "model.layers",
-    "llama": "model.layers",
-}
-
+DECODER_LAYERS_FALLBACK: dict[str, str] = {t: s.layers for t, s in ARCHS.items() if s.layers}
 # Architectures whose processor takes `videos=`; the others get sampled frames as images.
-NATIVE_VIDEO_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "mars_reader", "qwen3_vl", "llava_onevision", "smolvlm",
-                                "llava_next_video", "internvl"})
-
-# Models that read typography best with its lines on their 28-px token rows (`media.typographic_rows`): the
-# project's reading graft reads each row of merged tokens as a text line.
-ROWS_LAYOUT_TYPES = frozenset({"mars_reader"})
-
-# Processors that want images nested per sample ([[img, ...], [img, ...]]) in a batch.
-NESTED_IMAGE_TYPES = frozenset({"idefics3", "smolvlm", "gemma3", "mistral3"})
+NATIVE_VIDEO_TYPES = frozenset(t for t, s in ARCHS.items() if s.video == "native")
+# Models that read typography best with its lines on their 28-px token rows (`media.typographic_rows`).
+ROWS_LAYOUT_TYPES = frozenset(t for t, s in ARCHS.items() if s.typography == "rows")
 
 
 @dataclass
@@ -81,13 +62,28 @@ class Backbone:
     instruction_suffix: int | None = field(default=None, repr=False, compare=False)
 
     @property
+    def arch(self) -> ArchSpec:
+        """The registry's record for this model's type (`archs.arch_spec`): what mars_viz knows about it."""
+        return arch_spec(self.model_type)
+
+    @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
     @property
     def input_device(self) -> torch.device:
         """Where input ids go (the embedding's device; differs from layer devices under device_map='auto')."""
-        return self.model.get_input_embeddings().weight.device
+        weight = self.model.get_input_embeddings().weight
+        if weight.device.type != "meta":
+            return weight.device
+        # Offloaded by accelerate (device_map with a CPU/disk share): the weight is a meta placeholder and the
+        # hook that loads it on each call knows where inputs must go.
+        emb = self.model.get_input_embeddings()
+        for owner in (emb, self.model):
+            hook_device = getattr(getattr(owner, "_hf_hook", None), "execution_device", None)
+            if hook_device is not None:
+                return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
+        return torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,7 +126,8 @@ class Backbone:
         layers = resolve_decoder_layers(model, layers_path)
         model_type = model.config.model_type
         if tok is not processor:  # a multimodal processor
-            has_video = model_type in NATIVE_VIDEO_TYPES and getattr(processor, "video_processor", None) is not None
+            has_video = (arch_spec(model_type).video == "native"
+                         and getattr(processor, "video_processor", None) is not None)
             video_mode: Literal["native", "frames", "none"] = "native" if has_video else "frames"
             modalities: tuple[str, ...] = ("text", "image", "video")
         else:
@@ -151,7 +148,20 @@ class Backbone:
 
 
 def pick_device_dtype(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:
-    """cuda > mps > cpu; bf16 on GPUs that support it, float32 on CPU (CPU bf16 is usually slower without AMX)."""
+    """The device and dtype to load in: cuda > mps > cpu unless `device` names one; the dtype `dtype` names, else
+    bf16 on a CUDA GPU that supports it, bf16 on MPS, float32 elsewhere.
+
+    Why: the residual stream MARS reads grows large in the last layers, past fp16's 65504 on many models, so fp16
+    would overflow to inf; bf16 keeps fp32's range. MPS has no float64 and no fp16-safe fallback, so it gets bf16
+    too; MPS supports bf16 from macOS 14 on: on older macOS pass `dtype="float32"` (`--dtype float32`). A CUDA GPU
+    without bf16 (before Ampere) and the CPU get float32 (CPU bf16 is usually slower without AMX).
+
+    Example:
+        >>> pick_device_dtype("cpu")
+        ('cpu', torch.float32)
+        >>> pick_device_dtype("mps")
+        ('mps', torch.bfloat16)
+    """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -167,21 +177,15 @@ def pick_device_dtype(device: str | None = None, dtype: str | torch.dtype | None
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
         elif device == "mps":
-            dtype = torch.float16
+            dtype = torch.bfloat16
         else:
             dtype = torch.float32
     return device, dtype
 
 
-def _get_path(root: nn.Module, dotted: str) -> Any:
-    obj: Any = root
-    for part in dotted.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
-
-
 def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.ModuleList:
-    """The language model's decoder layers: `override` path, else `get_decoder().layers`, else a per-type table.
+    """The language model's decoder layers: `override` path, else `get_decoder().layers`, else the registry's path
+    for the model type (`archs.ArchSpec.layers`).
 
     Never matches on module names alone: the vision tower has `layers` too. The result is checked against the text
     config's `num_hidden_layers`.
@@ -193,7 +197,7 @@ def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.
     candidates: list[tuple[str, Any]] = []
     if override:
         try:
-            candidates.append((override, _get_path(model, override)))
+            candidates.append((override, at_path(model, override)))
         except (AttributeError, IndexError) as e:
             raise ValueError(f"layer path {override!r} not found on {type(model).__name__}: {e}") from None
     else:
@@ -201,11 +205,11 @@ def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.
             dec = model.get_decoder()
             if dec is not None and dec is not model and isinstance(getattr(dec, "layers", None), nn.ModuleList):
                 candidates.append(("get_decoder().layers", dec.layers))
-        if model_type in DECODER_LAYERS_FALLBACK:
+        path = arch_spec(model_type).layers
+        if path:
             try:
-                candidates.append((DECODER_LAYERS_FALLBACK[model_type],
-                                   _get_path(model, DECODER_LAYERS_FALLBACK[model_type])))
-            except AttributeError:
+                candidates.append((path, at_path(model, path)))
+            except (AttributeError, IndexError):
                 pass
     for _where, layers in candidates:
         if isinstance(layers, nn.ModuleList) and len(layers) > 0 and (expected is None or len(layers) == expected):
@@ -216,7 +220,15 @@ def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.
         "(or --layers-path) pointing at the language model's nn.ModuleList of decoder layers")
 
 
-def _friendly_load_error(model_id: str, err: Exception) -> ValueError:
+def _friendly_load_error(model_id: str, err: Exception, *, device: str | None = None,
+                         dtype: torch.dtype | None = None, device_map: str | dict | None = None) -> ValueError:
+    """The ValueError that says why `model_id` did not load: out of memory (`memory.OutOfMemory`: the model's size,
+    the device's free memory, what to change), a missing folder, or not found / not supported."""
+    from .memory import OutOfMemory, is_out_of_memory, release_memory
+
+    if is_out_of_memory(err):
+        release_memory(err)  # the half-loaded weights in its frames, before measuring what is free
+        return OutOfMemory.loading(model_id, err, device=device, dtype=dtype, device_map=device_map)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     looks_local = model_id.startswith(("/", ".", "~")) or os.path.sep in model_id and not model_id.count("/") == 1
     first = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
@@ -253,20 +265,28 @@ def load_backbone(model_id: str | os.PathLike, *, device: str | None = None, dty
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
-            raise _friendly_load_error(model_id, e) from None
+            raise _friendly_load_error(model_id, e, device=dev, dtype=dt, device_map=device_map) from None
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, config=config, **kwargs)
             processor = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         except Exception as e2:
-            raise _friendly_load_error(model_id, e2) from None
+            raise _friendly_load_error(model_id, e2, device=dev, dtype=dt, device_map=device_map) from None
     except Exception as e:
-        raise _friendly_load_error(model_id, e) from None
+        raise _friendly_load_error(model_id, e, device=dev, dtype=dt, device_map=device_map) from None
     if device_map is None:
-        model.to(dev)
+        try:
+            model.to(dev)
+        except (RuntimeError, MemoryError) as e:  # CUDA usually runs out here, as the weights move onto it
+            from .memory import is_out_of_memory
+
+            if not is_out_of_memory(e):
+                raise
+            del model  # the half-moved weights, before the message measures what is free
+            raise _friendly_load_error(model_id, e, device=dev, dtype=dt, device_map=device_map) from None
     return Backbone.from_model(model, processor, model_id=model_id, layers_path=layers_path)
 
 
 def typographic_layout(backbone: Backbone) -> str:
     """The layout its typographic images should use (`media.typographic_image(layout=...)`): "rows" for a model
-    that reads token rows as lines (`ROWS_LAYOUT_TYPES`), else "free"."""
-    return "rows" if backbone.model_type in ROWS_LAYOUT_TYPES else "free"
+    that reads token rows as lines (the reading graft), else "free"; the registry's `ArchSpec.typography`."""
+    return backbone.arch.typography

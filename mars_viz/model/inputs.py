@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from .backbone import NESTED_IMAGE_TYPES, Backbone
+from .backbone import Backbone
 
 __all__ = ["GATE_POSITIONS", "MAX_PROMPT_CHARS", "Query", "build_batch", "clean_prompt", "gate_index",
            "inst_positions", "instruction_offset", "media_token_ids", "render_chat", "row_modalities"]
@@ -73,9 +73,9 @@ def _content(q: Query, backbone: Backbone) -> tuple[list[dict], list[Image.Image
     if q.video:
         frames = list(q.video)
         if backbone.video_mode == "native":
-            # Qwen-style video processors group frames in temporal pairs: repeat the last one to make the count even.
-            if len(frames) % 2 == 1:
-                frames.append(frames[-1])
+            # a video token covering `temporal_patch` frames (Qwen-VL: pairs) needs a whole number of groups: repeat
+            # the last frame, as the model's own video processor does where it pads (`ArchSpec.even_frames`)
+            frames += frames[-1:] * (-len(frames) % backbone.arch.frame_multiple)
             videos.append(frames)
             parts.append({"type": "video"})
         elif backbone.video_mode == "frames":
@@ -118,7 +118,7 @@ def build_batch(backbone: Backbone, queries: list[Query]):
     else:
         kwargs: dict = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
         if flat_images:
-            kwargs["images"] = nested_images if backbone.model_type in NESTED_IMAGE_TYPES else flat_images
+            kwargs["images"] = nested_images if backbone.arch.nested_images else flat_images
         if videos:
             kwargs["videos"] = videos
         enc = backbone.processor(**kwargs)

@@ -15,10 +15,17 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..model.archs import arch_spec, at_path
 from ..model.backbone import Backbone
 from ..model.inputs import Query, build_batch
 
-__all__ = ["generate_batch", "greedy_texts"]
+__all__ = ["PER_TOKEN_KEYS", "generate_batch", "greedy_texts"]
+
+# The batch entries with one value per prompt position ([batch, positions]), which a prefill of prompt[:-1] cuts. By
+# name, never by shape: Qwen2-VL's `pixel_values` is [patches, 1176] and would look like a 1176-token prompt's mask.
+# PaliGemma's processor also returns `labels`; Mllama's `cross_attention_mask` is [batch, positions, images, tiles].
+PER_TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels",
+                            "cross_attention_mask"})
 
 
 def _gen_kwargs(backbone: Backbone, max_new_tokens: int, force: bool = False) -> dict:
@@ -83,11 +90,10 @@ def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: i
 def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     """Run the prompt minus its last position once (media included); return the KV cache and the decode inputs.
 
-    The last prompt position is the one MARS edits, so everything before it is shared by both answers.
+    The last prompt position is the one MARS edits, so everything before it is shared by both answers. Only the
+    per-token entries (`PER_TOKEN_KEYS`) are cut; the media tensors go in whole.
     """
-    n_pos = batch["input_ids"].shape[1]
-    pre = {k: (v[:, :-1] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == n_pos else v)
-           for k, v in batch.items()}
+    pre = {k: (v[:, :-1] if k in PER_TOKEN_KEYS else v) for k, v in batch.items()}
     # Prefill through `generate` (one token, discarded) so positions follow generate's own conventions for padded
     # rows; the cache then holds exactly the P-1 prompt positions.
     out = backbone.model.generate(**pre, **_gen_kwargs(backbone, 1), return_dict_in_generate=True)
@@ -98,8 +104,9 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
 
 
 def _rope_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model and its inner model, where M-RoPE models (Qwen2-VL family) keep `rope_deltas` between calls."""
-    return [o for o in (model, getattr(model, "model", None)) if o is not None and hasattr(o, "rope_deltas")]
+    """The modules where an M-RoPE model (Qwen2-VL family) keeps `rope_deltas` between calls: the registry's
+    `ArchSpec.rope_deltas` paths (transformers 5.24: the inner `model`); none for other architectures."""
+    return [at_path(model, path) for path in arch_spec(model.config.model_type).rope_deltas]
 
 
 @contextlib.contextmanager

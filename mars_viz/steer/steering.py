@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from ..core.rule import MarsRule, mars_response, unsafety_score
+from ..core.rule import MarsRule, as_float64, judged_score, mars_response, unsafety_score
 from ..core.state import MarsState
 from ..model.backbone import Backbone
 from ..model.hooks import EditRecord, edit_position, read_position
@@ -119,11 +119,11 @@ def plan(state: MarsState, options: SteerOptions) -> Plan:
 def gate_scores(state: MarsState, p: Plan, h_detect: torch.Tensor, modalities: Sequence[str],
                 recenter: bool) -> torch.Tensor:
     """The score the gate reads: `h_detect [B, d]` (residuals at the gate's layer and position) re-centred by each
-    row's modality offset there, along that site's axis -> `[B]` float64. The one place the gate's score is made."""
+    row's modality offset there, along that site's axis -> `[B]` float64 (`rule.judged_score`, as the push's own
+    gate reads it)."""
     axis = state.gate_axis(p.gate_position)
     deltas = _row_deltas(state, p.detect_layer, modalities, recenter, p.gate_position)
-    h = h_detect.double() if deltas is None else h_detect.double() - deltas.to(h_detect.device)
-    return unsafety_score(h, axis.mu_minus[p.detect_layer].to(h.device), axis.r[p.detect_layer].to(h.device))
+    return judged_score(h_detect, axis.mu_minus[p.detect_layer], axis.r[p.detect_layer], deltas)
 
 
 def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | None, gate: dict | None = None):
@@ -138,21 +138,19 @@ def mars_edit(state: MarsState, options: SteerOptions, deltas: torch.Tensor | No
     mu_minus, r = state.mu_minus[p.layer], state.r[p.layer]  # [d], [d]
 
     def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
-        d = None if deltas is None else deltas.to(h.device)
         g = None if gate is None else gate.get("s")
         if p.separate_gate and g is None:
             raise RuntimeError(f"the gate (layer {p.detect_layer}, {p.gate_position}) was not read before the push "
                                f"(layer {p.layer})")
-        out = mars_response(h, mu_minus.to(h.device), r.to(h.device), p.rule, d,
-                            gate_score=None if g is None else g.to(h.device))
-        s_raw = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B]
+        out = mars_response(h, mu_minus, r, p.rule, deltas, gate_score=g)  # float64, on float64_device(h.device)
+        s_raw = unsafety_score(h, mu_minus, r)  # [B]
         planned = out.planned_norm.float().cpu()
         info.update(layer=p.layer, detect_layer=p.detect_layer, gate_position=p.gate_position, tau=p.rule.tau,
                     t_star=p.rule.t_star,
                     s_raw=s_raw.cpu(), s_recentred=out.score.cpu(), s_gate=out.gate_score.cpu(),
                     gate_weight=out.gate_weight.cpu(), gate_open=out.gate_open.cpu(), planned_norm=planned,
                     displacement_norm=planned if p.rule.steer else torch.zeros(h.shape[0]))
-        return h + out.displacement if p.rule.steer else h
+        return out.apply(h)
 
     return p.layer, edit
 
@@ -161,10 +159,11 @@ def push_to_level_edit(mu_minus: torch.Tensor, r: torch.Tensor, levels: torch.Te
     """Edit that moves each row to score `levels[i]` along r, ungated: h' = h + (t - s) r. For calibration."""
 
     def edit(h: torch.Tensor, info: dict) -> torch.Tensor:
-        s = unsafety_score(h, mu_minus.to(h.device), r.to(h.device))  # [B] float64
-        t = levels.to(device=h.device, dtype=torch.float64)
+        h64 = as_float64(h)  # on float64_device(h.device)
+        s = unsafety_score(h64, mu_minus, r)  # [B] float64
+        t = levels.to(device=h64.device, dtype=torch.float64)
         info["s"] = s.cpu()
-        return (h.double() + (t - s)[:, None] * r.to(h.device).double()).to(h.dtype)
+        return (h64 + (t - s)[:, None] * r.to(h64.device, torch.float64)).to(h.dtype).to(h.device)  # rounded once
 
     return edit
 

@@ -36,7 +36,9 @@ PRESETS = HUB_PRESETS  # kept for importers; the dropdown uses presets()
 
 def state_summary(session: Session) -> dict:
     bb = session.backbone
-    out = {"model": bb.describe()}
+    if bb is None:  # `Session.switch_model` is loading another model
+        return {"model": "loading another model…", "state": "not fitted yet"}
+    out = {"model": bb.describe(), "load_options": session.options.describe()}
     s = session.state
     if s is None:
         out["state"] = "not fitted yet: press Fit (or run an input in Explore, which fits with the defaults)"
@@ -101,13 +103,15 @@ def _state_files_section() -> tuple[gr.Button, gr.File, gr.File]:
 
 
 def _load_model_handler(session: Session):
+    # Loads the way the app was launched (`Session.options`: --dtype, --device-map, ...), after releasing the current
+    # model. A failure is an error that says what happened to the previous model (loaded again, or the demo model).
     @user_errors("load_model")
     def do_load_model(model: str):
         if not model:
             raise ValueError("choose a preset, type a hub id, or give a local folder")
         with session.lock:
             session.switch_model(str(model))
-        gr.Info(f"loaded {model}; fit or load a MARS state for it")
+        gr.Info(f"loaded {model} ({session.options.describe()}); fit or load a MARS state for it")
         return state_summary(session)
 
     return do_load_model

@@ -15,13 +15,14 @@ import gradio as gr
 
 from ..model.inputs import GATE_POSITIONS, Query, clean_prompt
 from ..model.media import load_image, read_video
+from ..model.memory import as_out_of_memory, is_out_of_memory, release_memory
 from ..steer.steering import SteerOptions
 from ..views.export import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from .session import Session
 
 __all__ = ["GATE_POSITION_CHOICES", "build_query", "credibility_banner", "export_zip", "gr_progress",
-           "parse_gate_position", "parse_layer", "parse_tau", "rejected", "showcase_to_explore", "stale_banner",
-           "steer_options", "user_errors"]
+           "out_of_memory", "parse_gate_position", "parse_layer", "parse_tau", "rejected", "showcase_to_explore",
+           "stale_banner", "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
 
@@ -32,10 +33,31 @@ def rejected(endpoint: str, e: ValueError) -> gr.Error:
     return gr.Error(str(e), print_exception=False)
 
 
+def out_of_memory(endpoint: str, e: BaseException) -> gr.Error:
+    """The page's error for a request that ran out of memory: what did not fit, the free memory, what to change.
+    Logged as one ERROR line (not a bug: no traceback), after releasing what the failed request still held, so the
+    server keeps serving."""
+    oom = as_out_of_memory(e)
+    release_memory(e)
+    log.error("out of memory on /%s: %s", endpoint, " ".join(str(oom).split()))
+    return gr.Error(str(oom), print_exception=False)
+
+
+def _shown(endpoint: str, e: Exception) -> gr.Error | None:
+    """The `gr.Error` that shows `e` on the page, or None for a bug (re-raised with its traceback)."""
+    if is_out_of_memory(e):
+        return out_of_memory(endpoint, e)
+    if isinstance(e, ValueError):
+        return rejected(endpoint, e)
+    return None
+
+
 def user_errors(endpoint: str):
     """Decorate a handler: a ValueError (the library's "what to do next" message for a bad input) is shown on the
-    page as a `gr.Error` and logged as one WARNING line on logger "mars_viz", without a traceback. Anything else is
-    a bug and keeps Gradio's traceback. The signature is kept, so the endpoint's API parameters keep their names.
+    page as a `gr.Error` and logged as one WARNING line on logger "mars_viz", without a traceback. Running out of
+    memory (`OutOfMemory`, or torch's own errors) is shown as out of memory, with the free memory and what to change,
+    and logged as one ERROR line. Anything else is a bug and keeps Gradio's traceback. The signature is kept, so the
+    endpoint's API parameters keep their names.
 
         @user_errors("explore")
         def run(prompt, image): ...
@@ -47,8 +69,10 @@ def user_errors(endpoint: str):
             def gen(*args, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
-                except ValueError as e:
-                    raise rejected(endpoint, e) from None
+                except Exception as e:
+                    if (shown := _shown(endpoint, e)) is None:
+                        raise
+                    raise shown from None
 
             return gen
 
@@ -56,8 +80,10 @@ def user_errors(endpoint: str):
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except ValueError as e:
-                raise rejected(endpoint, e) from None
+            except Exception as e:
+                if (shown := _shown(endpoint, e)) is None:
+                    raise
+                raise shown from None
 
         return call
 
@@ -68,7 +94,8 @@ def credibility_banner(session: Session):
     """Update for the page's persistent warning: shown while the loaded model is a random demo model or the fitted
     state is degenerate, so nobody reads a random model's verdicts as meaningful."""
     reasons = []
-    if session.backbone.is_demo:
+    backbone = session.backbone  # None for the moment another model loads (`Session.switch_model`)
+    if backbone is not None and backbone.is_demo:
         reasons.append("this is a built-in tiny model with random weights (no real model could be loaded)")
     if session.state is not None:
         reasons += session.state.credibility_warnings()
@@ -178,7 +205,8 @@ def export_zip(figures: dict, result: dict | None, session: Session, files: dict
             z.writestr(f"{name}.csv", figure_csv(fig))
         for name, data in (files or {}).items():
             z.writestr(name, data)
-        meta = {"model": session.backbone.describe(), "state": session.state_source}
+        backbone = session.backbone
+        meta = {"model": backbone.describe() if backbone is not None else None, "state": session.state_source}
         if result is not None:
             meta["result"] = result
         z.writestr("result.json", json.dumps(meta, indent=2, ensure_ascii=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..data.examples import EXAMPLES
+from ..model.archs import arch_spec
 from .common import showcase_to_explore, user_errors
 from .explore import ExploreTab
 from .session import Session
@@ -71,8 +72,9 @@ NO_SHOWCASE = ("*No evaluation of this model yet.* Run one in the **Evaluate** t
 
 def reading_graft_note(model_type: str, built: list[str]) -> str:
     """A pointer to the reading graft: the one model here on which typography carries meaning (empty when it is
-    the loaded model, or none is built)."""
-    if model_type == "mars_reader":
+    the loaded model, or none is built). The reading graft is the model type whose registry record reads typography
+    on token rows (`archs.ArchSpec.typography`)."""
+    if arch_spec(model_type).typography == "rows":
         return ("**This is the reading graft** (a lab MLLM whose tower reads text). Its typographic examples below "
                 "(*on token rows*) carry the request into the LLM: the text-only refusal direction scores them.")
     if not built:

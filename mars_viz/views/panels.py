@@ -72,13 +72,13 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
     opts = options if layer is None else replace(options, layer=layer)
     p = plan(state, opts)
     layer, rule = p.layer, p.rule
-    h = acts[layer].double()  # [d]
+    h = R.as_float64(acts[layer])  # [d]
     mu_minus, r = state.mu_minus[layer], state.r[layer]  # [d], [d]
     delta = state.offset(modality, layer) if opts.recenter else None
     at_gate = acts if p.gate_position == "post" else acts_inst
     if at_gate is None:
         raise ValueError("the gate reads t_inst but this result holds no residuals there: run it again")
-    s_gate = gate_scores(state, p, at_gate[p.detect_layer][None].double(), [modality], opts.recenter)  # [1]
+    s_gate = gate_scores(state, p, at_gate[p.detect_layer][None], [modality], opts.recenter)  # [1]
     out = R.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
     h_rec = h if delta is None else R.recentre(h, delta)  # [d]
     h_steered = h_rec + out.displacement  # [d]

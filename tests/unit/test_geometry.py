@@ -123,15 +123,16 @@ def test_modality_offset_shape_mismatch_raises():
         modality_offset(torch.zeros(4, L, D), torch.zeros(4, L + 1, D))
 
 
-def test_recentre_broadcasts_and_keeps_dtype():
-    delta = torch.arange(L * D, dtype=F64).reshape(L, D)
+def test_recentre_broadcasts_in_float64_and_never_rounds_back():
+    delta = torch.arange(L * D, dtype=F64).reshape(L, D) * 1e-3
     h = torch.ones(3, L, D, dtype=torch.float32)
     out = recentre(h, delta)
-    assert out.dtype == torch.float32
-    assert torch.equal(out, (1.0 - delta).float().expand(3, L, D))
+    assert out.dtype == F64
+    assert torch.equal(out, (1.0 - delta).expand(3, L, D))
     one = recentre(torch.ones(D, dtype=torch.bfloat16), delta[1])  # single layer, [d]
-    assert one.dtype == torch.bfloat16 and one.shape == (D,)
-    assert torch.equal(one, (1.0 - delta[1]).to(torch.bfloat16))
+    assert one.dtype == F64 and one.shape == (D,)
+    assert torch.equal(one, 1.0 - delta[1])  # bf16 would have rounded 1 - 0.017 to 0.984375
+    assert not torch.equal(one, (1.0 - delta[1]).to(torch.bfloat16).double())
     with pytest.raises(ValueError, match="trailing"):
         recentre(h, torch.zeros(D + 1))
 
