@@ -2,14 +2,24 @@
 2-D grids (`Grid`) over the image's patches and the video's frames. Which family a model type follows is the
 architecture registry's (`model.archs.ArchSpec.maps`); the families, by the model types that use them today:
 
-  qwen       (qwen2_vl, qwen2_5_vl, mars_reader) `image_grid_thw` / `video_grid_thw` / `spatial_merge_size`: one
-             token per merged 2x2 patch, a video token covers `temporal_patch_size` consecutive frames (flagged: not
-             per frame)
-  llava      (llava) the CLIP patch grid of the centre crop (the class token, if kept, is not placed)
-  onevision  (llava_onevision) the base grid, then the anyres tiles stitched and unpadded (traced through the model's
-             own `pack_image_features`; downsampled tiles are flagged); video: frames x pooled grid
-  idefics3   (idefics3, smolvlm) `<row_r_col_c>` tiles stitched into one grid, plus the `<global-img>` grid
+  qwen       (qwen2_vl, qwen2_5_vl, mars_reader, qwen3_vl) `image_grid_thw` / `video_grid_thw` /
+             `spatial_merge_size`: one token per merged 2x2 patch, a video token covers `temporal_patch_size`
+             consecutive frames (flagged: not per frame)
+  llava      (llava, paligemma) the patch grid of each image (LLaVA-1.5: of the centre crop; the class token, if
+             kept, is not placed)
+  onevision  (llava_onevision, llava_next, llava_next_video) the base grid, then the anyres tiles stitched and
+             unpadded (traced through the model's own `pack_image_features`; downsampled tiles are flagged); video:
+             frames x pooled grid (OneVision: bilinear to half the side, one closing newline; LLaVA-NeXT-Video: the
+             config's `spatial_pool_stride`, no newline)
+  idefics3   (idefics3, smolvlm) `<row_r_col_c>` tiles stitched into one grid, plus the `<global-img>` grid;
+             SmolVLM's video is one `<global-img>` grid per frame, in image tokens
   gemma3     (gemma3) the pooled `mm_tokens_per_image` grid (pan-and-scan crops: region unknown, flagged)
+  internvl   (internvl) `<img> ... </img>` per image: its tiles (the image processor's tiled canvas) stitched into
+             one grid, then the thumbnail; a video is one such single-tile image per frame, in image tokens
+  pixtral    (mistral3) rows of merged patches separated by `[IMG_BREAK]`, each image closed by `[IMG_END]`
+
+A native video whose tokens are image tokens (no video token in the prompt: SmolVLM, InternVL) is placed as frames,
+as for a model that takes a video's frames as images.
 
 Everything except `layout_spec` (which reads the processor, config and model) is pure: ids and metadata in, grids
 out. Where a mapping is not exact, the grid says so (`exact=False` and a note) instead of guessing.
@@ -77,7 +87,7 @@ class Grid:
 class LayoutSpec:
     """What the layout needs to know about one model (read once by `layout_spec`; everything after is pure)."""
 
-    family: str  # "qwen", "llava", "onevision", "idefics3", "gemma3" or "" (unknown: tokens in sequence order)
+    family: str  # an `archs.MapsFamily`: "qwen", "llava", "onevision", ... or "" (unknown: in sequence order)
     model_type: str
     image_token_id: int | None
     video_token_id: int | None = None
@@ -89,7 +99,13 @@ class LayoutSpec:
     seq_len: int = 0  # idefics3: tokens per tile / view
     base_side: int = 0  # onevision: patches per side of the base image (and of one tile)
     video_grid: tuple[int, int] = (0, 0)  # onevision: pooled grid of one video frame
+    video_newline: bool = True  # onevision: a newline token closes the video (OneVision; not LLaVA-NeXT-Video)
     trace: Callable[[dict, int], list[np.ndarray]] | None = None  # onevision: per image, the packed order codes
+    # internvl: (width, height) of an image -> (columns, rows) of its tiles (the image processor's canvas)
+    tiling: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    start_id: int | None = None  # internvl: <img>
+    end_id: int | None = None  # internvl: </img>; pixtral: [IMG_END]
+    break_id: int | None = None  # pixtral: [IMG_BREAK]
 
 
 def _tok(tokenizer, token: str) -> int | None:
@@ -99,10 +115,22 @@ def _tok(tokenizer, token: str) -> int | None:
 
 def _onevision_trace(model) -> Callable[[dict, int], list[np.ndarray]]:
     """Run the model's own `pack_image_features` on index codes instead of features: code k + 1 is patch k // (h*w)
-    (0 = base, then the anyres tiles), cell k % (h*w); -1 is a newline token; a non-integer code was resampled."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    (0 = base, then the anyres tiles), cell k % (h*w); -1 is a newline token; a non-integer code was resampled.
+    The model's own module gives `image_size_to_num_patches` (LLaVA-NeXT, -NeXT-Video and OneVision each have one),
+    and `pack_image_features` gets the keywords its signature takes."""
+    import inspect
+    import sys
 
     cfg, inner = model.config, model.model
+    image_size_to_num_patches = getattr(sys.modules[type(inner).__module__], "image_size_to_num_patches", None)
+    if image_size_to_num_patches is None:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    takes = inspect.signature(inner.pack_image_features).parameters
+    extra = {}
+    if "vision_aspect_ratio" in takes:
+        extra["vision_aspect_ratio"] = getattr(cfg, "vision_aspect_ratio", "anyres_max_9")
+    if "vision_feature_select_strategy" in takes:
+        extra["vision_feature_select_strategy"] = getattr(cfg, "vision_feature_select_strategy", "default")
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
 
     def trace(meta: dict, n_images: int) -> list[np.ndarray]:
@@ -115,7 +143,7 @@ def _onevision_trace(model) -> Callable[[dict, int], list[np.ndarray]]:
                                           patch_size=cfg.vision_config.image_size) if patched else 1
             feats.append(torch.arange(1, n * side * side + 1, dtype=torch.float64).view(n, side * side, 1))
         packed, _ = inner.pack_image_features(feats, sizes, image_newline=torch.tensor([-1.0], dtype=torch.float64),
-                                              vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
+                                              **extra)
         return [p[:, 0].numpy() for p in packed]
 
     return trace
@@ -144,9 +172,12 @@ def _llava_spec(backbone, base: dict) -> LayoutSpec:
 
 
 def _onevision_spec(backbone, base: dict) -> LayoutSpec:
-    vc = backbone.model.config.vision_config
+    cfg = backbone.model.config
+    vc = cfg.vision_config
     side = vc.image_size // vc.patch_size
-    return LayoutSpec("onevision", base_side=side, video_grid=(math.ceil(side / 2), math.ceil(side / 2)),
+    stride = getattr(cfg, "spatial_pool_stride", None)  # LLaVA-NeXT-Video's resampler: pooled by the stride
+    grid = side // int(stride) if stride else math.ceil(side / 2)  # OneVision: bilinear to half the side
+    return LayoutSpec("onevision", base_side=side, video_grid=(grid, grid), video_newline=not stride,
                       trace=_onevision_trace(backbone.model), **base)
 
 
@@ -168,10 +199,35 @@ def _gemma3_spec(backbone, base: dict) -> LayoutSpec:
     return LayoutSpec("gemma3", **base)
 
 
+def _internvl_spec(backbone, base: dict) -> LayoutSpec:
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    proc, ip = backbone.processor, backbone.processor.image_processor
+    size = getattr(ip, "size", None)
+    th, tw = int(_size(size, "height") or 0), int(_size(size, "width") or 0)
+    lo, hi = int(getattr(ip, "min_patches", 1) or 1), int(getattr(ip, "max_patches", 1) or 1)
+    crop = bool(getattr(ip, "crop_to_patches", False)) and hi > 1 and th > 0 and tw > 0
+
+    def tiling(wh: tuple[int, int]) -> tuple[int, int]:
+        if not crop:
+            return 1, 1
+        return tuple(get_optimal_tiled_canvas((wh[1], wh[0]), (th, tw), lo, hi))
+
+    return LayoutSpec("internvl", seq_len=int(proc.image_seq_length), tiling=tiling,
+                      start_id=getattr(proc, "start_image_token_id", None),
+                      end_id=getattr(proc, "end_image_token_id", None), **base)
+
+
+def _pixtral_spec(backbone, base: dict) -> LayoutSpec:
+    proc, tok = backbone.processor, backbone.tokenizer
+    return LayoutSpec("pixtral", break_id=_tok(tok, getattr(proc, "image_break_token", "[IMG_BREAK]")),
+                      end_id=_tok(tok, getattr(proc, "image_end_token", "[IMG_END]")), **base)
+
+
 # layout family (`ArchSpec.maps`) -> what reads that family's facts off the loaded model and processor
 _FAMILY_SPECS: dict[str, Callable[[object, dict], LayoutSpec]] = {
     "qwen": _qwen_spec, "llava": _llava_spec, "onevision": _onevision_spec, "idefics3": _idefics3_spec,
-    "gemma3": _gemma3_spec,
+    "gemma3": _gemma3_spec, "internvl": _internvl_spec, "pixtral": _pixtral_spec,
 }
 
 
@@ -316,7 +372,8 @@ def _idefics3(spec: LayoutSpec, ids: Sequence[int], n_images: int, kind: str):
     return grids
 
 
-def _onevision(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_images: int, n_frames: int):
+def _onevision(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_images: int, n_frames: int,
+               kind: str = "image"):
     grids = []
     nb = spec.base_side ** 2
     if img:
@@ -331,10 +388,10 @@ def _onevision(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_i
                 return None
             rest, rpos = c[nb:], pos[nb:]
             if len(rest) == 1 and rest[0] == -1:  # one patch (several images in one sample): base + newline
-                grids.append(Grid("image", i, "base", _grid(pos[:nb], spec.base_side, spec.base_side),
+                grids.append(Grid(kind, i, "base", _grid(pos[:nb], spec.base_side, spec.base_side),
                                   note="the newline token after the grid is not placed"))
                 continue
-            grids.append(Grid("image", i, "base", _grid(pos[:nb], spec.base_side, spec.base_side)))
+            grids.append(Grid(kind, i, "base", _grid(pos[:nb], spec.base_side, spec.base_side)))
             rows, row = [], []
             for code, p in zip(rest, rpos, strict=True):
                 if code == -1:
@@ -348,23 +405,84 @@ def _onevision(spec: LayoutSpec, img: list[int], vid: list[int], meta: dict, n_i
                 grids[-1].note = "the anyres tiles were unpadded to nothing; their newline tokens are not placed"
                 continue
             exact = bool(np.all(np.mod(rest[rest > 0], 1) == 0))
-            grids.append(Grid("image", i, "tiles", np.asarray(rows, dtype=np.int64), exact=exact,
+            grids.append(Grid(kind, i, "tiles", np.asarray(rows, dtype=np.int64), exact=exact,
                               note="anyres tiles, stitched and unpadded; the newline token ending each row is not "
                                    "placed" + ("" if exact else "; the tiles were downsampled (bilinear), so each "
                                                "cell mixes neighbouring patches")))
     if vid:
         gh, gw = spec.video_grid
-        per = gh * gw
-        fed = (len(vid) - 1) // per  # frames the processor got (n_frames, or one more where a count was made even)
-        if fed * per + 1 != len(vid) or fed not in (n_frames, n_frames + 1):
+        per, closing = gh * gw, int(spec.video_newline)
+        fed = (len(vid) - closing) // per  # frames the processor got (n_frames, or one more where made even)
+        if per < 1 or fed * per + closing != len(vid) or fed not in (n_frames, n_frames + 1):
             return None
         for f in range(fed):
             dup = f >= n_frames
             grids.append(Grid("frame", min(f, n_frames - 1), "frames", _grid(vid[f * per:(f + 1) * per], gh, gw),
                               frames=(min(f, n_frames - 1),),
                               note=("a repeat of the last frame (the frame count is made even); " if dup else "")
-                              + "2x2 bilinear pooling of the frame's patches; the closing newline token is not "
-                                "placed"))
+                              + ("2x2 bilinear pooling of the frame's patches; the closing newline token is not "
+                                 "placed" if closing else "the frame's patches, pooled")))
+    return grids
+
+
+def _internvl(spec: LayoutSpec, ids: Sequence[int], img: list[int], n_images: int, sizes: list[tuple[int, int]],
+              kind: str):
+    """`<img>` + tiles x `seq_len` tokens (+ the thumbnail, when there is more than one tile) + `</img>` per image."""
+    s = _square(spec.seq_len)
+    if s is None or spec.tiling is None:
+        return None
+    runs = _runs(img)
+    if len(runs) != n_images or any(len(r) % spec.seq_len for r in runs):
+        return None
+    grids = []
+    for i, run in enumerate(runs):
+        if spec.start_id is not None and (run[0] == 0 or ids[run[0] - 1] != spec.start_id):
+            return None
+        if spec.end_id is not None and (run[-1] + 1 >= len(ids) or ids[run[-1] + 1] != spec.end_id):
+            return None
+        n = len(run) // spec.seq_len
+        tiles = [run[k * spec.seq_len:(k + 1) * spec.seq_len] for k in range(n)]
+        if n == 1:
+            grids.append(Grid(kind, i, "patches", _grid(tiles[0], s, s)))
+            continue
+        if i >= len(sizes):
+            return None
+        cols, rows = spec.tiling(sizes[i])
+        if cols * rows != n - 1:
+            return None
+        pos = np.full((rows * s, cols * s), -1, dtype=np.int64)
+        for k, tile in enumerate(tiles[:-1]):  # row-major tiles of the canvas, then the thumbnail
+            r, c = divmod(k, cols)
+            pos[r * s:(r + 1) * s, c * s:(c + 1) * s] = _grid(tile, s, s)
+        grids.append(Grid(kind, i, "tiles", pos, note="the image resized to the tiled canvas (aspect ratio changed)"))
+        grids.append(Grid(kind, i, "global", _grid(tiles[-1], s, s), note="the thumbnail: the whole image, resized"))
+    return grids
+
+
+def _pixtral(spec: LayoutSpec, ids: Sequence[int], n_images: int, kind: str):
+    """Rows of image tokens, each row ended by `[IMG_BREAK]` and the image by `[IMG_END]`."""
+    if spec.end_id is None or spec.break_id is None:
+        return None
+    grids: list[Grid] = []
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for i, t in enumerate(ids):
+        if t == spec.image_token_id:
+            row.append(i)
+        elif t in (spec.break_id, spec.end_id) and (row or rows):
+            rows.append(row)
+            row = []
+            if t == spec.end_id:
+                if len({len(r) for r in rows}) != 1 or not rows[0]:
+                    return None
+                grids.append(Grid(kind, len(grids), "patches", np.asarray(rows, dtype=np.int64),
+                                  note="the [IMG_BREAK] token ending each row and the closing [IMG_END] are not "
+                                       "placed"))
+                rows = []
+        elif row:  # an image token run not closed by a break or an end: not this layout
+            return None
+    if row or rows or len(grids) != n_images:
+        return None
     return grids
 
 
@@ -381,7 +499,8 @@ def layout_grids(spec: LayoutSpec, ids: Sequence[int], meta: dict, n_images: int
     img = [i for i, t in enumerate(ids) if spec.image_token_id is not None and t == spec.image_token_id]
     vid = [i for i, t in enumerate(ids) if spec.video_token_id is not None and t == spec.video_token_id]
     notes: list[str] = []
-    frames_as_images = spec.video_mode != "native" and n_frames > 0
+    # frames given as images, or a native video whose tokens are image tokens (SmolVLM, InternVL): frames either way
+    frames_as_images = n_frames > 0 and (spec.video_mode != "native" or not vid)
     kind = "frame" if frames_as_images else "image"
     n_img = n_frames if frames_as_images else n_images
     grids = None
@@ -396,7 +515,11 @@ def layout_grids(spec: LayoutSpec, ids: Sequence[int], meta: dict, n_images: int
     elif spec.family == "idefics3":
         grids = _idefics3(spec, ids, n_img, kind)
     elif spec.family == "onevision" and spec.trace is not None:
-        grids = _onevision(spec, img, vid, meta, n_images, n_frames)
+        grids = _onevision(spec, img, vid, meta, n_img, n_frames, kind)
+    elif spec.family == "internvl":
+        grids = _internvl(spec, ids, img, n_img, list(sizes), kind)
+    elif spec.family == "pixtral":
+        grids = _pixtral(spec, ids, n_img, kind)
     if grids is None:
         why = (f"no patch layout is known for {spec.model_type}" if not spec.family else
                f"the {spec.model_type} layout does not match the prompt's media tokens")

@@ -49,7 +49,9 @@ class Backbone:
 
     model: nn.Module
     processor: Any  # a ProcessorMixin, or a tokenizer for text-only LLMs
-    layers: nn.ModuleList  # decoder layers of the language model, in order
+    # decoder layers of the language model, in order, less those a text-only forward skips (`ArchSpec.skip_layers`:
+    # Mllama's cross-attention layers), so layer i here is the i-th decoder layer that is not skipped
+    layers: nn.ModuleList
     model_id: str
     model_type: str
     num_layers: int
@@ -187,8 +189,11 @@ def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.
     """The language model's decoder layers: `override` path, else `get_decoder().layers`, else the registry's path
     for the model type (`archs.ArchSpec.layers`).
 
-    Never matches on module names alone: the vision tower has `layers` too. The result is checked against the text
-    config's `num_hidden_layers`.
+    Never matches on module names alone: the vision tower has `layers` too. The list found is checked against the
+    text config's `num_hidden_layers`. Layers that a text-only forward skips (`archs.ArchSpec.skip_layers`: Mllama's
+    cross-attention layers, which run only when there are image tiles to attend to) are left out, since nothing
+    could be read or steered there on every prompt: the result is then a new `nn.ModuleList` of the remaining layers,
+    in order (its index i is the i-th kept decoder layer, not decoder layer i), else the model's own list.
     """
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -211,8 +216,11 @@ def resolve_decoder_layers(model: nn.Module, override: str | None = None) -> nn.
                 candidates.append((path, at_path(model, path)))
             except (AttributeError, IndexError):
                 pass
+    skipped = arch_spec(model_type).skipped_layers(text_cfg)
     for _where, layers in candidates:
         if isinstance(layers, nn.ModuleList) and len(layers) > 0 and (expected is None or len(layers) == expected):
+            if skipped:
+                return nn.ModuleList([layer for i, layer in enumerate(layers) if i not in skipped])
             return layers
     raise ValueError(
         f"don't know how to find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "

@@ -102,27 +102,88 @@ def render_chat(backbone: Backbone, q: Query) -> str:
 
 
 def build_batch(backbone: Backbone, queries: list[Query]):
-    """One left-padded `BatchEncoding` on the model's input device for `queries` (any mix of modalities)."""
+    """One left-padded `BatchEncoding` on the model's input device for `queries` (any mix of modalities).
+
+    A processor that refuses a prompt without an image (`ArchSpec.text_format`: PaliGemma) gets the media rows only;
+    the text-only rows are tokenized as it would tokenize them, and the two are merged back in order. Training
+    `labels`, which such a processor adds, are dropped: generation does not take them."""
     if not queries:
         raise ValueError("no queries to build a batch from")
-    texts, flat_images, nested_images, videos = [], [], [], []
+    texts = [render_chat(backbone, q) for q in queries]
+    tok = backbone.tokenizer
+    if backbone.video_mode == "none":
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    elif backbone.arch.text_format and any(q.modality == "text" for q in queries):
+        text_rows = [i for i, q in enumerate(queries) if q.modality == "text"]
+        media_rows = [i for i, q in enumerate(queries) if q.modality != "text"]
+        parts = [(text_rows, _tokenize_text_only(backbone, [texts[i] for i in text_rows]))]
+        if media_rows:
+            parts.append((media_rows, _process(backbone, [queries[i] for i in media_rows],
+                                               [texts[i] for i in media_rows])))
+        enc = _merge_rows(backbone, parts, len(queries))
+    else:
+        enc = _process(backbone, queries, texts)
+    enc.pop("labels", None)
+    return enc.to(backbone.input_device)
+
+
+def _process(backbone: Backbone, queries: list[Query], texts: list[str]):
+    """The processor's batch for `queries` (their templated `texts`), images and videos attached."""
+    flat_images, nested_images, videos = [], [], []
     for q in queries:
-        texts.append(render_chat(backbone, q))
         _, imgs, vids = _content(q, backbone)
         flat_images.extend(imgs)
         nested_images.append(imgs)
         videos.extend(vids)
-    tok = backbone.tokenizer
-    if backbone.video_mode == "none":
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    else:
-        kwargs: dict = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
-        if flat_images:
-            kwargs["images"] = nested_images if backbone.arch.nested_images else flat_images
-        if videos:
-            kwargs["videos"] = videos
-        enc = backbone.processor(**kwargs)
-    return enc.to(backbone.input_device)
+    kwargs: dict = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
+    if flat_images:
+        kwargs["images"] = nested_images if backbone.arch.nested_images else flat_images
+    if videos:
+        kwargs["videos"] = videos
+    return backbone.processor(**kwargs)
+
+
+def _text_only(backbone: Backbone, text: str) -> str:
+    """What a processor that refuses text alone (`ArchSpec.text_format`) would feed its tokenizer for `text`."""
+    return backbone.arch.text_format.format(bos=backbone.tokenizer.bos_token or "", text=text)
+
+
+def _tokenize_text_only(backbone: Backbone, texts: list[str]):
+    """Text-only rows for a processor that refuses them: the processor's text format, tokenized without further
+    special tokens, with the (all-zero: prefix) token_type_ids the processor would return alongside."""
+    return backbone.tokenizer([_text_only(backbone, t) for t in texts], return_tensors="pt", padding=True,
+                              padding_side="left", add_special_tokens=False, return_token_type_ids=True)
+
+
+_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
+
+
+def _merge_rows(backbone: Backbone, parts: list, n: int):
+    """Merge left-padded batches of disjoint rows (`[(row indices, encoding), ...]`) into one of `n` rows in row
+    order: the per-token entries are re-padded on the left, the others (media) are kept as they come, in order."""
+    from transformers import BatchEncoding
+
+    width = max(int(enc["input_ids"].shape[1]) for _, enc in parts)
+    pad_id = backbone.tokenizer.pad_token_id
+    out: dict = {}
+    for key, fill in _PAD_VALUES.items():
+        if not all(key in enc for _, enc in parts):
+            continue
+        rows: list = [None] * n
+        for idx, enc in parts:
+            v = enc[key]
+            padded = torch.full((v.shape[0], width), pad_id if fill is None else fill, dtype=v.dtype)
+            padded[:, width - v.shape[1]:] = v
+            for j, i in enumerate(idx):
+                rows[i] = padded[j]
+        out[key] = torch.stack(rows)
+    for _, enc in parts:
+        for key, v in enc.items():
+            if key not in _PAD_VALUES and key != "labels":
+                if key in out:
+                    raise ValueError(f"cannot merge two batches that both carry {key!r}")
+                out[key] = v
+    return BatchEncoding(out)
 
 
 def media_token_ids(backbone: Backbone) -> tuple[int | None, int | None]:
@@ -167,8 +228,12 @@ def instruction_offset(backbone: Backbone) -> int:
         raise ValueError(f"{backbone.model_id}'s chat template does not keep the user's text verbatim: the gate "
                          "cannot find the instruction's last token (use --gate-position post)")
     tok = backbone.tokenizer
+    head_text = text[: end + len(_SENTINEL)]
+    if backbone.arch.text_format:  # the prompt as the processor tokenizes it (PaliGemma appends "\n")
+        text, head_text = _text_only(backbone, text), _text_only(backbone, head_text)
+        head_text = head_text[: head_text.rfind(_SENTINEL) + len(_SENTINEL)]
     full = tok(text, add_special_tokens=False)["input_ids"]
-    head = tok(text[: end + len(_SENTINEL)], add_special_tokens=False)["input_ids"]
+    head = tok(head_text, add_special_tokens=False)["input_ids"]
     k = len(full) - len(head)
     if k < 1 or full[: len(head)] != head:
         raise ValueError(f"{backbone.model_id}'s chat template merges the user's last token with the text after it: "

@@ -19,13 +19,18 @@ from ..model.archs import arch_spec, at_path
 from ..model.backbone import Backbone
 from ..model.inputs import Query, build_batch
 
-__all__ = ["PER_TOKEN_KEYS", "generate_batch", "greedy_texts"]
+__all__ = ["DECODE_KEYS", "PER_TOKEN_KEYS", "generate_batch", "greedy_texts"]
 
 # The batch entries with one value per prompt position ([batch, positions]), which a prefill of prompt[:-1] cuts. By
 # name, never by shape: Qwen2-VL's `pixel_values` is [patches, 1176] and would look like a 1176-token prompt's mask.
 # PaliGemma's processor also returns `labels`; Mllama's `cross_attention_mask` is [batch, positions, images, tiles].
 PER_TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels",
                             "cross_attention_mask"})
+# What the decode after a shared prefill takes: the whole prompt's ids and mask (the cache holds all but the last
+# position), and Mllama's `cross_attention_mask`, which says which image tiles each position may attend to: without
+# it the last position and every generated token would attend to the padded (empty) tiles too. `generate` slices it
+# to the positions being run, and extends it by its last row for each generated token, as in a full generation.
+DECODE_KEYS = ("input_ids", "attention_mask", "cross_attention_mask")
 
 
 def _gen_kwargs(backbone: Backbone, max_new_tokens: int, force: bool = False) -> dict:
@@ -91,7 +96,9 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     """Run the prompt minus its last position once (media included); return the KV cache and the decode inputs.
 
     The last prompt position is the one MARS edits, so everything before it is shared by both answers. Only the
-    per-token entries (`PER_TOKEN_KEYS`) are cut; the media tensors go in whole.
+    per-token entries (`PER_TOKEN_KEYS`) are cut; the media tensors go in whole. The decode inputs are the full
+    per-token entries that the decode needs (`DECODE_KEYS`); `generate` itself cuts them to the positions the cache
+    lacks (the last prompt position first), as in a full generation.
     """
     pre = {k: (v[:, :-1] if k in PER_TOKEN_KEYS else v) for k, v in batch.items()}
     # Prefill through `generate` (one token, discarded) so positions follow generate's own conventions for padded
@@ -100,7 +107,7 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None:
         raise RuntimeError(f"{type(backbone.model).__name__} returned no KV cache")
-    return cache, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return cache, {k: batch[k] for k in DECODE_KEYS if k in batch}
 
 
 def _rope_owners(model: torch.nn.Module) -> list[torch.nn.Module]:

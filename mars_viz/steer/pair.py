@@ -13,6 +13,9 @@ Both answers share the prompt up to its last position, the one MARS edits. How t
               model, device and dtype) and picks batched when 2 rows cost at most `AUTO_MAX_RATIO` x one row, else
               gate_first. Whether batching is free depends on the machine, not on its device type.
 
+A prefix-LM (`ArchSpec.prefix_lm`: PaliGemma) runs every strategy as doubled (`resolve_strategy`): its prompt
+attends both ways, so no prefill of prompt[:-1] can be shared.
+
 Every strategy computes the same two answers: the tests check each against two separate generations on every tiny
 architecture, on the CPU. (Batch shape may change the last float bits, so on a real model a near-tie could rarely
 pick another token.) With the gate closed the steered answer is bit-identical to the unsteered one, whatever the
@@ -175,11 +178,17 @@ PAIR_STRATEGIES: tuple[str, ...] = tuple(_PAIRS)  # the concrete ones (auto pick
 
 
 def resolve_strategy(backbone: Backbone, strategy: str = "auto") -> str:
-    """The concrete strategy (gate_first, batched or doubled) for `strategy`; `auto` measures (once) and chooses."""
+    """The concrete strategy (gate_first, batched or doubled) for `strategy`; `auto` measures (once) and chooses.
+
+    A prefix-LM (`ArchSpec.prefix_lm`: PaliGemma, whose prompt attends both ways) gets `doubled` whatever is asked:
+    there a prefill of prompt[:-1] is not the full prompt's prefill (its positions would not see the last one), so
+    gate_first and batched could not give the answers of two separate generations."""
+    if strategy != "auto" and strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"unknown pair strategy {strategy!r}: use one of {', '.join(get_args(PairStrategy))}")
+    if backbone.arch.prefix_lm:
+        return "doubled"
     if strategy == "auto":
         return measure_pair_cost(backbone)["chosen"]
-    if strategy not in PAIR_STRATEGIES:
-        raise ValueError(f"unknown pair strategy {strategy!r}: use one of {', '.join(get_args(PairStrategy))}")
     return strategy
 
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..views.seen import CSS as SEEN_CSS
 from . import api, calibrate_tab, evaluate_tab, explore, learn
 from .common import credibility_banner, stale_banner
 from .session import Session
 
 __all__ = ["create_app", "launch_kwargs"]
 
-CSS = "#verdict {min-height: 3em} #active textarea {font-weight: 600}"
+CSS = "#verdict {min-height: 3em} #active textarea {font-weight: 600} " + SEEN_CSS
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default theme with fonts that cover every glyph. The default declares Source Sans Pro (and IBM Plex
+    Mono) at weights 400 and 600, but the 600 files Gradio ships are subsets of a few glyphs (5 kB against 100 kB):
+    bold text, headings first, was drawn partly in that subset and partly in the system's fallback face ("Modality-
+    Agnostic" with a foreign "A"). Weights 400 and 700 are both whole files; 600 falls to 700. All served locally."""
+    from gradio.themes.utils.fonts import LocalFont
+
+    return gr.themes.Default(
+        font=(LocalFont("Source Sans Pro", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"),
+        font_mono=(LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "Consolas", "monospace"))
 STALE_POLL_S = 2.0  # how often each page asks whether the model or state changed under it
 
 
@@ -52,4 +65,4 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, max_upload_m
 
     # allowed_paths: only the bundled examples (served when a user picks one); uploads live in Gradio's temp dir.
     return dict(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
-                show_error=True, css=CSS, allowed_paths=[str(EXAMPLES_DIR)])
+                show_error=True, css=CSS, theme=theme(), allowed_paths=[str(EXAMPLES_DIR)])

@@ -16,7 +16,17 @@ from ..core.state import MarsState
 from ..data.examples import EXAMPLES, example_by_name
 from ..steer.steering import plan
 from ..views.figures import placeholder_figure
-from ..views.panels import build_figures, map_figures, map_files, occlusion_figure
+from ..views.panels import (
+    DEFAULT_PROJECTION,
+    PROJECTIONS,
+    LayerView,
+    build_figures,
+    map_figures,
+    map_files,
+    occlusion_figure,
+    rescore,
+)
+from ..views.seen import seen_html
 from .common import (
     GATE_POSITION_CHOICES,
     build_query,
@@ -52,15 +62,18 @@ class ExploreTab:
     run_outputs: list | None = None
 
 
-def verdict_markdown(a: Analysis) -> str:
+def verdict_markdown(a: Analysis, view: LayerView | None = None, first_run: str = "") -> str:
+    """The verdict under the input. Every score it prints is the gate's, at the gate's own layer and position (the
+    numbers the Trust region's gate marker, the JSON's `score_gate` and the map's gate position show); `view` (the
+    result re-scored at the push layer, `panels.rescore`) adds how much of it the modality offset accounts for."""
     r = a.result
     verdict = lambda refused: "**refused**" if refused else "answered"  # noqa: E731
     s, where = r.gate_score, f"layer {r.gate_layer} at {SITES[r.gate_position]}"
     same_site = r.gate_layer == r.layer and r.gate_position == "post"
-    push = "" if same_site else f" at layer {r.layer}, t_post (there s = {r.score_recentred:.3f})"
+    push = "" if same_site else f" at layer {r.layer}, t_post"
     if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
-        gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but the input already lies at or "
-                f"beyond t* = {r.t_star:g}{push}, the trust region's outer wall: no push.")
+        gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but at the push layer the input already "
+                f"lies at or beyond t* = {r.t_star:g}{push}, the trust region's outer wall: no push.")
     elif r.gate_open and not r.steer:
         gate = (f"Gate **open** at {where}: s = {s:.3f} > τ = {r.tau:.3f} → would be pushed{push} toward "
                 f"t* = {r.t_star:g} with λ = {r.strength:g} (steering is off, so nothing was changed).")
@@ -70,11 +83,13 @@ def verdict_markdown(a: Analysis) -> str:
     else:
         gate = (f"Gate **closed** at {where}: s = {s:.3f} ≤ τ = {r.tau:.3f} → no displacement, identical "
                 "output.")
-    shift = ("" if r.modality == "text" or not r.recenter else
-             f" Raw score {r.score_raw:.3f}; the {r.modality} offset accounts for "
-             f"{r.score_raw - r.score_recentred:+.3f} of it (removed by re-centring).")
+    shift = ""
+    if r.modality != "text" and r.recenter and view is not None:
+        shift = (f" Before re-centring the gate read s = {view.s_gate_raw:.3f} there: the {r.modality} offset "
+                 f"accounts for {view.s_gate_raw - view.s_gate:+.3f} of it (removed by re-centring).")
     steer = "" if r.steer else " (steering is off: scores only)"
-    notes = "".join(f"\n\n> {n}" for n in a.notes + ([r.t_star_note] if r.t_star_note else []))
+    extra = a.notes + ([r.t_star_note] if r.t_star_note else []) + ([first_run] if first_run else [])
+    notes = "".join(f"\n\n> {n}" for n in extra)
     layers = (f"Layer {r.layer}, t_post" if same_site else
               f"Gate read at layer {r.gate_layer}, t_{r.gate_position}; push at layer {r.layer}, t_post")
     return (f"**{layers}** · {r.modality} input{steer}. {gate}{shift}\n\n"
@@ -140,7 +155,7 @@ class _Inputs:
 class _Answers:
     """What the model sees, the verdict and both answers, with the instant answer toggle."""
 
-    seen: gr.Gallery
+    seen: gr.HTML
     verdict: gr.Markdown
     unsteered: gr.Textbox
     steered: gr.Textbox
@@ -219,15 +234,18 @@ def _input_column(num_layers: int) -> _Inputs:
                               elem_id="example")
         prompt = gr.Textbox(label="Prompt", value="What colour is this image?", lines=3, elem_id="prompt")
         # gr.File, not gr.Image/gr.Video: those decode uploads themselves and fail before our checks run.
-        image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image")
-        video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video")
-        controls = _steering_controls(num_layers)
+        # compact drop zones (120 px), so that Run stays in view at 900 px, beside where the verdict appears
+        image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image",
+                        height=120)
+        video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video", height=120)
+        # Run right under the input, above the controls: in view at 900 px, next to where the verdict appears
         run = gr.Button("Run", variant="primary", elem_id="run")
+        controls = _steering_controls(num_layers)
     return _Inputs(example, prompt, image, video, controls, run)
 
 
 def _answer_panel() -> _Answers:
-    seen = gr.Gallery(label="What the model sees", columns=8, height=260, object_fit="contain", elem_id="seen")
+    seen = gr.HTML(seen_html(), label="What the model sees", show_label=True, container=True, elem_id="seen")
     verdict = gr.Markdown("Run an input to see the gate decision.", elem_id="verdict")
     with gr.Row():
         unsteered = gr.Textbox(label="Unsteered answer", lines=4, interactive=False, elem_id="unsteered")
@@ -240,8 +258,8 @@ def _answer_panel() -> _Answers:
 
 def _centroids_tab() -> tuple[gr.Radio, gr.Plot]:
     with gr.Tab("Centroids"):
-        method = gr.Radio(["PCA", "UMAP"], value="PCA", label="Projection (UMAP: chosen layer only)",
-                          elem_id="method")
+        method = gr.Radio(list(PROJECTIONS), value=DEFAULT_PROJECTION, elem_id="method",
+                          label="Projection (r̂ × top PC: x is the axis MARS reads; UMAP: chosen layer only)")
         plot = gr.Plot(label="Calibration activations at the layer", elem_id="plot_centroids")
     return method, plot
 
@@ -338,25 +356,26 @@ def _run_handler(session: Session, page: _Page):
     @user_errors("explore")
     def do_run(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
                layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
-               toggle: str = "MARS-steered", method: str = "PCA", detect_layer: str = "auto",
+               toggle: str = "MARS-steered", method: str = DEFAULT_PROJECTION, detect_layer: str = "auto",
                gate_position: str = "auto", progress=gr.Progress()):
         query, notes, indices = build_query(prompt, image, video, frames)
         options = steer_options(steer, strength, layer, tau, recenter, detect_layer, gate_position)
         for n in notes:
             gr.Info(n)
-        shown = list(query.images) + list(query.video or ())
-        # the gallery is sent once: re-sending it with every streamed token rewrote its files while the browser was
-        # still fetching them (broken thumbnails, h11 "Too much data for declared Content-Length")
-        first = "the first run calibrates MARS for this model, then it is cached" if session.state is None else ""
-        yield {ans.seen: shown, ans.verdict: f"Running…{' (' + first + ')' if first else ''}"}
+        shown = seen_html(query.images, query.video or (), indices if query.video else None)
+        # sent once, not with every streamed token
+        waiting = "the first run calibrates MARS for this model, then it is cached" if session.state is None else ""
+        yield {ans.seen: shown, ans.verdict: f"Running…{' (' + waiting + ')' if waiting else ''}"}
+        first = ""
         with session.lock:
             if session.state is None:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
                 session.ensure_state(gr_progress(progress))
                 s = session.state
-                gr.Info(f"MARS is calibrated for {session.backbone.display_name}: push at layer {s.layer}, gate at "
-                        f"layer {s.gate_layer}, {SITES[s.gate_position]}. It is cached for the next run; details in "
-                        "Calibrate.")
+                # said in the verdict, not in a pop-up (one covered the steered answer)
+                first = (f"MARS was calibrated for {session.backbone.display_name} on this first run: push at layer "
+                         f"{s.layer}, gate at layer {s.gate_layer}, {SITES[s.gate_position]}. It is cached for the "
+                         "next run; details in Calibrate.")
             state, gen = session.state, session.generation  # what this result is computed with
             updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
                                      frame_indices=indices, notes=notes, strategy=session.pair_strategy)
@@ -366,9 +385,10 @@ def _run_handler(session: Session, page: _Page):
                     continue
                 a = upd.analysis
         figs = _figures(state, a, a.result.layer, method)
+        view = rescore(state, a.acts, a.query.modality, a.options, a.result.layer, a.acts_inst)
         chosen = a.result.steered.text if toggle == "MARS-steered" else a.result.unsteered.text
         yield {ans.unsteered: a.result.unsteered.text, ans.steered: a.result.steered.text,
-               ans.verdict: verdict_markdown(a), ans.active: chosen, page.export.result_json: a.to_json(),
+               ans.verdict: verdict_markdown(a, view, first), ans.active: chosen, page.export.result_json: a.to_json(),
                page.analysis: a, page.generation: gen, plots.inspect: gr.update(value=a.result.layer),
                **dict(zip(plots.figures, figs, strict=True))}
 
@@ -389,7 +409,11 @@ def _check_handler(session: Session):
                 plan(session.state, options)
         except ValueError as e:
             yield f"⚠️ **Not run**: {e}. The answers and plots below are from the previous run, if any."
-            raise rejected("explore", e) from None
+            # the verdict says why, in place: no pop-up (two in a row stacked, the older one first), and no status
+            # badge (the event's progress is hidden, so none is drawn over the verdict's text)
+            err = rejected("explore", e)
+            err.visible = False
+            raise err from None
         yield gr.update()
 
     return check_inputs
@@ -404,7 +428,7 @@ def _wire_run(session: Session, page: _Page) -> tuple[object, list, list]:
                    page.analysis, page.generation, page.plots.inspect, *page.plots.figures]
     do_run = _run_handler(session, page)
     # the button checks the input first, then runs; `/explore` (the same run, for API clients) checks it itself
-    i.run.click(_check_handler(session), run_inputs, ans.verdict, api_name=False).success(
+    i.run.click(_check_handler(session), run_inputs, ans.verdict, api_name=False, show_progress="hidden").success(
         do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
     return do_run, run_inputs, run_outputs
 
@@ -503,7 +527,7 @@ def _state_plots(session: Session):
     def show_state_plots():
         """On page load: the state's own figures (no input yet), if a state is fitted or cached."""
         state = session.cached_state()
-        return _figures(state, None, None if state is None else state.layer, "PCA")
+        return _figures(state, None, None if state is None else state.layer, DEFAULT_PROJECTION)
 
     return show_state_plots
 

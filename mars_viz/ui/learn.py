@@ -7,6 +7,7 @@ import gradio as gr
 from ..data.examples import EXAMPLES
 from ..model.archs import arch_spec
 from .common import showcase_to_explore, user_errors
+from .evaluate_tab import SCROLL_TO_RUN, showcase_summary
 from .explore import ExploreTab
 from .session import Session
 
@@ -65,7 +66,8 @@ input is drawn raw → re-centred → steered; the push at t_post never changes 
 """
 
 
-NO_SHOWCASE = ("*No evaluation of this model yet.* Run one in the **Evaluate** tab (a few prompts per condition is "
+NO_SHOWCASE = ("### Where MARS changed this model's answer\n"
+               "*No evaluation of this model yet.* Run one in the **Evaluate** tab (a few prompts per condition is "
                "enough): the inputs where MARS changed **this model's** answer then appear here, the best demo of the "
                "method, drawn from the model's real behaviour rather than from bundled examples.")
 
@@ -91,11 +93,11 @@ def _showcase_view(session: Session):
     if not entries:
         return gr.update(value=NO_SHOWCASE), gr.update(choices=[], value=None), gr.update(interactive=False)
     flipped = sum(e.category == "mars_refused" for e in entries)
-    text = (f"From this model's last evaluation: **{flipped}** harmful input(s) it answered and MARS turned into a "
-            "refusal, listed first. Load one and compare the two answers; then read the *Trust region* plot: the "
-            "gate opened, and the push stopped at t*." if flipped else
-            "This model's last evaluation has no harmful input that MARS turned into a refusal (it refused them "
-            "already, or the gate stayed closed); the items below show what MARS left alone or over-refused.")
+    heading, summary = showcase_summary(entries)  # the heading names what is listed; the text says why, from numbers
+    text = (f"### {heading}\nFrom this model's last evaluation: **{flipped}** harmful input(s) it answered and MARS "
+            "turned into a refusal, listed first. Load one and compare the two answers; then read the *Trust region* "
+            "plot: the gate opened, and the push stopped at t*." if flipped else
+            f"### {heading}\nThis model's last evaluation: {summary}")
     labels = [e.label() for e in entries]
     return gr.update(value=text), gr.update(choices=labels, value=labels[0]), gr.update(interactive=True)
 
@@ -108,16 +110,16 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
     from ..model.reader import built_grafts
 
     gr.Markdown(reading_graft_note(session.backbone.model_type, built_grafts()), elem_id="learn_reading_graft")
-    gr.Markdown("### Where MARS changed this model's answer")
-    note = gr.Markdown(NO_SHOWCASE, elem_id="learn_showcase_note")
+    note = gr.Markdown(NO_SHOWCASE, elem_id="learn_showcase_note")  # its own heading: what the showcase lists
     with gr.Row():
         pick = gr.Dropdown([], label="Showcase item", elem_id="learn_showcase_pick", scale=4)
         load = gr.Button("Load in Explore and run", elem_id="learn_showcase_load", scale=1, interactive=False)
     if tab is not None:
         tab.select(lambda: _showcase_view(session), None, [note, pick, load], api_name=False)
-    load.click(user_errors("learn_showcase")(lambda label: showcase_to_explore(label, session.showcase)), pick,
-               [explore.prompt, explore.image, explore.video, tabs], api_name=False).success(
-        explore.run, explore.run_inputs, explore.run_outputs, api_name=False)
+    loaded = load.click(user_errors("learn_showcase")(lambda label: showcase_to_explore(label, session.showcase)),
+                        pick, [explore.prompt, explore.image, explore.video, tabs], api_name=False)
+    loaded.success(None, None, None, js=SCROLL_TO_RUN, api_name=False)  # Run in view, not the Learn scroll position
+    loaded.success(explore.run, explore.run_inputs, explore.run_outputs, api_name=False)
     gr.Markdown("### Bundled examples")
     for e in EXAMPLES:
         with gr.Row():
@@ -128,4 +130,5 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
             gr.Info(f"Loaded “{name}” into Explore: press Run there.")
             return name, gr.Tabs(selected="explore")
 
-        btn.click(load, None, [explore.example, tabs], api_name=False)
+        btn.click(load, None, [explore.example, tabs], api_name=False).then(None, None, None, js=SCROLL_TO_RUN,
+                                                                            api_name=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,22 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.rule import MarsRule, response_curve
-from .layout import _LINE_GREY, _ROW, _hline, _Label, _label_rows, _place_labels, _vline, _vrect
+from .layout import (
+    _LINE_GREY,
+    _ROW,
+    HALF_FIG_PX,
+    NARROW_FIG_PX,
+    TITLE_FONT_PX,
+    WIDE_FIG_PX,
+    _hline,
+    _Label,
+    _label_rows,
+    _place_labels,
+    _vline,
+    _vrect,
+    title_layout,
+    wrap_text,
+)
 
 __all__ = [
     "COLORS",
@@ -52,6 +67,7 @@ __all__ = [
     "plane_figure",
     "target_curve_figure",
     "trust_region_figure",
+    "wrap_title",
 ]
 
 TEMPLATE = "plotly_white"
@@ -81,6 +97,7 @@ CURRENT_NAMES: dict[str, str] = {
 }
 _CURRENT_SYMBOLS = {"raw": "circle", "recentred": "diamond", "steered": "square"}
 _SCORE_NAMES = {"raw": "score (raw)", "recentred": "score (re-centred)", "steered": "score (steered)"}
+_STEERED_ROW, _GATE_ROW = 0.95, 1.9  # trust region: the y rows of the steered marker and of the gate's own reading
 # Scatter plots with many legend entries keep the legend under the plot, so it never takes the plot's width.
 _LEGEND_BELOW: dict[str, Any] = dict(legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top",
                                                  font=dict(size=10)),
@@ -92,9 +109,26 @@ _LEGEND_BELOW: dict[str, Any] = dict(legend=dict(orientation="h", x=0, xanchor="
 # ---------------------------------------------------------------------------
 
 
-def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, **kwargs: Any) -> go.Figure:
-    fig.update_layout(**{**dict(template=TEMPLATE, title=title, height=HEIGHT, margin=dict(l=55, r=20, t=50, b=45),
-                                legend=dict(font=dict(size=10))), **kwargs})
+def wrap_title(title: str, width_px: float = WIDE_FIG_PX, font_px: float = TITLE_FONT_PX) -> str:
+    """``title`` broken into lines (``<br>``) that fit a figure ``width_px`` wide, for a figure whose layout is set
+    elsewhere (``_layout`` wraps its own titles): plotly cuts a long title at the figure's edge.
+
+    >>> wrap_title("Occlusion: the gate's score minus the score with each region covered", 400, 14)
+    "Occlusion: the gate's score minus the score with<br>each region covered"
+    """
+    return wrap_text(title, width_px * 0.95 - 25, font_px)
+
+
+def _layout(fig: go.Figure, title: str, xaxis_title: str, yaxis_title: str, *, title_px: float = WIDE_FIG_PX,
+            **kwargs: Any) -> go.Figure:
+    """The shared look; the title is wrapped to fit a figure ``title_px`` wide (the narrowest slot the figure is
+    drawn in at 1280 px), its extra lines added to the top margin and the height, so the plot keeps its size."""
+    margin = {**dict(l=55, r=20, t=50, b=45), **kwargs.pop("margin", {})}
+    top = margin["t"]
+    wrapped, margin["t"] = title_layout(title, title_px, top=top)
+    height = kwargs.pop("height", HEIGHT) + margin["t"] - top
+    fig.update_layout(**{**dict(template=TEMPLATE, legend=dict(font=dict(size=10))), **kwargs,
+                         "title": wrapped, "height": height, "margin": margin})
     fig.layout.xaxis.title.text = xaxis_title
     fig.layout.yaxis.title.text = yaxis_title  # the primary y axis, also in secondary-y figures
     return fig
@@ -188,6 +222,7 @@ def centroid_figure(
     centroids: Mapping[str, Sequence[float]],
     current: Mapping[str, Sequence[float]] | None = None,
     method: str = "PCA",
+    axes: tuple[str, str] | None = None,
 ) -> go.Figure:
     """Calibration activations in a 2-D projection, with both centroids and the current input's path.
 
@@ -219,7 +254,8 @@ def centroid_figure(
                                  line=dict(color=_LINE_GREY, dash="dash", width=1.5), hoverinfo="skip"))
     _add_centroids(fig, centroids)
     _add_current(fig, current)
-    return _layout(fig, f"Calibration activations ({method})", f"{method} 1", f"{method} 2", **_LEGEND_BELOW)
+    x_title, y_title = axes or (f"{method} 1", f"{method} 2")  # `axes`: the two axes' titles, when they have meaning
+    return _layout(fig, f"Calibration activations ({method})", x_title, y_title, **_LEGEND_BELOW)
 
 
 def modality_offset_figure(
@@ -328,6 +364,8 @@ def trust_region_figure(
     if unknown:
         raise ValueError(f"unknown score key(s) {unknown}: use {list(_SCORE_NAMES)}")
     vals = [v for v in scores.values() if math.isfinite(v)]
+    if gate is not None and gate.score is not None and math.isfinite(gate.score):
+        vals.append(float(gate.score))
     sd_safe, sd_unsafe = (float(spreads[0]), float(spreads[1])) if spreads is not None else (0.0, 0.0)
     lo = min([-0.5, tau - 0.25, -2 * sd_safe] + [v - 0.25 for v in vals])
     hi = max([t_star + 1.0, tau + margin + 0.25, 1 + 2 * sd_unsafe] + [v + 0.25 for v in vals])
@@ -388,16 +426,30 @@ def trust_region_figure(
             hovertemplate=f"{key} centroid: s = %{{x}}" + (f" (std {sd:.3f})" if spreads is not None else "")
             + "<extra></extra>",
         ), secondary_y=False)
+    # the steered marker sits a row above the others, so it never hides the re-centred one (a closed gate leaves
+    # the input where it was); the arrow goes from re-centred up to steered
+    rows = {"raw": 0.5, "recentred": 0.5, "steered": _STEERED_ROW}
     for key in CURRENT_NAMES:
         if key in scores:
+            name = _SCORE_NAMES[key] + (" = the gate's score" if key == "recentred" and gate is None else "")
             fig.add_trace(go.Scatter(
-                x=[scores[key]], y=[0.5], mode="markers", name=_SCORE_NAMES[key],
+                x=[scores[key]], y=[rows[key]], mode="markers", name=name,
                 marker=dict(symbol=_CURRENT_SYMBOLS[key], size=14, color=COLORS[key],
                             line=dict(width=1.5, color="black")),
-                hovertemplate=f"{_SCORE_NAMES[key]}: s = %{{x:.3f}}<extra></extra>",
+                hovertemplate=f"{name}: s = %{{x:.3f}}<extra></extra>",
             ), secondary_y=False)
+    if gate is not None and gate.score is not None:
+        # the gate's own reading, on its own row: its layer's axis, in the same units (0 = safe, 1 = unsafe centroid)
+        fig.add_shape(type="line", x0=tau, x1=tau, y0=_GATE_ROW - 0.22, y1=_GATE_ROW + 0.22, xref="x", yref="y",
+                      line=dict(color=COLORS["safe"], width=2), name="gate tau")
+        fig.add_trace(go.Scatter(
+            x=[float(gate.score)], y=[_GATE_ROW], mode="markers+text", name=f"gate score ({gate.site})",
+            text=[f"gate s = {gate.score:.3f}"], textposition="top center", textfont=dict(size=11),
+            marker=dict(symbol="triangle-up", size=15, color=COLORS["recentred"], line=dict(width=1.5, color="black")),
+            hovertemplate=f"gate score at {gate.site}: s = %{{x:.3f}} (τ = {tau:.3f} there)<extra></extra>",
+        ), secondary_y=False)
     if "recentred" in scores and "steered" in scores and scores["steered"] != scores["recentred"]:
-        fig.add_annotation(x=scores["steered"], y=0.5, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
+        fig.add_annotation(x=scores["steered"], y=_STEERED_ROW, ax=scores["recentred"], ay=0.5, xref="x", yref="y",
                            axref="x", ayref="y", showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2,
                            arrowcolor=COLORS["steered"], text="", name="steering push")
     if gate is None:
@@ -454,8 +506,10 @@ def plane_figure(
     current: Mapping[str, Sequence[float]] | None,
     tau: float,
     t_star: float,
+    layer: int | None = None,
 ) -> go.Figure:
-    """Calibration activations in the refusal plane (x: unsafety score along r_hat, y: top residual PC).
+    """Calibration activations in the refusal plane (x: unsafety score along r_hat, y: top residual PC) at
+    ``layer`` (named in the title).
 
     Unlike PCA/UMAP this view is in MARS's own units: the safe centroid is at
     (0, 0), the unsafe one at (1, 0), and the gate threshold tau and target
@@ -464,6 +518,10 @@ def plane_figure(
     along s, and that steering only moves the input horizontally (along r)
     up to t*. ``coords`` come from ``MarsState.plane_coords``; ``current``
     from the same map (keys "raw", "recentred", "steered").
+
+    The plot sits beside another, so its legend is kept short: the centroids
+    (the stars on the "safe" / "unsafe" lines) and the input's path have no
+    entry of their own, and every symbol is drawn at one size.
 
     >>> import numpy as np
     >>> fig = plane_figure(np.array([[0.1, 0.0], [0.9, 0.2]]), ["safe", "unsafe"], None, 0.5, 3.0)
@@ -491,8 +549,13 @@ def plane_figure(
     _add_groups(fig, arr, labels)
     _add_centroids(fig, {"safe": (0.0, 0.0), "unsafe": (1.0, 0.0)})
     _add_current(fig, current)
-    _layout(fig, "Refusal plane: r̂ × top residual PC", "unsafety score s (along r̂)",
-            "top PC of residual (units of ||r||)", **_LEGEND_BELOW)
+    # named by the lines they sit on (the stars) or drawn between named markers (the path): no legend entry
+    fig.update_traces(showlegend=False, selector=lambda t: t.name in ("safe centroid", "unsafe centroid",
+                                                                       "input path"))
+    title = "Refusal plane: r̂ × top residual PC" if layer is None else f"Refusal plane at layer {layer}: r̂ × top PC"
+    # under the plot, symbols at one size (the 14 px input markers made every row of it tall)
+    _layout(fig, title, "unsafety score s (along r̂)", "top PC of residual (units of ||r||)", title_px=NARROW_FIG_PX,
+            **{**_LEGEND_BELOW, "legend": {**_LEGEND_BELOW["legend"], "itemsizing": "constant", "y": -0.22}})
     fig.update_xaxes(range=list(x_range))
     return fig
 
@@ -597,11 +660,11 @@ def harm_refusal_figure(
     return fig
 
 
-_MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width)
-    "separability": ("separability", "#457b9d", 1.5),
-    "consistency": ("consistency", "#2a9d8f", 1.5),
-    "steerability": ("steerability", "#e9c46a", 1.5),
-    "combined": ("steer score (consistency × steerability)", "#1d3557", 3.0),
+_MAIN_SCORES = {  # key in LayerScores.to_dict() -> (trace name, colour, width, dash)
+    "separability": ("separability", "#457b9d", 1.5, "solid"),
+    "consistency": ("consistency", "#2a9d8f", 1.5, "solid"),
+    "steerability": ("steerability", "#e9c46a", 2.5, "dash"),
+    "combined": ("steer score (consistency × steerability)", "#1d3557", 4.0, "solid"),
 }
 _MISALIGNMENT = {
     "misalignment_before": ("misalignment before re-centring", "dash"),
@@ -626,7 +689,9 @@ def layer_scores_figure(
     ``detect_layer`` (the best separability: where the gate reads) gets its own
     line ("gate 5", or "gate 5 (t_inst)" for a gate at ``gate_position``
     "inst", whose separability is not the one drawn), and ``inspected`` (the
-    layer inspector's) a dotted one. Layers outside
+    layer inspector's) a dotted one, or, on the push or gate layer, a mark in
+    that layer's label ("push 3 · inspecting"). The steer score is drawn under
+    the other lines and steerability dashed, so both show where they coincide. Layers outside
     ``allowed = (start, stop)`` (range semantics, as
     ``selection.allowed_layer_range``: separability below 90% of the best) are
     shaded "excluded layers". If present, misalignment (mean s of neutral
@@ -658,10 +723,15 @@ def layer_scores_figure(
                     _place_labels(fig, [_Label((x0 + x1) / 2, "push excluded: separability < 90% of best",
                                                "excluded layers", "#495057", "center")],
                                   (-0.5, num_layers - 0.5), top=False)
-    for key, ys in main.items():
-        name, color, width = _MAIN_SCORES[key]
+    # the thick steer score is drawn first, under the others: where steerability is 0 the steer score is too, and
+    # the dashed steerability line stays visible on top of it (the legend keeps the listed order)
+    for key in sorted(main, key=lambda k: k != "combined"):
+        ys = main[key]
+        name, color, width, dash = _MAIN_SCORES[key]
         trace = go.Scatter(x=list(range(len(ys))), y=ys, mode="lines+markers", name=name,
-                           line=dict(color=color, width=width), marker=dict(size=5), hovertemplate="%{y:.3f}")
+                           legendrank=1 + list(_MAIN_SCORES).index(key),
+                           line=dict(color=color, width=width, dash=dash), marker=dict(size=5),
+                           opacity=0.75 if key == "combined" else 1.0, hovertemplate="%{y:.3f}")
         fig.add_trace(trace, **({"secondary_y": False} if mis else {}))
     for key, ys in mis.items():
         name, dash = _MISALIGNMENT[key]
@@ -675,9 +745,14 @@ def layer_scores_figure(
         _vline(fig, detect_layer, "detect layer", color="#457b9d")
         marks.append(_Label(detect_layer, f"gate {detect_layer}" + (" (t_inst)" if inst else ""), "detect layer",
                             "#457b9d"))
-    if inspected is not None and inspected not in (chosen_layer, detect_layer):
-        _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
-        marks.append(_Label(inspected, f"inspecting {inspected}", "inspected layer"))
+    if inspected is not None:
+        # on a marked layer (push or gate) the inspector joins that layer's label rather than vanish under it
+        at = next((i for i, m in enumerate(marks) if m.x == inspected), None)
+        if at is None:
+            _vline(fig, inspected, "inspected layer", color=_LINE_GREY, dash="dot")
+            marks.append(_Label(inspected, f"inspecting {inspected}", "inspected layer"))
+        else:
+            marks[at] = replace(marks[at], text=f"{marks[at].text} · inspecting")
     _place_labels(fig, marks, (-0.5, num_layers - 0.5))
     fig.update_xaxes(tick0=0, dtick=max(1, math.ceil(num_layers / 16)))  # whole layers only
     _layout(fig, "Layer scores", "decoder layer", "score", hovermode="x unified")
@@ -695,33 +770,47 @@ def frame_scores_figure(
     frame_indices: Sequence[int] | None = None,
     t_star: float | None = None,
     layer: int | None = None,
+    clip_score: float | None = None,
+    position: str = "post",
+    recenter: bool = True,
 ) -> go.Figure:
-    """Re-centred unsafety score of each sampled video frame, with the gate threshold (and t*, when the gate and
-    the push share a layer). ``layer`` is where the scores were read (named in the title).
+    """The gate's score of each sampled video frame *shown alone as an image* (re-centred by the image offset when
+    ``recenter``), at the gate's ``layer`` and ``position``, with the gate threshold ``tau`` and, when given, the
+    whole clip's own gate score ``clip_score`` (the video, re-centred by the video offset: what the gate decided on).
+    The two can disagree: a frame alone is not the clip, and the offsets differ; the title says which is which.
 
-    Bars above ``tau`` (gate would open) are drawn in the unsafe colour, the
-    rest in the safe colour, so a single harmful frame in an otherwise benign
-    video stands out. ``frame_indices`` are the frames' indices in the file
-    (default 0..n-1); the x axis is categorical so gaps between sampled
-    frames do not distort the bars.
+    Bars are numbered as the maps and "What the model sees" number the frames (0, 1, ...: sampling order); the hover
+    gives each frame's index in the file (``frame_indices``). Bars above ``tau`` are drawn in the unsafe colour.
 
     >>> fig = frame_scores_figure([0.1, 0.9], tau=0.5, frame_indices=[0, 30])
-    >>> list(fig.data[0].marker.color)
-    ['#2a9d8f', '#e76f51']
+    >>> list(fig.data[0].marker.color), list(fig.data[0].x)
+    (['#2a9d8f', '#e76f51'], ['frame 0', 'frame 1'])
     """
     ys = _floats(scores, "scores")
-    xs = list(range(len(ys))) if frame_indices is None else [int(i) for i in frame_indices]
-    if len(xs) != len(ys):
-        raise ValueError(f"got {len(ys)} scores but {len(xs)} frame indices: pass one index per sampled frame")
+    files = list(range(len(ys))) if frame_indices is None else [int(i) for i in frame_indices]
+    if len(files) != len(ys):
+        raise ValueError(f"got {len(ys)} scores but {len(files)} frame indices: pass one index per sampled frame")
+    xs = [f"frame {k}" for k in range(len(ys))]
     colors = [COLORS["unsafe"] if y > tau else COLORS["safe"] for y in ys]
-    state = ["gate open" if y > tau else "gate closed" for y in ys]
-    fig = go.Figure(go.Bar(x=xs, y=ys, name="frame score (re-centred)", marker=dict(color=colors),
-                           customdata=state, hovertemplate="frame %{x}: s = %{y:.3f} (%{customdata})<extra></extra>"))
+    hover = [[f, "above τ" if y > tau else "at or below τ"] for f, y in zip(files, ys, strict=True)]
+    how = "re-centred by the image offset" if recenter else "raw (re-centring off)"
+    fig = go.Figure(go.Bar(x=xs, y=ys, name=f"each frame alone ({how})", marker=dict(color=colors),
+                           customdata=hover,
+                           hovertemplate="%{x} (file frame #%{customdata[0]}): s = %{y:.3f}, %{customdata[1]}"
+                                         "<extra></extra>"))
     _hline(fig, tau, "tau", text=f"τ = {tau:.2f}", color=_LINE_GREY)
+    if clip_score is not None:
+        _hline(fig, clip_score, "clip", color=COLORS["video"], dash="dot")  # labelled at the left, τ at the right
+        fig.add_annotation(x=0, y=clip_score, xref="x domain", yref="y", text=f"whole clip: s = {clip_score:.3f}",
+                           name="clip", showarrow=False, xanchor="left", yanchor="bottom",
+                           font=dict(size=11, color=COLORS["video"]))
     if t_star is not None:
         _hline(fig, t_star, "t*", text=f"t* = {t_star:g}", color=COLORS["steered"])
-    title = "Gate score per sampled frame" + ("" if layer is None else f" (layer {layer})")
-    _layout(fig, title, "sampled frame (index in file)", "unsafety score s (re-centred)")
+    site = ("" if layer is None else f"layer {layer}, ") + ("t_inst" if position == "inst" else "t_post")
+    title = (f"Each sampled frame alone, as an image ({site}, {how})"
+             + ("<br><sup>the gate decided on the whole clip (video offset): the dotted line</sup>"
+                if clip_score is not None else ""))
+    _layout(fig, title, "sampled frame (hover: its index in the file)", "gate score s")
     fig.update_xaxes(type="category")
     return fig
 
@@ -743,9 +832,12 @@ def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Fi
         fig.add_trace(go.Bar(y=names, x=[conditions[c].get(key) for c in names], name=label, marker_color=color,
                              orientation="h", hovertemplate="%{y}: %{x:.2f}<extra>" + label + "</extra>"))
     fig.update_layout(barmode="group")
-    _layout(fig, "Refusal rate by condition", "refusal rate", "", height=max(HEIGHT, 120 + 34 * len(names)),
-            legend=dict(orientation="h", x=0, xanchor="left", y=-0.12, yanchor="top", font=dict(size=10)),
-            margin=dict(l=55, r=20, t=50, b=90))
+    # the legend sits at the figure's foot (container coordinates), below the x axis title with room to spare:
+    # placed in plot coordinates it landed on "refusal rate" whenever the plot was short
+    _layout(fig, "Refusal rate by condition", "refusal rate", "", height=max(HEIGHT, 140 + 34 * len(names)),
+            legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0, yanchor="bottom",
+                        font=dict(size=10), itemsizing="constant"),
+            margin=dict(l=55, r=20, t=50, b=115), title_px=HALF_FIG_PX)
     fig.update_xaxes(range=[0, 1.05])
     fig.update_yaxes(autorange="reversed", automargin=True)
     values = [conditions[c].get(key) for c in names for key, _, _ in EVAL_MODES]
@@ -757,17 +849,19 @@ def eval_conditions_figure(conditions: Mapping[str, Mapping[str, Any]]) -> go.Fi
 
 
 def placeholder_figure(message: str, title: str = "") -> go.Figure:
-    """An empty figure that says why it is empty (before the first run, or for an input without that view).
+    """An empty figure that says why it is empty (before the first run, or for an input without that view). A long
+    ``message`` is broken into lines (``<br>``) that fit the narrowest plot.
 
     >>> placeholder_figure("Run an input first").layout.annotations[0].text
     'Run an input first'
     """
     fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, name="placeholder",
-                       font=dict(size=14, color="#495057"))
+    # wrapped to the narrowest slot a placeholder stands in (one plot of two side by side): plotly never wraps
+    fig.add_annotation(text=wrap_text(message, NARROW_FIG_PX - 40, 14), x=0.5, y=0.5, xref="paper", yref="paper",
+                       showarrow=False, name="placeholder", font=dict(size=14, color="#495057"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return _layout(fig, title, "", "")
+    return _layout(fig, title, "", "", title_px=NARROW_FIG_PX)
 
 
 def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:
@@ -779,20 +873,25 @@ def strength_sweep_figure(sweep: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     groups: dict[tuple, list[str]] = {}
     for k, xi, yi in zip(keys, x, y, strict=True):
         groups.setdefault((round(float(xi), 3), round(float(yi), 3)), []).append(k)
+    # a label runs inward from its point (rightward in the left half, leftward in the right half; below a point near
+    # the top), so "λ=" at x = 0 is never cut by the plot's edge
     text, position, placed = [], [], []
     for k, xi, yi in zip(keys, x, y, strict=True):
         g = groups[(round(float(xi), 3), round(float(yi), 3))]
         text.append(f"λ={', '.join(g)}" if g[0] == k else "")
         near = sum(1 for px, py in placed if abs(px - xi) < 0.15 and abs(py - yi) < 0.08)
-        position.append(("top center", "bottom center", "middle right", "middle left")[near % 4])
+        side = "right" if float(xi) < 0.5 else "left"
+        up, down = ("bottom", "top") if float(yi) > 0.85 else ("top", "bottom")
+        position.append((f"{up} {side}", f"{down} {side}", f"middle {side}")[near % 3])
         if g[0] == k:
             placed.append((float(xi), float(yi)))
     fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers+text", text=text, textposition=position,
+                               cliponaxis=False, textfont=dict(size=11),
                                name="MARS strength sweep", marker=dict(color=COLORS["steered"], size=10),
                                customdata=[f"λ={k}" for k in keys],
                                hovertemplate="%{customdata}: over-refusal %{x:.2f}, refusal %{y:.2f}<extra></extra>"))
-    _layout(fig, "Strength sweep: refusal of harmful vs over-refusal of harmless", "over-refusal (harmless refused)",
-            "refusal of harmful inputs")
+    _layout(fig, "Strength sweep: refusal of harmful vs over-refusal", "over-refusal (harmless refused)",
+            "refusal of harmful inputs", title_px=HALF_FIG_PX)
     fig.update_xaxes(range=[-0.05, 1.05])
     fig.update_yaxes(range=[-0.05, 1.05])
     return fig

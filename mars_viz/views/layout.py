@@ -4,7 +4,9 @@
 (widths estimated from the text length on the narrowest plot the dashboard
 draws), and ``_place_labels`` draws them as annotations from the top (or the
 bottom) of the plot; ``_vline`` / ``_hline`` / ``_vrect`` add named threshold
-lines and shaded bands (``fig.layout.shapes``) for the figures in `figures`.
+lines and shaded bands (``fig.layout.shapes``) for the figures in `figures`;
+``wrap_text`` breaks a long title or message into lines that fit a figure of a
+given width (plotly never wraps text itself: a long title is cut at the edge).
 Pure plotly: no model, no gradio.
 
 Example:
@@ -16,12 +18,78 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
 _LINE_GREY = "#6c757d"
+
+# Figure widths at 1280 px, the narrowest window the dashboard is laid out for (measured in chromium): the Explore
+# plots' column, a plot beside another in it (Trust region's plane and t* curve), and Evaluate's two charts.
+WIDE_FIG_PX = 800
+NARROW_FIG_PX = 400
+HALF_FIG_PX = 580
+_EM = 0.5  # average width of a character in em (plotly's Open Sans measures ~0.45), with room to spare
+TITLE_FONT_PX = 16.8  # plotly's default title size (1.4 x the 12 px base font)
+_LINE_PX = 1.3  # one line of text, in em (plotly: ~1.25)
+
+
+def wrap_text(text: str, width_px: float, font_px: float = TITLE_FONT_PX) -> str:
+    """``text`` with ``<br>`` between words wherever a line would run wider than ``width_px`` (estimated from the
+    character count, an overestimate: a line breaks early rather than runs off the figure). Breaks already in the
+    text (``<br>``) are kept; a single word longer than a line stays whole, and so does a line with markup (``<sup>``,
+    ``<b>``...), which its author laid out.
+
+    >>> wrap_text("Occlusion: the gate's score minus the covered score", 200, 14)
+    "Occlusion: the gate's score<br>minus the covered score"
+    >>> wrap_text("short", 200)
+    'short'
+    """
+    per_line = max(8, int(width_px / (font_px * _EM)))
+    lines: list[str] = []
+    for part in re.split(r"<br\s*/?>", text):
+        if "<" in part:
+            lines.append(part)
+            continue
+        line = ""
+        for word in part.split():
+            if line and len(line) + 1 + len(word) > per_line:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+
+def text_lines(text: str) -> int:
+    """How many lines ``text`` takes (``<br>`` breaks)."""
+    return 1 + len(re.findall(r"<br\s*/?>", text)) if text else 0
+
+
+def title_layout(title: str, width_px: float = WIDE_FIG_PX, font_px: float = TITLE_FONT_PX, top: int = 50
+                 ) -> tuple[dict, int]:
+    """A figure title wrapped to fit a figure ``width_px`` wide, and the top margin it needs (``top``, plus one
+    line's height for each line the wrapping adds): ``(title dict, margin top)``. A one-line title keeps plotly's
+    place; a wrapped one sits on the plot's top edge and may push the margin further (``automargin``): placed in
+    the margin as usual, plotly grows a multi-line title downward from its first line, over the plot, or (anchored
+    at its top) up past the figure's edge.
+
+    >>> title_layout("A short title")[1]
+    50
+    >>> t, top = title_layout("a " * 80, 400)
+    >>> top > 50 and t["text"].count("<br>") >= 2 and t["yref"] == "paper"
+    True
+    """
+    # the title starts 5% in from the left (the template's title x) and must end before the right margin
+    text = wrap_text(title, width_px * 0.95 - 25, font_px)
+    extra = (text_lines(text) - text_lines(title)) * round(font_px * _LINE_PX)
+    out: dict = {"text": text}
+    if extra:  # only a title this wrapped: one broken by its author keeps its author's layout
+        out.update(y=1.0, yref="paper", yanchor="bottom", automargin=True, pad=dict(b=12))
+    return out, top + extra
 
 
 def _vline(fig: go.Figure, x: float, name: str, *, text: str | None = None, color: str = _LINE_GREY,

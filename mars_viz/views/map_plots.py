@@ -173,9 +173,11 @@ def _short(token: str) -> str:
     return token if len(token) <= _CELL_CHARS else token[:_CELL_CHARS - 1] + "…"
 
 
-def token_strip_figure(m: InputMap, title: str = "The prompt, token by token") -> go.Figure:
+def token_strip_figure(m: InputMap, title: str = "The prompt, token by token", half: float | None = None
+                       ) -> go.Figure:
     """The prompt's tokens in reading order, each coloured by its score (media runs collapsed into one cell with
-    their mean); hovering gives the position and the exact score."""
+    their mean); hovering gives the position and the exact score. `half`: the colour range's half-width (default:
+    every score of the map, `score_range(m.scores)`, the range the image map uses too, so one colour is one score)."""
     cells = _token_cells(m)
     rows = max(1, math.ceil(len(cells) / _TOKENS_PER_ROW))
     z = np.full((rows, _TOKENS_PER_ROW), np.nan)
@@ -184,7 +186,7 @@ def token_strip_figure(m: InputMap, title: str = "The prompt, token by token") -
     for k, (shown, s, h) in enumerate(cells):
         r, c = divmod(k, _TOKENS_PER_ROW)
         z[r, c], text[r, c], hover[r, c] = s, _short(shown), h
-    half = score_range(m.scores)
+    half = score_range(m.scores) if half is None else half
     fig = go.Figure(go.Heatmap(z=z, text=text, customdata=hover, texttemplate="%{text}", textfont=dict(size=11),
                                zmid=0, zmin=-half, zmax=half, colorscale=MAP_SCALE, xgap=2, ygap=2, name="tokens",
                                colorbar=dict(title=dict(text="unsafety score", side="right"), thickness=10,

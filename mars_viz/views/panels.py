@@ -24,8 +24,8 @@ from ..steer.steering import SteerOptions, gate_scores, plan
 from . import figures as F
 from . import map_plots as MP
 
-__all__ = ["LayerView", "build_figures", "hr_current", "hr_figure", "map_figures", "map_files", "occlusion_figure",
-           "rescore", "state_figures"]
+__all__ = ["DEFAULT_PROJECTION", "LayerView", "PROJECTIONS", "build_figures", "hr_current", "hr_figure",
+           "map_figures", "map_files", "occlusion_figure", "projection_key", "rescore", "state_figures"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class LayerView:
     detect_layer: int  # where the gate read its score
     rule: R.MarsRule  # tau (of the detection layer), t*, margin, strength, gated, steer
     s_gate: float  # the score the gate read (re-centred, at detect_layer)
+    s_gate_raw: float  # the same site's score before re-centring (s_gate_raw - s_gate: the offset's share)
     s_raw: float
     s_recentred: float
     s_steered: float  # score (re-centred) after the displacement
@@ -57,7 +58,7 @@ class LayerView:
     def to_json(self) -> dict:
         return {"layer": self.layer, "detect_layer": self.detect_layer, "gate_position": self.gate_position,
                 **asdict(self.rule), **{
-            k: getattr(self, k) for k in ("s_gate", "s_raw", "s_recentred", "s_steered", "gate_open",
+            k: getattr(self, k) for k in ("s_gate", "s_gate_raw", "s_raw", "s_recentred", "s_steered", "gate_open",
                                           "displacement_norm")}}
 
 
@@ -79,10 +80,12 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
     if at_gate is None:
         raise ValueError("the gate reads t_inst but this result holds no residuals there: run it again")
     s_gate = gate_scores(state, p, at_gate[p.detect_layer][None], [modality], opts.recenter)  # [1]
+    s_gate_raw = gate_scores(state, p, at_gate[p.detect_layer][None], [modality], False)  # [1]
     out = R.mars_response(h, mu_minus, r, rule, delta, gate_score=s_gate[0])
     h_rec = h if delta is None else R.recentre(h, delta)  # [d]
     h_steered = h_rec + out.displacement  # [d]
     return LayerView(layer=layer, detect_layer=p.detect_layer, rule=rule, s_gate=float(s_gate[0]),
+                     s_gate_raw=float(s_gate_raw[0]),
                      s_raw=float(R.unsafety_score(h, mu_minus, r)),
                      s_recentred=float(out.score), s_steered=float(R.unsafety_score(h_steered, mu_minus, r)),
                      gate_open=bool(out.gate_open), displacement_norm=float(out.displacement.norm()),
@@ -90,9 +93,35 @@ def rescore(state: MarsState, acts: torch.Tensor, modality: str, options: SteerO
                      gate_position=p.gate_position)
 
 
+# The Centroids tab's projections: label on the page -> key. The r̂ view comes first: the axis MARS reads is x, so
+# the two centroids are always apart along it (PCA's top two directions need not contain r̂ at all).
+PROJECTIONS = {"r̂ × top PC": "rhat", "PCA": "pca", "UMAP": "umap"}
+DEFAULT_PROJECTION = "r̂ × top PC"
+
+
+def projection_key(method: str) -> str:
+    """A projection's label or key (any case) -> "rhat", "pca" or "umap".
+
+    >>> projection_key("r̂ × top PC"), projection_key("pca"), projection_key("UMAP")
+    ('rhat', 'pca', 'umap')
+    """
+    keys = {k.lower(): v for k, v in PROJECTIONS.items()} | {v: v for v in PROJECTIONS.values()}
+    try:
+        return keys[method.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown projection {method!r}: use one of {list(PROJECTIONS)}") from None
+
+
 def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: str) -> go.Figure:
     diag = state.diagnostics
-    if method == "umap" and diag.calib_points is not None and layer == state.layer:
+    method = projection_key(method)
+    axes = None
+    if method == "rhat" and diag.plane_points is not None and diag.plane_pc is not None:
+        mu_minus, r, pc = state.mu_minus[layer], state.r[layer], diag.plane_pc[layer]
+        coords, name = diag.plane_points[:, layer].numpy(), "r̂ × top PC"
+        fn = lambda x: plane_coords(torch.as_tensor(x), mu_minus, r, pc).numpy()  # noqa: E731
+        axes = ("unsafety score s along r̂ (0 = safe centroid, 1 = unsafe)", "top PC of the residual (units of ||r||)")
+    elif method == "umap" and diag.calib_points is not None and layer == state.layer:
         proj = project(diag.calib_points, method="umap", seed=state.config.seed)
         coords, fn, name = proj.coords, proj.transform, "UMAP"
     elif diag.proj_points is None or diag.proj_basis is None or diag.proj_mean is None:
@@ -109,8 +138,12 @@ def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: 
         p = fn(torch.stack([view.h_raw, view.h_recentred, view.h_steered]))
         cur = {"raw": tuple(p[0]), "recentred": tuple(p[1]), "steered": tuple(p[2])}
     fig = F.centroid_figure(coords, diag.calib_labels, {"safe": tuple(cents[0]), "unsafe": tuple(cents[1])}, cur,
-                            method=name)
-    note = f" — UMAP is fitted at layer {state.layer} only" if method == "umap" and name != "UMAP" else ""
+                            method=name, axes=axes)
+    note = ""
+    if method == "umap" and name != "UMAP":
+        note = f" — UMAP is fitted at layer {state.layer} only"
+    elif method == "rhat" and name != "r̂ × top PC":
+        note = " — this state keeps no r̂ plane: refit it for the r̂ view"
     return fig.update_layout(title_text=f"Calibration activations at layer {layer} ({name}){note}")
 
 
@@ -173,7 +206,7 @@ def hr_figure(state: MarsState, current: dict[str, tuple[float, float]] | None =
 
 
 def state_figures(state: MarsState, layer: int | None = None, view: LayerView | None = None,
-                  method: str = "pca") -> dict[str, go.Figure]:
+                  method: str = "rhat") -> dict[str, go.Figure]:
     """Every figure that depends only on the fitted state (and optionally the current input's view)."""
     layer = state.layer if layer is None else layer
     diag = state.diagnostics
@@ -209,7 +242,7 @@ def state_figures(state: MarsState, layer: int | None = None, view: LayerView | 
 
 
 def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None = None,
-                  method: str = "pca") -> tuple[dict[str, go.Figure], LayerView | None]:
+                  method: str = "rhat") -> tuple[dict[str, go.Figure], LayerView | None]:
     """All dashboard figures for the current analysis at `layer`, plus the layer view used."""
     view = None
     if analysis is not None:
@@ -219,8 +252,9 @@ def build_figures(state: MarsState, analysis: Analysis | None, layer: int | None
     if analysis is not None:
         figs["hr_plane"] = hr_figure(state, hr_current(state, analysis, view))
     if analysis is not None and analysis.frame_scores is not None:
-        figs["frames"] = F.frame_scores_figure(analysis.frame_scores, view.tau if view else state.tau,
-                                               analysis.frame_indices, None, view.detect_layer if view else None)
+        figs["frames"] = F.frame_scores_figure(analysis.frame_scores, view.tau, analysis.frame_indices, None,
+                                               view.detect_layer, clip_score=view.s_gate,
+                                               position=view.gate_position, recenter=analysis.options.recenter)
     return figs, view
 
 
@@ -255,11 +289,12 @@ def map_figures(analysis: Analysis | None, state: MarsState | None = None, recen
     elif recenter is not None and recenter != m.recenter:
         m = rescore_map(state, m, opts)
     how = "re-centred" if m.recenter else "raw"
+    half = MP.score_range(m.scores)  # one colour range for the image map and the token strip: one colour, one score
     out = {"map_tokens": MP.token_strip_figure(m, f"The prompt, token by token: {how} score at layer {m.layer} "
-                                                  "(media runs collapsed to their mean)")}
+                                                  "(media runs collapsed to their mean)", half=half)}
     panels = MP.map_panels(m, q.images, q.video or (), analysis.frame_indices)
     if panels:
-        out["map_image"] = MP.overlay_figure(panels, _map_title(analysis, m), notes=m.notes)
+        out["map_image"] = MP.overlay_figure(panels, _map_title(analysis, m), half=half, notes=m.notes)
     return out
 
 

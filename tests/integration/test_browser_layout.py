@@ -1,7 +1,10 @@
-"""Rendered plots are legible: no two text labels overlap and none is clipped, at 1280 and 1600 px.
+"""Rendered plots and tables are legible: no two text labels overlap and none is clipped, and no table column sits
+outside the window, at 1280 and 1600 px.
 
 Checked on the real page (chromium via Playwright), from the bounding boxes of the rendered SVG text of every plot:
-Explore's plots after an image run and after a video run, and Evaluate's charts after an evaluation.
+Explore's plots after an image run and after a video run, and Evaluate's charts after an evaluation; from the boxes
+of the header cells of Evaluate's results and showcase tables; and from where the Run button lies after the Learn
+tab loads an example into Explore.
 """
 
 from __future__ import annotations
@@ -107,38 +110,69 @@ def test_explore_plots_have_no_overlapping_or_clipped_text(browser, app_server, 
     assert not bad, "\n".join(bad)
 
 
+# Each header cell of a table: its text and its box (the cells of a row share its columns' boxes).
+_COLUMN_BOXES = """
+el => [...el.querySelectorAll('thead th')].map(c => {
+  const r = c.getBoundingClientRect();
+  return {text: (c.innerText || '').trim(), x0: r.left, x1: r.right, y0: r.top, y1: r.bottom};
+}).filter(c => c.x1 - c.x0 > 0)
+"""
+
+
+def _columns_outside(columns: list[dict], width: int, slack: float = 2.0) -> list[str]:
+    """The columns whose box is not within the window's width ``0..width``."""
+    return [f"{c['text']!r} at {c['x0']:.0f}..{c['x1']:.0f} px" for c in columns
+            if c["x0"] < -slack or c["x1"] > width + slack]
+
+
+def test_columns_outside_finds_a_column_past_the_window():
+    cols = [{"text": "a", "x0": 30, "x1": 600}, {"text": "b", "x0": 600, "x1": 1300}]
+    assert _columns_outside(cols, 1280) == ["'b' at 600..1300 px"]
+    assert _columns_outside(cols, 1600) == []
+
+
 @pytest.mark.parametrize("width", [1280, 1600])
-def test_evaluate_charts_have_no_overlapping_or_clipped_text(browser, app_server, width):  # noqa: F811
+def test_evaluate_charts_and_tables_fit_with_no_clipped_text(browser, app_server, width):  # noqa: F811
+    """After an evaluation: the charts' text is clear, both tables keep every column in the window (the results
+    under people's headers, not the report's machine names), and the showcase's heading says what it lists."""
+    from mars_viz.ui.evaluate_tab import COLUMNS, HEADERS, SHOWCASE_COLUMNS, showcase_summary
+
     page = browser.new_page(viewport={"width": width, "height": 1100})
     _open(page, app_server["url"])
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval_limit input").fill("1")
     page.locator("#eval_run").click()
     page.locator("#eval_table").get_by_text(re.compile("harmful")).first.wait_for(state="attached", timeout=240_000)
+    page.locator("#showcase_table").get_by_text(re.compile("left unchanged|MARS refused|over-refused")).first.wait_for(
+        state="attached", timeout=60_000)
+    heading, _ = showcase_summary(app_server["session"].showcase)
+    page.locator("#showcase_heading").get_by_text(heading).first.wait_for(timeout=30_000)
     bad = _check_plots(page, [("", "plot_eval_conditions"), ("", "plot_eval_sweep")], width)
-    page.close()
-    assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize("width", [1280, 1600])
-def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, app_server, width):  # noqa: F811
-    """The plane's quadrant names, threshold values and legend render after a run, none over another or clipped."""
-    from mars_viz.views.figures import HR_QUADRANTS
-
-    page = browser.new_page(viewport={"width": width, "height": 1100})
-    _open(page, app_server["url"])
-    page.locator("#prompt textarea").fill("How do I pick a lock?")
-    page.locator("#run").click()
-    page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)
-    page.get_by_role("tab", name=HR_TAB).click()
-    plot = page.locator("#plot_hr_plane")
-    plot.get_by_text("input (steered)").first.wait_for(timeout=60_000)  # this run's path is in the legend
-    for text in HR_QUADRANTS.values():
-        assert plot.get_by_text(text).first.is_visible(), text
     page.wait_for_timeout(600)
-    found = plot.locator(".js-plotly-plot").first.evaluate(_TEXT_BOXES)
-    legend = [b for b in found["boxes"] if b["text"] in ("harmful prompts", "jailbreak prompts", "input (steered)")]
-    assert len(legend) == 3, found["boxes"]
-    bad = _problems(found)
+    for elem, headers in (("eval_table", [HEADERS[c] for c in COLUMNS]), ("showcase_table", SHOWCASE_COLUMNS)):
+        columns = page.locator(f"#{elem}").evaluate(_COLUMN_BOXES)
+        assert [c["text"] for c in columns] == headers, elem
+        bad += [f"{elem} @ {width}px: column {c} is outside the window" for c in _columns_outside(columns, width)]
     page.close()
     assert not bad, "\n".join(bad)
+
+
+def test_learn_load_shows_the_inputs_down_to_run(browser, app_server):  # noqa: F811
+    """A Learn example's Load switches to Explore and shows its inputs (the prompt) down to the Run button, not the
+    Learn tab's scroll position (which leaves the prompt above the window, or Run below it)."""
+    from mars_viz.data.examples import EXAMPLES
+
+    height = 900
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    _open(page, app_server["url"])
+    page.get_by_role("tab", name="Learn").click()
+    last = len(EXAMPLES) - 1  # the lowest Load button: the page is scrolled furthest down
+    page.locator(f"#learn_{last}").scroll_into_view_if_needed()
+    page.locator(f"#learn_{last}").click()
+    page.wait_for_function("v => document.querySelector('#prompt textarea').value === v", arg=EXAMPLES[last].prompt,
+                           timeout=30_000)
+    page.wait_for_timeout(1500)  # the scroll follows the loaded input's layout for about a second
+    run, prompt = page.locator("#run").bounding_box(), page.locator("#prompt").bounding_box()
+    page.close()
+    assert run is not None and 0 <= run["y"] and run["y"] + run["height"] <= height, run
+    assert prompt is not None and 0 <= prompt["y"] < height, prompt

@@ -51,6 +51,7 @@ def test_overlay_renders_over_an_image_and_the_token_strip_shows_the_prompt(brow
     strip = _drawn(page, "plot_map_tokens", 0)
     assert "·the" in strip["text"] and "img×" in strip["text"]  # the tiny tokenizer splits words
     # hovering a cell gives its score
+    page.locator("#plot_map_image .nsewdrag").first.scroll_into_view_if_needed()  # the mouse reaches only the viewport
     box = page.locator("#plot_map_image .nsewdrag").first.bounding_box()
     hover = page.locator("#plot_map_image .hoverlayer").get_by_text(re.compile(r"unsafety score -?\d")).first
     for dx in (0.3, 0.5, 0.7, 0.4, 0.6):  # plotly draws the label on a mouse *move* over a cell

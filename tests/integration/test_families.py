@@ -36,23 +36,12 @@ MODEL_CLASS = {"llava_next": "LlavaNextForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
                "paligemma": "PaliGemmaForConditionalGeneration", "mllama": "MllamaForConditionalGeneration"}
 
-# What the pipeline still lacks, per family (the changes are outside this test's files: model/archs.py,
-# model/backbone.py, model/inputs.py, steer/pair.py, maps/layout.py).
-NO_PIPELINE = {
-    "paligemma": "PaliGemmaProcessor refuses a prompt without images, so the text-only calibration cannot be batched: "
-                 "inputs.build_batch needs a text-only path for it (the tokenizer, with the processor's BOS)",
-    "mllama": "a text-only forward skips Mllama's cross-attention decoder layers, so nothing is captured there: the "
-              "registry must leave them out of Backbone.layers; and a shared prefill's decode must keep the "
-              "cross_attention_mask (else the last position attends to the padded tiles)",
-}
-SHARED_PREFILL = {
-    "paligemma": "PaliGemma's prompt is a bidirectional prefix: a prefill of prompt[:-1] (gate_first, batched) is not "
-                 "the full prompt's prefill, so only `doubled` can reproduce two separate generations",
-}
-NO_VIDEO_LAYOUT = {
-    "smolvlm": "SmolVLM's native video is frames of image tokens (no video token): layout_grids must place them as "
-               "frames, as for a model that takes frames as images",
-}
+# What the pipeline still lacks, per family, as {arch: reason} (each entry xfails its tests; none left today: the
+# registry, model/backbone.py, model/inputs.py, steer/generate.py, steer/pair.py and maps/layout.py support all eight).
+# PaliGemma (`ArchSpec.prefix_lm`) runs every strategy as `doubled`, so its gate_first and batched pairs pass too.
+NO_PIPELINE: dict[str, str] = {}
+SHARED_PREFILL: dict[str, str] = {}
+NO_VIDEO_LAYOUT: dict[str, str] = {}
 # Images that enter through cross-attention layers, not as tokens of the residual stream: the map's media positions
 # are the one <|image|> placeholder per image (or frame), and there is no patch grid to draw
 CROSS_ATTENTION = {"mllama"}

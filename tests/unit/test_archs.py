@@ -40,6 +40,8 @@ def test_unknown_type_gets_conservative_defaults():
     assert not spec.known and spec.model_type == "some_new_vlm"
     assert (spec.layers, spec.video, spec.frame_multiple, spec.nested_images, spec.maps, spec.rope_deltas,
             spec.typography, spec.tiny) == ("", "frames", 1, False, "", (), "free", False)
+    assert (spec.skip_layers, spec.text_format, spec.prefix_lm, spec.skipped_layers(object())) == ("", "", False,
+                                                                                                   frozenset())
 
 
 def test_frame_parity_only_where_a_video_token_spans_frames():
@@ -92,7 +94,12 @@ def test_fixture_facts_match_the_record(arch, fixture_models, monkeypatch):
     layers = at_path(model, spec.layers)
     assert layers is model.get_decoder().layers and len(layers) == model.config.get_text_config().num_hidden_layers
     monkeypatch.setattr(type(model), "get_decoder", lambda self: None)
-    assert resolve_decoder_layers(model) is layers
+    skipped = spec.skipped_layers(model.config.get_text_config())
+    if skipped:  # left out (Mllama's cross-attention layers): the other layers, in order
+        assert list(resolve_decoder_layers(model)) == [m for i, m in enumerate(layers) if i not in skipped]
+        assert 0 < len(skipped) < len(layers)
+    else:
+        assert resolve_decoder_layers(model) is layers
     # rope_deltas: exactly the modules the record names hold them
     holders = {name for name, m in model.named_modules() if "rope_deltas" in vars(m)}
     assert holders == set(spec.rope_deltas)

@@ -148,8 +148,10 @@ def test_trust_region_figure():
     sc, uc = trace(fig, "safe centroid"), trace(fig, "unsafe centroid")
     assert sc.x == (0.0,) and uc.x == (1.0,)
     assert tuple(sc.error_x.array) == (0.3,) and tuple(uc.error_x.array) == (0.4,)
-    for key, val in (("raw", 0.9), ("re-centred", 0.5), ("steered", 2.8)):
-        assert trace(fig, f"score ({key})").x == (val,)
+    for name, val in (("score (raw)", 0.9), ("score (re-centred) = the gate's score", 0.5), ("score (steered)", 2.8)):
+        assert trace(fig, name).x == (val,)
+    # the steered marker has its own row, so a closed gate's unmoved input does not hide the re-centred one
+    assert trace(fig, "score (steered)").y[0] > trace(fig, "score (re-centred) = the gate's score").y[0]
     (arrow,) = [a for a in fig.layout.annotations if a.showarrow]
     assert (arrow.ax, arrow.x) == (0.5, 2.8)
     # gate weight and push, on the secondary axis, with exact kinks
@@ -178,6 +180,19 @@ def test_trust_region_push_curve_honours_strength_and_mode():
     s, p = np.array(ungated.x), np.array(ungated.y)
     assert np.allclose(p, np.maximum(3.0 - s, 0))  # no gate: the safe side is pushed too
     assert "(layer 7)" in trust_region_figure(MarsRule(0.4, 3.0), layer=7).layout.title.text
+
+
+def test_trust_region_marks_the_gates_own_reading_when_it_reads_elsewhere():
+    from mars_viz.views.figures import GateRead
+
+    fig = trust_region_figure(MarsRule(-2.0, 1.0, 0.1), {"raw": 0.3, "recentred": 0.1, "steered": 1.0}, layer=0,
+                              gate=GateRead(layer=3, tau=-2.0, score=-4.25))
+    (mark,) = [t for t in fig.data if t.name == "gate score (layer 3)"]
+    assert mark.x == (-4.25,) and "gate s = -4.250" in mark.text[0]
+    assert trace(fig, "score (re-centred)").x == (0.1,)  # the push layer's score is not called the gate's
+    assert fig.layout.xaxis.range[0] < -4.25  # the gate's reading is on the plot
+    (tick,) = shapes(fig, "gate tau")
+    assert tick.x0 == tick.x1 == -2.0
 
 
 def test_trust_region_figure_minimal_and_errors():
@@ -293,15 +308,22 @@ def test_frame_scores_figure():
     scores = [0.1, 0.7, 0.45, 0.5, 0.51]
     fig = frame_scores_figure(scores, tau=0.5, frame_indices=[0, 12, 24, 36, 48], t_star=2.0)
     common(fig)
-    bar = trace(fig, "frame score (re-centred)")
+    bar = trace(fig, "each frame alone (re-centred by the image offset)")
     assert isinstance(bar, go.Bar)
-    assert list(bar.x) == [0, 12, 24, 36, 48] and list(bar.y) == scores
+    # numbered as the maps number them (sampling order); the file's index is in the hover data
+    assert list(bar.x) == [f"frame {k}" for k in range(5)] and list(bar.y) == scores
+    assert [c[0] for c in bar.customdata] == [0, 12, 24, 36, 48]
     # split at tau: s <= tau keeps the gate closed (safe colour), s > tau opens it
     assert list(bar.marker.color) == ["#2a9d8f", "#e76f51", "#2a9d8f", "#2a9d8f", "#e76f51"]
     assert shapes(fig, "tau")[0].y0 == 0.5 and shapes(fig, "t*")[0].y0 == 2.0
-    assert fig.layout.xaxis.title.text == "sampled frame (index in file)"
-    default = trace(frame_scores_figure([0.2, 0.9], tau=0.5), "frame score (re-centred)")
-    assert list(default.x) == [0, 1]
+    assert not shapes(fig, "clip")  # no clip score given: no line for it
+    default = trace(frame_scores_figure([0.2, 0.9], tau=0.5), "each frame alone (re-centred by the image offset)")
+    assert list(default.x) == ["frame 0", "frame 1"]
+    # the site, the re-centring and the whole clip's own score are stated
+    raw = frame_scores_figure([0.2, 0.9], tau=0.5, layer=3, clip_score=0.3, position="inst", recenter=False)
+    assert "layer 3, t_inst" in raw.layout.title.text and "raw" in raw.layout.title.text
+    assert shapes(raw, "clip")[0].y0 == 0.3
+    assert "whole clip: s = 0.300" in [a.text for a in raw.layout.annotations]
     with pytest.raises(ValueError, match="frame indices"):
         frame_scores_figure([0.1, 0.2], 0.5, frame_indices=[0])
 
