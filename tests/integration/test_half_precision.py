@@ -1,7 +1,8 @@
 """bf16 and fp16 on this CPU (issue 22): most users steer a GPU model in bf16, or a Mac.
 
-Every tiny architecture is loaded in bf16 and in fp16, fitted, run through the dashboard's path with its maps, and
-through every pair strategy with the gate forced open and closed. Near the threshold, the hook, the dashboard's
+Every tiny architecture (the seven of every test and the eight families of `test_families`) is loaded in bf16 and in
+fp16, fitted, run through the dashboard's path with its maps, and through every pair strategy with the gate forced
+open and closed. Near the threshold, the hook, the dashboard's
 re-scoring and the evaluation's probe must make the same gate decision from the same bits (one numerics path:
 `rule.judged_score`). A pretend device without float64 (what Apple's MPS is) must steer without error.
 """
@@ -27,6 +28,7 @@ from mars_viz.steer.steering import SteerOptions, mars_steering
 from mars_viz.views.panels import rescore
 
 from ..conftest import ARCHS, SMALL_CONFIG
+from .test_families import FAMILIES
 from .test_pair_strategies import CLOSED, N_TOKENS, OPEN, reference_gate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -60,7 +62,7 @@ def _plain_and_steered(bb, state, q: Query) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("name", list(HALF))
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + FAMILIES)
 def test_fit_run_every_pair_strategy_and_maps_in_half_precision(arch, name, half):
     bb, state = half(arch, name)
     assert bb.dtype == HALF[name]
