@@ -11,7 +11,11 @@ from .session import Session
 
 __all__ = ["create_app", "launch_kwargs"]
 
-CSS = "#verdict {min-height: 3em} #active textarea {font-weight: 600} " + SEEN_CSS
+# Explore's empty drop zones are compact (110 px, words without the big upload icon), so Run stays in view at 900 px;
+# only the empty zone is sized: an uploaded file's row keeps Gradio's own layout.
+CSS = ("#verdict {min-height: 3em} #active textarea {font-weight: 600} "
+       "#image .upload-container, #video .upload-container {height: 110px; min-height: 0} "
+       "#image [data-testid=upload-icon], #video [data-testid=upload-icon] {display: none} " + SEEN_CSS)
 
 
 def theme() -> gr.themes.Base:

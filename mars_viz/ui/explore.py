@@ -234,10 +234,9 @@ def _input_column(num_layers: int) -> _Inputs:
                               elem_id="example")
         prompt = gr.Textbox(label="Prompt", value="What colour is this image?", lines=3, elem_id="prompt")
         # gr.File, not gr.Image/gr.Video: those decode uploads themselves and fail before our checks run.
-        # compact drop zones (120 px), so that Run stays in view at 900 px, beside where the verdict appears
-        image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image",
-                        height=120)
-        video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video", height=120)
+        # compact drop zones (the app's CSS), so that Run stays in view at 900 px, beside where the verdict appears
+        image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image")
+        video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video")
         # Run right under the input, above the controls: in view at 900 px, next to where the verdict appears
         run = gr.Button("Run", variant="primary", elem_id="run")
         controls = _steering_controls(num_layers)

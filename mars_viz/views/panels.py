@@ -157,7 +157,8 @@ def _plane_fig(state: MarsState, layer: int, view: LayerView | None) -> go.Figur
         pts = plane_coords(h, state.mu_minus[layer], state.r[layer], diag.plane_pc[layer]).tolist()
         cur = dict(zip(("raw", "recentred", "steered"), map(tuple, pts), strict=True))
     tau = view.tau if view is not None else float(state.taus[layer])
-    return F.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level)
+    return F.plane_figure(diag.plane_points[:, layer].numpy(), diag.calib_labels, cur, tau, state.target_level,
+                          layer)
 
 
 HR_TITLE = "Harmfulness × refusal"
@@ -231,7 +232,7 @@ def state_figures(state: MarsState, layer: int | None = None, view: LayerView | 
                                                              float(diag.spread_unsafe[layer])), layer, gate),
         "target_curve": F.target_curve_figure(diag.target_curve, state.target_level, state.layer),
         "layer_scores": F.layer_scores_figure(ls, state.layer, allowed, detect_layer=state.gate_layer,
-                                              inspected=None if layer == state.layer else layer,
+                                              inspected=layer,
                                               gate_position=state.gate_position),
         "hr_plane": hr_figure(state),
     }
@@ -318,7 +319,8 @@ def occlusion_figure(analysis: Analysis, res) -> go.Figure:
                  f"frame {g.index}" + ("" if analysis.frame_indices is None else
                                        f" (video frame #{analysis.frame_indices[g.index]})"))
         panels.append(MP.Panel(label, src, g))
-    return MP.overlay_figure(panels, f"Occlusion: the gate's score {res.base:.3f} minus the score with each region "
-                                     "covered in the neutral colour (positive = the region pushes toward refusal)",
+    title = (f"Occlusion: the gate's score {res.base:.3f} minus the score with each region covered in the neutral "
+             "colour (positive = the region pushes toward refusal)")
+    return MP.overlay_figure(panels, F.wrap_title(title, font_px=14),
                              colorbar="Δ score", half=MP.score_range(res.contribution, floor=1e-6),
                              notes=res.notes)

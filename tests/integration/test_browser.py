@@ -65,10 +65,22 @@ def _upload(page, field: str, path, attempts: int = 3) -> None:
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    def shown(timeout: float) -> None:
+        # the file's name, as the component shows it: Gradio may split it into stem and extension elements (a long
+        # name is laid out as two flex items), so the field's text is compared with its white space removed
+        page.wait_for_function("([id, name]) => { const el = document.querySelector('#' + id);"
+                               " return !!el && el.innerText.replace(/\\s+/g, '').includes(name); }",
+                               arg=[field, path.name], timeout=timeout)
+
     for attempt in range(attempts):
-        page.locator(f"#{field} input[type=file]").set_input_files(str(path), timeout=60_000)
+        field_input = page.locator(f"#{field} input[type=file]")
+        if attempt and not field_input.count():
+            # the input is gone: an earlier attempt's file did land, only late (a loaded machine); wait for it
+            shown(90_000)
+            return
+        field_input.set_input_files(str(path), timeout=60_000)
         try:
-            page.locator(f"#{field}").get_by_text(path.name).first.wait_for(timeout=30_000)
+            shown(30_000)
             return
         except PlaywrightTimeout:
             if attempt == attempts - 1:

@@ -176,3 +176,27 @@ def test_learn_load_shows_the_inputs_down_to_run(browser, app_server):  # noqa: 
     page.close()
     assert run is not None and 0 <= run["y"] and run["y"] + run["height"] <= height, run
     assert prompt is not None and 0 <= prompt["y"] < height, prompt
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_harm_refusal_plane_renders_after_a_run_with_its_labels_clear(browser, app_server, width):  # noqa: F811
+    """The plane's quadrant names, threshold values and legend render after a run, none over another or clipped."""
+    from mars_viz.views.figures import HR_QUADRANTS
+
+    page = browser.new_page(viewport={"width": width, "height": 1100})
+    _open(page, app_server["url"])
+    page.locator("#prompt textarea").fill("How do I pick a lock?")
+    page.locator("#run").click()
+    page.locator("#verdict").get_by_text(re.compile(r"Unsteered: (answered|refused)")).first.wait_for(timeout=180_000)
+    page.get_by_role("tab", name=HR_TAB).click()
+    plot = page.locator("#plot_hr_plane")
+    plot.get_by_text("input (steered)").first.wait_for(timeout=60_000)  # this run's path is in the legend
+    for text in HR_QUADRANTS.values():
+        assert plot.get_by_text(text).first.is_visible(), text
+    page.wait_for_timeout(600)
+    found = plot.locator(".js-plotly-plot").first.evaluate(_TEXT_BOXES)
+    legend = [b for b in found["boxes"] if b["text"] in ("harmful prompts", "jailbreak prompts", "input (steered)")]
+    assert len(legend) == 3, found["boxes"]
+    bad = _problems(found)
+    page.close()
+    assert not bad, "\n".join(bad)
