@@ -72,8 +72,8 @@ def verdict_markdown(a: Analysis, view: LayerView | None = None, first_run: str 
     same_site = r.gate_layer == r.layer and r.gate_position == "post"
     push = "" if same_site else f" at layer {r.layer}, t_post"
     if r.gate_open and r.displacement_norm == 0 and r.steer and r.strength > 0:
-        gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but at the push layer the input already "
-                f"lies at or beyond t* = {r.t_star:g}{push}, the trust region's outer wall: no push.")
+        gate = (f"Gate **open** at {where} (s = {s:.3f} > τ = {r.tau:.3f}), but at the push layer ({r.layer}, t_post) "
+                f"the input already lies at or beyond t* = {r.t_star:g}, the trust region's outer wall: no push.")
     elif r.gate_open and not r.steer:
         gate = (f"Gate **open** at {where}: s = {s:.3f} > τ = {r.tau:.3f} → would be pushed{push} toward "
                 f"t* = {r.t_star:g} with λ = {r.strength:g} (steering is off, so nothing was changed).")
