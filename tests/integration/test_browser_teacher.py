@@ -2,6 +2,7 @@
 errors do not hide the verdict, the page stays on the machine and its headings use one face, and Centroids opens on
 the view that shows the separation."""
 
+# ruff: noqa: F811  (the tests take the shared `browser` fixture imported from test_browser)
 from __future__ import annotations
 
 import math
@@ -11,21 +12,11 @@ import pytest
 
 from mars_viz.data.examples import EXAMPLES_DIR
 
-from .test_browser import ARGS, CHROMIUM, _open, _plot_rendered, _run_and_wait, _upload
+from .test_browser import CHROMIUM, _open, _plot_rendered, _run_and_wait, _upload, browser  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900),
               pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="Debian chromium not installed")]
 WIDTHS = [1280, 1600]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _boxes(page, selector: str) -> list[dict]:

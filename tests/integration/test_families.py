@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from mars_viz.analysis.analyze import analyze_stream
 from mars_viz.maps.layout import layout_spec
 from mars_viz.model.activations import forward_sites
 from mars_viz.model.backbone import load_backbone
@@ -155,15 +154,9 @@ def test_every_strategy_gives_two_separate_generations(arch, strategy, modality,
 
 
 def _map(bb, state, q, plant=None):
-    from .test_maps import _plant
+    from .test_maps import _run_map
 
-    handle = None if plant is None else _plant(bb, *plant)
-    try:
-        *_, last = analyze_stream(bb, state, q, SteerOptions(), max_new_tokens=2, strategy="doubled")
-    finally:
-        if handle is not None:
-            handle.remove()
-    return last.analysis
+    return _run_map(bb, state, q, plant=plant, strategy="doubled")
 
 
 @pytest.mark.slow

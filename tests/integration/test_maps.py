@@ -235,10 +235,10 @@ def _plant(bb, layer: int, positions: list[int], vec: torch.Tensor):
     return bb.layers[layer].register_forward_hook(hook)
 
 
-def _run_map(bb, state, q, opts=SteerOptions(), plant=None):
+def _run_map(bb, state, q, opts=SteerOptions(), plant=None, strategy="gate_first"):
     handle = None if plant is None else _plant(bb, *plant)
     try:
-        *_, last = analyze_stream(bb, state, q, opts, max_new_tokens=2, strategy="gate_first")
+        *_, last = analyze_stream(bb, state, q, opts, max_new_tokens=2, strategy=strategy)
     finally:
         if handle is not None:
             handle.remove()
