@@ -1,4 +1,8 @@
-"""mars_viz dashboard: `python app.py [--model PATH_OR_ID] [--port N]` serves on 127.0.0.1."""
+"""mars_viz dashboard: `python app.py [--model PATH_OR_ID] [--port N]` serves on 127.0.0.1.
+
+Any other `--host` needs `--auth USER:PASS` (or the env var MARS_VIZ_AUTH) or an explicit `--insecure-public`; see
+`python app.py --help` for the server's limits (--allow-any-model, --max-new-tokens-limit, --session-ttl, --tmp-dir).
+"""
 
 import argparse
 import sys

@@ -133,3 +133,28 @@ def app_server(tiny_dirs, tmp_path_factory):
     demo.launch(prevent_thread_lock=True, **launch_kwargs(port=port))
     yield {"url": f"http://127.0.0.1:{port}/", "session": session}
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def class_server(tiny_dirs, fitted, tmp_path_factory):
+    """A real server on the tiny qwen2_vl model, fitted, that allows long answers (to have something to stop)."""
+    import os
+
+    from mars_viz.ui import create_app
+    from mars_viz.ui.app import launch_kwargs
+    from mars_viz.ui.serving import ServerLimits, SessionFiles
+    from mars_viz.ui.session import open_session
+
+    os.environ["MARS_VIZ_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    session = open_session(str(tiny_dirs("qwen2_vl")), device="cpu")
+    session.set_state(fitted("qwen2_vl"), "test")
+    session.limits = ServerLimits(max_new_tokens=4000, session_ttl_s=600)
+    session.files = SessionFiles(tmp_path_factory.mktemp("server-files"), ttl_s=600)
+    # no EOS: every answer runs to its max_new_tokens, so a long one is long
+    session.backbone.model.generation_config.eos_token_id = None
+    demo = create_app(session)
+    demo.queue()
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, **launch_kwargs(port=port))
+    yield {"url": f"http://127.0.0.1:{port}/", "session": session, "demo": demo}
+    demo.close()

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -102,15 +103,16 @@ class StreamUpdate:
 def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions,
                    max_new_tokens: int = 64, frame_indices: list[int] | None = None,
                    notes: list[str] | None = None, strategy: PairStrategy = "auto",
-                   maps: bool = True) -> Iterator[StreamUpdate]:
+                   maps: bool = True, cancel: threading.Event | None = None) -> Iterator[StreamUpdate]:
     """Stream both answers, then yield the full `Analysis` (with per-frame scores for a video and, with `maps`, the
     per-position scores of the same prefill placed on the input: `Analysis.input_map`).
 
+    `cancel` (a `threading.Event`) ends the generation at its next decode step when set (`steer.cancel.Cancelled`).
     Running out of memory anywhere in it raises `OutOfMemory` (a ValueError whose message gives the device's free
     memory and what to change), after letting go of what the failed step held."""
     try:
         yield from _analyze_stream(backbone, state, query, options, max_new_tokens, frame_indices, notes, strategy,
-                                   maps)
+                                   maps, cancel)
     except Exception as e:
         if isinstance(e, OutOfMemory) or not is_out_of_memory(e):
             raise
@@ -120,11 +122,11 @@ def analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: 
 
 def _analyze_stream(backbone: Backbone, state: MarsState, query: Query, options: SteerOptions, max_new_tokens: int,
                     frame_indices: list[int] | None, notes: list[str] | None, strategy: PairStrategy,
-                    maps: bool) -> Iterator[StreamUpdate]:
+                    maps: bool, cancel: threading.Event | None = None) -> Iterator[StreamUpdate]:
     p = plan(state, options)
     seq_layers = ([p.detect_layer] + ([p.layer] if p.layer != p.detect_layer else [])) if maps else None
     for upd in stream_pair(backbone, state, query, options, max_new_tokens=max_new_tokens, strategy=strategy,
-                           seq_layers=seq_layers):
+                           seq_layers=seq_layers, cancel=cancel):
         if not upd.done:
             yield StreamUpdate(upd.unsteered, upd.steered)
             continue

@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..model.archs import arch_spec, at_path
 from ..model.backbone import Backbone
 from ..model.inputs import Query, build_batch
+from .cancel import raise_if_cancelled, stopping_criteria
 
 __all__ = ["DECODE_KEYS", "PER_TOKEN_KEYS", "generate_batch", "greedy_texts"]
 
@@ -40,6 +41,8 @@ def _gen_kwargs(backbone: Backbone, max_new_tokens: int, force: bool = False) ->
               top_k=None, pad_token_id=tok.pad_token_id)
     if force:
         kw["min_new_tokens"] = max_new_tokens
+    if (stop := stopping_criteria()) is not None:  # cancellable work (`cancel`): ends at the next decode step
+        kw["stopping_criteria"] = stop
     return kw
 
 
@@ -78,6 +81,7 @@ def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: Bas
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens, force_tokens), streamer=streamer)
+    raise_if_cancelled()  # a cut-short answer is not an answer
     return _decode_rows(backbone, out, batch["input_ids"].shape[1])
 
 

@@ -6,7 +6,8 @@ import gradio as gr
 
 from ..views.seen import CSS as SEEN_CSS
 from . import api, calibrate_tab, evaluate_tab, explore, learn
-from .common import credibility_banner, stale_banner
+from .common import busy_banner, credibility_banner, session_key, stale_banner
+from .serving import forget_session
 from .session import Session
 
 __all__ = ["create_app", "launch_kwargs"]
@@ -28,12 +29,16 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(
         font=(LocalFont("Source Sans Pro", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"),
         font_mono=(LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "Consolas", "monospace"))
-STALE_POLL_S = 2.0  # how often each page asks whether the model or state changed under it
+STALE_POLL_S = 2.0  # how often each page asks whether the model or state changed under it, and what it is doing
 
 
 def create_app(session: Session) -> gr.Blocks:
+    """The dashboard for `session`. Per page, results are kept `session.limits.session_ttl_s` after their last update
+    and dropped when the page closes (with its runs and files); Gradio's own files (uploads, outputs) older than that
+    are deleted too."""
     bb = session.backbone
-    with gr.Blocks(title="mars_viz") as demo:
+    ttl = session.limits.session_ttl_s
+    with gr.Blocks(title="mars_viz", delete_cache=(int(min(600, max(10, ttl / 2))), int(ttl))) as demo:
         gr.Markdown(f"# mars_viz — Modality-Agnostic Refusal Steering\n"
                     f"Model **{bb.display_name}** (`{bb.model_type}`, {bb.num_layers} layers, d={bb.hidden_size}, "
                     f"inputs: {', '.join(bb.modalities)}). A refusal direction from text, re-centred for images and "
@@ -43,23 +48,39 @@ def create_app(session: Session) -> gr.Blocks:
         # The model and state are shared by every page: a swap in any page's Calibrate tab is announced on all of them.
         banner = gr.Markdown(visible=False, elem_id="stale_banner")
         credibility = gr.Markdown(visible=False, elem_id="credibility")
-        generation = gr.State(None)  # Session.generation of this page's last results (set on load and on each run)
+        busy = gr.Markdown(visible=False, elem_id="busy_banner")
+        # Session.generation of each tab's last results (Explore's set on load and on each run; Evaluate's on its runs)
+        explore_gen, evaluate_gen = gr.State(None), gr.State(None)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Explore", id="explore"):
-                tab = explore.build(session, generation)
+                tab = explore.build(session, explore_gen)
             with gr.Tab("Evaluate", id="evaluate"):
-                evaluate_tab.build(session, generation, tab, tabs)
+                evaluate_tab.build(session, evaluate_gen, tab, tabs)
             with gr.Tab("Calibrate", id="calibrate"):
                 calibrate_tab.build(session)
             with gr.Tab("Learn", id="learn") as learn_tab:
                 learn.build(session, tab, tabs, learn_tab)
-        api.build(session)
+        api.build(session, demo)
         demo.load(tab.on_load, None, tab.plots, api_name=False)
-        demo.load(lambda: session.generation, None, generation, api_name=False)
+        demo.load(lambda: session.generation, None, explore_gen, api_name=False)
         demo.load(lambda: credibility_banner(session), None, credibility, api_name=False)
-        gr.Timer(STALE_POLL_S).tick(lambda seen: (stale_banner(session, seen), credibility_banner(session)),
-                                     generation, [banner, credibility], queue=False, api_visibility="private",
-                                     show_progress="hidden")
+
+        def poll(seen_explore, seen_evaluate, request: gr.Request):
+            session.files.sweep_now_and_then()
+            return (stale_banner(session, seen_explore, seen_evaluate), credibility_banner(session),
+                    busy_banner(session, request))
+
+        gr.Timer(STALE_POLL_S).tick(poll, [explore_gen, evaluate_gen], [banner, credibility, busy], queue=False,
+                                     api_visibility="private", show_progress="hidden")
+
+        def closed(request: gr.Request):
+            """The page closed (or reloaded): end its runs, and drop its files and results now."""
+            key = session_key(request)
+            session.runs.cancel(key)
+            session.files.remove(key)
+            forget_session(demo, key)
+
+        demo.unload(closed)
     return demo
 
 

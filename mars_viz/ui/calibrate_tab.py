@@ -4,7 +4,6 @@ bar; save or load the state."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import gradio as gr
 from ..core.state import STATE_JSON, STATE_TENSORS, MarsConfig
 from ..data.datasets import load_prompts
 from ..fit.calibrate import FitChoices, calibrate
-from .common import gr_progress, user_errors
+from .common import MODEL_QUEUE, gr_progress, session_key, user_errors
 from .session import Session
 
 __all__ = ["HUB_PRESETS", "PRESETS", "build", "presets", "state_summary"]
@@ -65,10 +64,20 @@ def _path(f):
     return None if f is None else (f.get("path") if isinstance(f, dict) else getattr(f, "name", f))
 
 
-def _model_section() -> tuple[gr.Dropdown, gr.Button]:
+def _model_section(session: Session | None = None) -> tuple[gr.Dropdown, gr.Button]:
+    """The model picker. Its label says what this server loads: anything (`--allow-any-model`, or no session), else
+    only the presets and the models in its Hugging Face cache (offered in the list too)."""
     gr.Markdown("### Model")
-    model = gr.Dropdown(presets(), value=None, allow_custom_value=True, elem_id="model_id",
-                        label="Preset, any hub id, or a local folder")
+    if session is None or session.allow_any_model:
+        choices, label = presets(), "Preset, any hub id, or a local folder"
+    else:
+        from .session import cached_mllms
+
+        choices = presets() + [r for r, _ in cached_mllms() if r not in presets()]
+        label = ("Preset or a model in this server's Hugging Face cache (any other hub id or folder needs a server "
+                 "started with --allow-any-model)")
+    # Custom values stay allowed: a refused one then gets the handler's message, not a bare "not in the choices".
+    model = gr.Dropdown(choices, value=None, allow_custom_value=True, elem_id="model_id", label=label)
     load_model = gr.Button("Load model (replaces the current one for every user)", elem_id="load_model")
     return model, load_model
 
@@ -102,14 +111,46 @@ def _state_files_section() -> tuple[gr.Button, gr.File, gr.File]:
     return save, saved, upload
 
 
+def _check_model_allowed(session: Session, model: str) -> None:
+    """Unless the server was started with --allow-any-model, only the presets, the models in the local Hugging Face
+    cache (repo id or snapshot folder) and the current model may be loaded: a page must not make the server read an
+    arbitrary folder or download an arbitrary repo. ValueError otherwise, naming what is allowed."""
+    if session.allow_any_model:
+        return
+    import os
+
+    from .session import cached_mllms
+
+    cached = cached_mllms()
+    names = list(dict.fromkeys([r for r, _ in cached] + presets()))  # what is on this machine first
+    allowed = set(names) | {str(p) for _, p in cached}
+    if session.loaded is not None:
+        allowed |= {session.loaded.source, session.loaded.model_id}
+    model = model.strip()
+    if model in allowed:
+        return
+    try:  # the same folder written another way (a trailing slash, a relative path, a symlink)
+        real = os.path.realpath(model)
+        if any(os.path.realpath(a) == real for a in allowed if os.path.isabs(a)):
+            return
+    except (OSError, ValueError):  # e.g. an embedded NUL byte: refused below
+        pass
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    current = f"; or the current model {session.loaded.model_id}" if session.loaded is not None else ""
+    raise ValueError(f"loading {model!r} is refused: this server loads only the models in its Hugging Face cache "
+                     f"and its presets ({shown}){current}. Start the server with --allow-any-model to load "
+                     "arbitrary local folders or hub ids")
+
+
 def _load_model_handler(session: Session):
     # Loads the way the app was launched (`Session.options`: --dtype, --device-map, ...), after releasing the current
     # model. A failure is an error that says what happened to the previous model (loaded again, or the demo model).
     @user_errors("load_model")
-    def do_load_model(model: str):
-        if not model:
+    def do_load_model(model: str, request: gr.Request = None):
+        if not model or not str(model).strip():
             raise ValueError("choose a preset, type a hub id, or give a local folder")
-        with session.lock:
+        _check_model_allowed(session, str(model))
+        with session.work(session_key(request), f"being replaced by {model}"):
             session.switch_model(str(model))
         gr.Info(f"loaded {model} ({session.options.describe()}); fit or load a MARS state for it")
         return state_summary(session)
@@ -121,7 +162,7 @@ def _fit_handler(session: Session):
     @user_errors("fit")
     def do_fit(harmful=None, harmless=None, max_prompts: int = 128, k_neutral: int = 16, neutral_prompts: int = 32,
                margin: float = 0.1, levels: str = "1,1.5,2,3,4,6,8", layer: str = "", behaviour_filter: bool = True,
-               detect_layer: str = "", progress=gr.Progress()):
+               detect_layer: str = "", request: gr.Request = None, progress=gr.Progress()):
         cfg = MarsConfig(max_prompts=None if int(max_prompts or 0) == 0 else int(max_prompts),
                          k_neutral=int(k_neutral), neutral_prompts=int(neutral_prompts), margin=float(margin),
                          levels=tuple(float(x) for x in str(levels).split(",") if x.strip()),
@@ -130,8 +171,9 @@ def _fit_handler(session: Session):
                              detect_layer=int(detect_layer) if str(detect_layer).strip() else None)
         hp = load_prompts(_path(harmful)) if harmful else None
         sp = load_prompts(_path(harmless)) if harmless else None
-        with session.lock:
-            state = calibrate(session.backbone, cfg, hp, sp, progress=gr_progress(progress), choices=choices)
+        with session.work(session_key(request), "being calibrated in the Calibrate tab"):
+            state = calibrate(session.backbone, cfg, hp, sp, choices=choices,
+                              progress=gr_progress(progress, session, "being calibrated in the Calibrate tab"))
             session.config = cfg
             session.set_state(state, "fitted in the Calibrate tab")
         for note in state.diagnostics.behaviour.get("notes", []):
@@ -143,10 +185,10 @@ def _fit_handler(session: Session):
 
 def _save_handler(session: Session):
     @user_errors("save_state")
-    def do_save():
+    def do_save(request: gr.Request = None):
         if session.state is None:
             raise ValueError("no state to save yet: fit one first")
-        tmp = Path(tempfile.mkdtemp(prefix="mars_state_"))
+        tmp = session.files.folder(session_key(request))
         session.state.save(tmp / "state")
         zpath = tmp / "mars_state.zip"
         with zipfile.ZipFile(zpath, "w") as z:
@@ -173,14 +215,15 @@ def _gather_state_files(paths: list[Path], into: Path) -> None:
 
 def _upload_handler(session: Session):
     @user_errors("load_state")
-    def do_upload(files: list):
+    def do_upload(files: list, request: gr.Request = None):
         paths = [Path(_path(f)) for f in (files or [])]
         if not paths:
             raise ValueError("upload mars_state.json and mars_state.safetensors, or the zip from 'Download'")
-        tmp = Path(tempfile.mkdtemp(prefix="mars_state_in_"))
+        key = session_key(request)
+        tmp = session.files.folder(key)  # the files go in under the state's own names, never the client's
         try:
             _gather_state_files(paths, tmp)
-            with session.lock:
+            with session.work(key, "loading a MARS state"):
                 session.load_state(tmp)
         except zipfile.BadZipFile as e:  # a broken JSON is a ValueError (JSONDecodeError) already
             raise ValueError(f"{e}: upload the zip from 'Download', or mars_state.json + mars_state.safetensors") \
@@ -194,12 +237,12 @@ def _upload_handler(session: Session):
 def build(session: Session) -> None:
     with gr.Row():
         with gr.Column():
-            model, load_model = _model_section()
+            model, load_model = _model_section(session)
             fit_inputs, fit = _calibration_section()
             save, saved, upload = _state_files_section()
         with gr.Column():
             summary = gr.JSON(value=lambda: state_summary(session), label="Model and state", elem_id="state_summary")
-    load_model.click(_load_model_handler(session), model, summary, api_name="load_model")
-    fit.click(_fit_handler(session), fit_inputs, summary, api_name="fit")
+    load_model.click(_load_model_handler(session), model, summary, api_name="load_model", **MODEL_QUEUE)
+    fit.click(_fit_handler(session), fit_inputs, summary, api_name="fit", **MODEL_QUEUE)
     save.click(_save_handler(session), None, saved, api_name="save_state")
-    upload.upload(_upload_handler(session), upload, summary, api_name="load_state")
+    upload.upload(_upload_handler(session), upload, summary, api_name="load_state", **MODEL_QUEUE)

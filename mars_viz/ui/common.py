@@ -7,7 +7,6 @@ import functools
 import inspect
 import json
 import logging
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -16,15 +15,20 @@ import gradio as gr
 from ..model.inputs import GATE_POSITIONS, Query, clean_prompt
 from ..model.media import load_image, read_video
 from ..model.memory import as_out_of_memory, is_out_of_memory, release_memory
+from ..steer.cancel import Cancelled, raise_if_cancelled
 from ..steer.steering import SteerOptions
 from ..views.export import PLOTLY_JS, figure_csv, figure_html, plotly_js
 from .session import Session
 
-__all__ = ["GATE_POSITION_CHOICES", "build_query", "credibility_banner", "export_zip", "gr_progress",
-           "out_of_memory", "parse_gate_position", "parse_layer", "parse_tau", "rejected", "showcase_to_explore",
-           "stale_banner", "steer_options", "user_errors"]
+__all__ = ["GATE_POSITION_CHOICES", "MODEL_QUEUE", "build_query", "busy_banner", "credibility_banner", "export_zip",
+           "gr_progress", "out_of_memory", "parse_gate_position", "parse_layer", "parse_tau", "rejected", "session_key",
+           "showcase_to_explore", "stale_banner", "steer_options", "user_errors"]
 
 log = logging.getLogger("mars_viz")
+
+# Every event that runs the model is in one queue of one: a waiting page sees its place and an estimate on the
+# panels, instead of a spinner behind a lock. The session's lock stays, for scripts that share the model.
+MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 
 
 def rejected(endpoint: str, e: ValueError) -> gr.Error:
@@ -43,8 +47,17 @@ def out_of_memory(endpoint: str, e: BaseException) -> gr.Error:
     return gr.Error(str(oom), print_exception=False)
 
 
+def session_key(request: gr.Request | None) -> str | None:
+    """The browser session a request comes from (one per open page or `gradio_client.Client`): what its runs, files
+    and results are kept under, and what a Stop button or a closed tab ends."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def _shown(endpoint: str, e: Exception) -> gr.Error | None:
     """The `gr.Error` that shows `e` on the page, or None for a bug (re-raised with its traceback)."""
+    if isinstance(e, Cancelled):  # a Stop button, a closed tab or a gone client: not an error of the server's
+        log.info("run stopped on /%s", endpoint)
+        return gr.Error(f"Stopped: {e}", print_exception=False)
     if is_out_of_memory(e):
         return out_of_memory(endpoint, e)
     if isinstance(e, ValueError):
@@ -56,8 +69,8 @@ def user_errors(endpoint: str):
     """Decorate a handler: a ValueError (the library's "what to do next" message for a bad input) is shown on the
     page as a `gr.Error` and logged as one WARNING line on logger "mars_viz", without a traceback. Running out of
     memory (`OutOfMemory`, or torch's own errors) is shown as out of memory, with the free memory and what to change,
-    and logged as one ERROR line. Anything else is a bug and keeps Gradio's traceback. The signature is kept, so the
-    endpoint's API parameters keep their names.
+    and logged as one ERROR line. Work stopped by its user (`Cancelled`) is logged as one INFO line. Anything else
+    is a bug and keeps Gradio's traceback. The signature is kept, so the endpoint's API parameters keep their names.
 
         @user_errors("explore")
         def run(prompt, image): ...
@@ -107,14 +120,28 @@ def credibility_banner(session: Session):
         "in the Calibrate tab, or start with `./run.sh app --model Qwen/Qwen2-VL-2B-Instruct` (or a local folder)."))
 
 
-def stale_banner(session: Session, seen: int | None):
+def stale_banner(session: Session, seen: int | None, seen_evaluate: int | None = None):
     """Update for the page's banner: visible when the model or state changed since the page's results were made.
 
-    `seen` is the `Session.generation` of the page's last run (or of its first load); None hides the banner."""
-    if seen is None or seen == session.generation:
+    `seen` is the `Session.generation` of Explore's last run (or of the page's first load), `seen_evaluate` that of
+    Evaluate's (None: no results there, or not asked); None hides the banner for that tab."""
+    stale = [tab for tab, g in (("Explore", seen), ("Evaluate", seen_evaluate))
+             if g is not None and g != session.generation]
+    if not stale:
         return gr.update(visible=False)
     return gr.update(visible=True, value=f"⚠️ The model/state was changed in the Calibrate tab ({session.change}): "
-                                         "results on this page came from the previous one; run again.")
+                                         f"results in {' and '.join(stale)} came from the previous one; run again.")
+
+
+def busy_banner(session: Session, request: gr.Request | None = None):
+    """Update for the page's line on the shared model while another page holds it ("The shared model is being
+    calibrated in the Calibrate tab (step 3/9: …)"), so a waiting page says why; its queued runs show their place in
+    the queue on their panels."""
+    activity, holder = session.runs.activity, session.runs.holder
+    if not activity or (holder is not None and holder == session_key(request)):
+        return gr.update(visible=False, value="")
+    return gr.update(visible=True, value=f"⏳ The shared model is {activity}. Runs from this page wait their turn in "
+                                         "the queue (their place is shown on the panels).")
 
 
 def _path(f) -> str | None:
@@ -181,23 +208,28 @@ def steer_options(steer: bool, strength: float, layer, tau, recenter: bool, dete
                         gate_position=parse_gate_position(gate_position))
 
 
-def gr_progress(progress: gr.Progress):
-    """Adapt a gr.Progress to the library's (stage, done, total) callback."""
+def gr_progress(progress: gr.Progress, session: Session | None = None, what: str = "calibrating MARS"):
+    """Adapt a gr.Progress to the library's (stage, done, total) callback. With `session`, each step is also the
+    server's activity ("calibrating MARS (step k/n: stage)"), shown to the other pages that wait for the model."""
 
     def cb(stage: str, done: int, total: int) -> None:
         progress((done, max(total, 1)), desc=f"Calibrating: {stage}")
+        if session is not None:
+            session.runs.say(f"{what} (step {done}/{max(total, 1)}: {stage})")
+        raise_if_cancelled()  # a Stop between the fit's forwards
 
     return cb
 
 
-def export_zip(figures: dict, result: dict | None, session: Session, files: dict[str, bytes] | None = None) -> str:
-    """A zip of every figure (interactive HTML + CSV data) and the result JSON; returns its path. `files` (name ->
-    bytes) go in as they are (the maps' PNGs and per-position CSV: `views.map_files`).
+def export_zip(figures: dict, result: dict | None, session: Session, files: dict[str, bytes] | None = None,
+               folder: Path | None = None) -> str:
+    """A zip of every figure (interactive HTML + CSV data) and the result JSON, written in `folder` (a page's
+    `SessionFiles.folder`; default one of an anonymous session); returns its path. `files` (name -> bytes) go in as
+    they are (the maps' PNGs and per-position CSV: `views.map_files`).
 
     plotly.js is written once (`plotly.min.js`) and every page loads it from beside itself, so the zip stays ~1 MB
     instead of embedding 4.6 MB per figure, and the pages still open offline once unpacked."""
-    tmp = Path(tempfile.mkdtemp(prefix="mars_viz_export_"))
-    path = tmp / "mars_viz_export.zip"
+    path = (folder or session.files.folder(None)) / "mars_viz_export.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
         z.writestr(PLOTLY_JS, plotly_js())
         for name, fig in figures.items():
@@ -213,14 +245,15 @@ def export_zip(figures: dict, result: dict | None, session: Session, files: dict
     return str(path)
 
 
-def showcase_to_explore(label: str | None, entries: list) -> tuple:
-    """Explore's (prompt, image, video) for the showcase entry labelled `label`, its media written to files, and the
-    update that switches the page to Explore. Evaluate and Learn both load items through this."""
+def showcase_to_explore(label: str | None, entries: list, folder: Path) -> tuple:
+    """Explore's (prompt, image, video) for the showcase entry labelled `label`, its media written to files in
+    `folder` (the page's `SessionFiles.folder`), and the update that switches the page to Explore. Evaluate and Learn
+    both load items through this."""
     from ..analysis.showcase import save_media
 
     chosen = [e for e in entries if e.label() == label]
     if not chosen:
         raise ValueError("run an evaluation first (Evaluate tab), then pick a showcase item")
-    image, video = save_media(chosen[0], Path(tempfile.mkdtemp(prefix="mars_showcase_")))
+    image, video = save_media(chosen[0], folder)
     gr.Info(f"Loaded into Explore: {chosen[0].label()}")
     return chosen[0].prompt, image, video, gr.Tabs(selected="explore")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from ..analysis.showcase import showcase
 from ..model.backbone import typographic_layout
 from ..views.figures import eval_conditions_figure, strength_sweep_figure
 from ..views.report import write_report
-from .common import gr_progress, showcase_to_explore, user_errors
+from .common import MODEL_QUEUE, gr_progress, session_key, showcase_to_explore, user_errors
 from .explore import ExploreTab
 from .session import Session
 
@@ -74,6 +73,8 @@ class _Controls:
     strengths: gr.Textbox
     max_tokens: gr.Number
     go: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
 
 
 @dataclass
@@ -99,11 +100,14 @@ def _controls() -> _Controls:
         limit = gr.Number(value=8, precision=0, label="Prompts per condition", elem_id="eval_limit")
         strengths = gr.Textbox(value="0,0.5,1,2", label="Strength sweep λ", elem_id="eval_strengths")
         max_tokens = gr.Number(value=24, precision=0, label="Max new tokens")
-    go = gr.Button("Run evaluation", variant="primary", elem_id="eval_run")
+    with gr.Row():
+        go = gr.Button("Run evaluation", variant="primary", elem_id="eval_run", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id="eval_stop", scale=1, min_width=80)
+    status = gr.Markdown("", elem_id="eval_status")
     gr.Markdown("Every prompt runs unsteered, with MARS, MARS without re-centring and the ungated push, in one batch "
                 "per chunk. On a CPU the default (5 sets × 8 prompts) takes about 1 min on the tiny demo model and "
                 "6-7 min on a 0.5B model; the progress bar counts prompts and moves with every generated token.")
-    return _Controls(sets, limit, strengths, max_tokens, go)
+    return _Controls(sets, limit, strengths, max_tokens, go, stop, status)
 
 
 def _results() -> _Results:
@@ -193,9 +197,9 @@ def _showcase_markdown(entries: list) -> str:
         f"### Showcase: {heading}\n{text}"
 
 
-def _showcase_panel() -> _Showcase:
+def _showcase_panel(ttl_s: float) -> _Showcase:
     heading = gr.Markdown(SHOWCASE_INTRO, elem_id="showcase_heading")
-    entries = gr.State([])
+    entries = gr.State([], time_to_live=ttl_s)
     table = gr.Dataframe(headers=SHOWCASE_COLUMNS, label="Showcase", elem_id="showcase_table", interactive=False,
                          wrap=True, column_widths=SHOWCASE_WIDTHS)
     with gr.Row():
@@ -222,9 +226,8 @@ def _strengths(sets: list[str], strengths: str) -> tuple[float, ...]:
     return lam
 
 
-def _zip_report(report: dict, rows: list) -> Path:
-    """The report's files (JSON, CSV, items, HTML charts) in one zip, in a fresh temporary folder."""
-    tmp = Path(tempfile.mkdtemp(prefix="mars_eval_"))
+def _zip_report(report: dict, rows: list, tmp: Path) -> Path:
+    """The report's files (JSON, CSV, items, HTML charts) in one zip, in the folder `tmp` (the page's own)."""
     paths = write_report(report, rows, tmp / "report.json")
     zpath = tmp / "mars_eval_report.zip"
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
@@ -238,17 +241,22 @@ def _run_handler(session: Session):
 
     @user_errors("evaluate")
     def run(sets: list[str], limit: int = 8, strengths: str = "0,0.5,1,2", max_new_tokens: int = 24,
-            progress=gr.Progress()):
+            request: gr.Request = None, progress=gr.Progress()):
         lam = _strengths(sets, strengths)
-        with session.lock:
-            state = session.ensure_state(gr_progress(progress))
+        max_new_tokens = session.limits.check_new_tokens(max_new_tokens)
+        key = session_key(request)
+        with session.work(key, "running an evaluation"):
+            state = session.ensure_state(gr_progress(progress, session, "calibrating MARS on a first run"))
             gen = session.generation
             chosen = [s for s in sets if not s.startswith("video") or "video" in session.backbone.modalities]
             items = build_items(state, chosen, limit=int(limit), layout=typographic_layout(session.backbone))
-            rows = evaluate(session.backbone, state, items, lam, int(max_new_tokens),
-                            progress=lambda d, n: progress((d, n), desc="Evaluating"))
+            def step(d: int, n: int) -> None:
+                progress((d, n), desc="Evaluating")
+                session.runs.say(f"running an evaluation ({d}/{n} prompts)")
+
+            rows = evaluate(session.backbone, state, items, lam, int(max_new_tokens), progress=step)
         report = summarise(rows, lam)
-        zpath = _zip_report(report, rows)
+        zpath = _zip_report(report, rows, session.files.folder(key))
         data = [[cond] + [_display(vals.get(c)) for c in COLUMNS[1:]] for cond, vals in report["conditions"].items()]
         entries = EvalShowcase(showcase(items, rows), HarmfulOutcome.of(rows))
         with session.lock:
@@ -264,10 +272,10 @@ def _run_handler(session: Session):
     return run
 
 
-def _wire_showcase_load(showcase: _Showcase, explore: ExploreTab, tabs: gr.Tabs) -> None:
+def _wire_showcase_load(session: Session, showcase: _Showcase, explore: ExploreTab, tabs: gr.Tabs) -> None:
     @user_errors("showcase_load")
-    def load_item(label: str | None, entries: list):
-        return showcase_to_explore(label, entries)
+    def load_item(label: str | None, entries: list, request: gr.Request = None):
+        return showcase_to_explore(label, entries, session.files.folder(session_key(request)))
 
     loaded = showcase.load.click(load_item, [showcase.pick, showcase.entries],
                                  [explore.prompt, explore.image, explore.video, tabs], api_name="showcase_load")
@@ -279,9 +287,21 @@ def build(session: Session, generation: gr.State, explore: ExploreTab | None = N
           ) -> None:
     """`generation`: the page's `Session.generation` of its last results (see `app.create_app`). With `explore` and
     `tabs`, the showcase's Load button replays an item there."""
-    c, res, sc = _controls(), _results(), _showcase_panel()
-    c.go.click(_run_handler(session), [c.sets, c.limit, c.strengths, c.max_tokens],
-               [res.table, res.conditions, res.sweep, res.report, generation, sc.entries, sc.table, sc.pick],
-               api_name="evaluate").success(_showcase_markdown, sc.entries, sc.heading, api_name=False)
+    c, res, sc = _controls(), _results(), _showcase_panel(session.limits.session_ttl_s)
+    running = c.go.click(_run_handler(session), [c.sets, c.limit, c.strengths, c.max_tokens],
+                         [res.table, res.conditions, res.sweep, res.report, generation, sc.entries, sc.table, sc.pick],
+                         api_name="evaluate", **MODEL_QUEUE)
+    running.success(_showcase_markdown, sc.entries, sc.heading, api_name=False)
+    c.go.click(lambda: "", None, c.status, api_name=False, queue=False, show_progress="hidden")
+
+    def do_stop(request: gr.Request):
+        """End this page's evaluation at its next decode step (or drop it from the queue)."""
+        if session.runs.cancel(session_key(request)):
+            return "⏹ **Stopped.** The evaluation ended before its last prompt, so it has no report; the model is free."
+        return gr.update()
+
+    # not in the model queue (it must not wait behind the run it stops)
+    c.stop.click(do_stop, None, c.status, cancels=[running], api_name="evaluate_stop", concurrency_limit=None,
+                 show_progress="hidden")
     if explore is not None and tabs is not None:
-        _wire_showcase_load(sc, explore, tabs)
+        _wire_showcase_load(session, sc, explore, tabs)

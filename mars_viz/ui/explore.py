@@ -1,7 +1,8 @@
 """Explore tab: an image or video + a prompt in; both answers streamed side by side, the geometry, live toggles.
 
-Only the Run button touches the model (under the session lock). The answer toggle, the layer inspector and the
-projection switch re-render from the per-user `gr.State`, so they are instant and never run the model again.
+Only Run and the occlusion check touch the model (in the app's one model queue, under the session lock); Stop ends
+this page's run at its next decode step. The answer toggle, the layer inspector and the projection switch re-render
+from the per-page `gr.State`, so they are instant and never run the model again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..analysis.analyze import Analysis, analyze_stream, gate_scorer
 from ..analysis.occlusion import neutral_fill, occlusion
 from ..core.state import MarsState
 from ..data.examples import EXAMPLES, example_by_name
+from ..steer.cancel import cancellable
 from ..steer.steering import plan
 from ..views.figures import placeholder_figure
 from ..views.panels import (
@@ -29,10 +31,12 @@ from ..views.panels import (
 from ..views.seen import seen_html
 from .common import (
     GATE_POSITION_CHOICES,
+    MODEL_QUEUE,
     build_query,
     export_zip,
     gr_progress,
     rejected,
+    session_key,
     steer_options,
     user_errors,
 )
@@ -149,6 +153,7 @@ class _Inputs:
     video: gr.File
     controls: _Controls
     run: gr.Button
+    stop: gr.Button
 
 
 @dataclass
@@ -211,7 +216,7 @@ def _layer_choices(num_layers: int) -> list[str]:
     return ["auto"] + [str(i) for i in range(num_layers)]
 
 
-def _steering_controls(num_layers: int) -> _Controls:
+def _steering_controls(num_layers: int, max_new_tokens: int) -> _Controls:
     with gr.Accordion("Steering controls", open=True):
         steer = gr.Checkbox(value=True, label="Steering on", elem_id="steer")
         strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Strength λ", elem_id="strength")
@@ -224,11 +229,13 @@ def _steering_controls(num_layers: int) -> _Controls:
                                     label="Gate reads at (the push is always at t_post)")
         tau = gr.Textbox(label="τ override (empty = fitted)", value="", elem_id="tau")
         frames = gr.Slider(1, 32, value=8, step=1, label="Frames sampled from a video")
-        max_tokens = gr.Slider(4, 256, value=48, step=4, label="Max new tokens")
+        # up to the server's limit (`--max-new-tokens-limit`, default 512)
+        max_tokens = gr.Slider(4, max(4, max_new_tokens), value=min(48, max_new_tokens), step=4,
+                               label="Max new tokens")
     return _Controls(steer, strength, recenter, layer, detect_layer, gate_position, tau, frames, max_tokens)
 
 
-def _input_column(num_layers: int) -> _Inputs:
+def _input_column(num_layers: int, max_new_tokens: int) -> _Inputs:
     with gr.Column(scale=2, min_width=320):
         example = gr.Dropdown(["(none)"] + [e.name for e in EXAMPLES], value="(none)", label="Bundled example",
                               elem_id="example")
@@ -238,9 +245,11 @@ def _input_column(num_layers: int) -> _Inputs:
         image = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)", file_types=["image"], elem_id="image")
         video = gr.File(label="Video (MP4, WebM, AVI, MKV, MOV)", file_types=["video"], elem_id="video")
         # Run right under the input, above the controls: in view at 900 px, next to where the verdict appears
-        run = gr.Button("Run", variant="primary", elem_id="run")
-        controls = _steering_controls(num_layers)
-    return _Inputs(example, prompt, image, video, controls, run)
+        with gr.Row():
+            run = gr.Button("Run", variant="primary", elem_id="run", scale=3)
+            stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
+        controls = _steering_controls(num_layers, max_new_tokens)
+    return _Inputs(example, prompt, image, video, controls, run, stop)
 
 
 def _answer_panel() -> _Answers:
@@ -325,10 +334,11 @@ def _export_row() -> _Export:
 
 
 def _layout(session: Session, generation: gr.State) -> _Page:
-    analysis = gr.State(None)
+    # kept `session_ttl_s` after the last run (input media and per-position residuals), and dropped with the page
+    analysis = gr.State(None, time_to_live=session.limits.session_ttl_s)
     num_layers = session.backbone.num_layers
     with gr.Row():
-        inputs = _input_column(num_layers)
+        inputs = _input_column(num_layers, session.limits.max_new_tokens)
         with gr.Column(scale=5):
             answers = _answer_panel()
             plots = _plot_tabs(num_layers)
@@ -356,7 +366,8 @@ def _run_handler(session: Session, page: _Page):
     def do_run(prompt: str, image=None, video=None, frames: int = 8, steer: bool = True, strength: float = 1.0,
                layer: str = "auto", tau: str = "", recenter: bool = True, max_new_tokens: int = 48,
                toggle: str = "MARS-steered", method: str = DEFAULT_PROJECTION, detect_layer: str = "auto",
-               gate_position: str = "auto", progress=gr.Progress()):
+               gate_position: str = "auto", request: gr.Request = None, progress=gr.Progress()):
+        max_new_tokens = session.limits.check_new_tokens(max_new_tokens)
         query, notes, indices = build_query(prompt, image, video, frames)
         options = steer_options(steer, strength, layer, tau, recenter, detect_layer, gate_position)
         for n in notes:
@@ -366,10 +377,13 @@ def _run_handler(session: Session, page: _Page):
         waiting = "the first run calibrates MARS for this model, then it is cached" if session.state is None else ""
         yield {ans.seen: shown, ans.verdict: f"Running…{' (' + waiting + ')' if waiting else ''}"}
         first = ""
-        with session.lock:
+        # the event goes to the stream explicitly: a context binding does not survive this generator's yields
+        with session.work(session_key(request), "answering a question in Explore") as stop:
             if session.state is None:
                 progress(0, desc="Calibrating MARS for this model (cached afterwards)")
-                session.ensure_state(gr_progress(progress))
+                with cancellable(stop):
+                    session.ensure_state(gr_progress(progress, session, "calibrating MARS on a first run"))
+                session.runs.say("answering a question in Explore")
                 s = session.state
                 # said in the verdict, not in a pop-up (one covered the steered answer)
                 first = (f"MARS was calibrated for {session.backbone.display_name} on this first run: push at layer "
@@ -377,7 +391,8 @@ def _run_handler(session: Session, page: _Page):
                          "next run; details in Calibrate.")
             state, gen = session.state, session.generation  # what this result is computed with
             updates = analyze_stream(session.backbone, state, query, options, int(max_new_tokens),
-                                     frame_indices=indices, notes=notes, strategy=session.pair_strategy)
+                                     frame_indices=indices, notes=notes, strategy=session.pair_strategy,
+                                     cancel=stop)
             for upd in updates:
                 if upd.analysis is None:
                     yield {ans.unsteered: upd.unsteered, ans.steered: upd.steered}
@@ -427,8 +442,20 @@ def _wire_run(session: Session, page: _Page) -> tuple[object, list, list]:
                    page.analysis, page.generation, page.plots.inspect, *page.plots.figures]
     do_run = _run_handler(session, page)
     # the button checks the input first, then runs; `/explore` (the same run, for API clients) checks it itself
-    i.run.click(_check_handler(session), run_inputs, ans.verdict, api_name=False, show_progress="hidden").success(
-        do_run, run_inputs, run_outputs, api_name="explore", concurrency_limit=4)
+    running = i.run.click(_check_handler(session), run_inputs, ans.verdict, api_name=False,
+                          show_progress="hidden").success(do_run, run_inputs, run_outputs, api_name="explore",
+                          **MODEL_QUEUE)
+
+    def do_stop(request: gr.Request):
+        """End this page's run at its next decode step (or drop it from the queue); the partial answers stay."""
+        if session.runs.cancel(session_key(request)):
+            return ("⏹ **Stopped.** The answers above are cut short where the run ended; the model is free. Run "
+                    "again for the whole answer.")
+        return gr.update()
+
+    # not in the model queue (it must not wait behind the run it stops)
+    i.stop.click(do_stop, None, ans.verdict, cancels=[running], api_name="stop", concurrency_limit=None,
+                 show_progress="hidden")
     return do_run, run_inputs, run_outputs
 
 
@@ -470,14 +497,15 @@ def _wire_inspector(session: Session, page: _Page) -> None:
 
 def _wire_export(session: Session, page: _Page) -> None:
     @user_errors("export")
-    def do_export(analysis: Analysis | None, layer: int, method: str):
+    def do_export(analysis: Analysis | None, layer: int, method: str, request: gr.Request = None):
         state = session.state
         if state is None:
             raise ValueError("nothing to export yet: run an input first")
         if analysis is not None:
             analysis.check_state(state)
         figs, _ = build_figures(state, analysis, int(layer) if analysis is not None else None, method.lower())
-        return export_zip(figs, analysis.to_json() if analysis is not None else None, session, map_files(analysis))
+        return export_zip(figs, analysis.to_json() if analysis is not None else None, session, map_files(analysis),
+                          session.files.folder(session_key(request)))
 
     page.export.button.click(do_export, [page.analysis, page.plots.inspect, page.plots.method], page.export.file,
                              api_name="export")
@@ -485,11 +513,11 @@ def _wire_export(session: Session, page: _Page) -> None:
 
 def _wire_occlusion(session: Session, page: _Page) -> None:
     @user_errors("occlusion")
-    def do_occlusion(analysis: Analysis | None, progress=gr.Progress()):
+    def do_occlusion(analysis: Analysis | None, request: gr.Request = None, progress=gr.Progress()):
         """Cover each region of the last input in the neutral colour and re-score it (one forward per region)."""
         if analysis is None:
             raise ValueError("run an image or a video first: the occlusion check re-scores the last input")
-        with session.lock:
+        with session.work(session_key(request), "re-scoring covered regions (occlusion check)"):
             state = session.state
             analysis.check_state(state)
             res = occlusion(analysis.query, gate_scorer(session.backbone, state, analysis.options), cells=4,
@@ -498,7 +526,7 @@ def _wire_occlusion(session: Session, page: _Page) -> None:
         return occlusion_figure(analysis, res)
 
     maps = page.plots.maps
-    maps.occlusion.click(do_occlusion, [page.analysis], maps.occlusion_plot, api_name="occlusion")
+    maps.occlusion.click(do_occlusion, [page.analysis], maps.occlusion_plot, api_name="occlusion", **MODEL_QUEUE)
 
 
 def _wire_maps(session: Session, page: _Page) -> None:

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..data.examples import EXAMPLES
 from ..model.archs import arch_spec
-from .common import showcase_to_explore, user_errors
+from .common import session_key, showcase_to_explore, user_errors
 from .evaluate_tab import SCROLL_TO_RUN, showcase_summary
 from .explore import ExploreTab
 from .session import Session
@@ -116,7 +116,11 @@ def build(session: Session, explore: ExploreTab, tabs: gr.Tabs, tab: gr.Tab | No
         load = gr.Button("Load in Explore and run", elem_id="learn_showcase_load", scale=1, interactive=False)
     if tab is not None:
         tab.select(lambda: _showcase_view(session), None, [note, pick, load], api_name=False)
-    loaded = load.click(user_errors("learn_showcase")(lambda label: showcase_to_explore(label, session.showcase)),
+    @user_errors("learn_showcase")
+    def load_item(label: str | None, request: gr.Request = None):
+        return showcase_to_explore(label, session.showcase, session.files.folder(session_key(request)))
+
+    loaded = load.click(load_item,
                         pick, [explore.prompt, explore.image, explore.video, tabs], api_name=False)
     loaded.success(None, None, None, js=SCROLL_TO_RUN, api_name=False)  # Run in view, not the Learn scroll position
     loaded.success(explore.run, explore.run_inputs, explore.run_outputs, api_name=False)

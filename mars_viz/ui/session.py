@@ -12,9 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from ..fit.cache import calibrate_cached
 from ..model.backbone import Backbone, _friendly_load_error, load_backbone
 from ..model.memory import OutOfMemory, release_memory
 from ..paths import cache_dir
+from ..steer.cancel import cancellable, raise_if_cancelled
+from .serving import Runs, ServerLimits, SessionFiles
 
 __all__ = ["DEFAULT_MODEL", "FALLBACK_ARCH", "LoadOptions", "Session", "open_session"]
 
@@ -85,6 +89,25 @@ class Session:
     change: str = ""  # what the last bump replaced, in words (shown in the pages' "run again" banner)
     pair_strategy: str = "auto"  # how both answers are computed: auto, gate_first, batched or doubled (steer/pair.py)
     showcase: list = field(default_factory=list)  # `showcase.ShowcaseEntry`s of the last evaluation (Learn shows them)
+    runs: Runs = field(default_factory=Runs)  # work in flight, per browser session (a Stop or a closed tab ends it)
+    files: SessionFiles = field(default_factory=SessionFiles)  # one temporary folder per browser session
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    allow_any_model: bool = True  # False (the app's default): Calibrate loads only presets and cached models
+
+    @contextlib.contextmanager
+    def work(self, key: str | None, what: str) -> Iterator[threading.Event]:
+        """Hold the model for one request of browser session `key` (Gradio's session hash; None for a script): the
+        lock, and an event that `runs.cancel(key)` sets to end the work at its next decode step (`steer.cancel`),
+        bound to this context; a generator that yields inside passes it on explicitly (`analyze_stream(cancel=)`).
+        `what` is shown to the pages that wait while it runs (`runs.activity`); `runs.say` updates it."""
+        with self.runs.run(key) as event, self.lock:
+            self.runs.hold(key, what)
+            try:
+                with cancellable(event):
+                    raise_if_cancelled()  # stopped while it waited for the model
+                    yield event
+            finally:
+                self.runs.release()
 
     def set_state(self, state: MarsState | None, source: str) -> None:
         """Install `state` (call with `lock` held). Replacing a state by a different one bumps `generation`."""
@@ -106,15 +129,21 @@ class Session:
         return self.state
 
     def cached_state(self) -> MarsState | None:
-        """The cached state for this model and config if one exists (no fitting)."""
-        backbone = self.backbone
-        if self.state is None and backbone is not None:  # None: another model is loading
-            try:
-                state, folder, hit = calibrate_cached(backbone, self.config, only_cached=True)
-            except LookupError:
-                return None
-            self.set_state(state, f"loaded from cache: {folder}")
-        return self.state
+        """The cached state for this model and config if one exists (no fitting). Installing it takes the lock; while
+        another request holds the model (a generation, a fit, a model switch) the page gets what is there now."""
+        if self.state is not None or not self.lock.acquire(blocking=False):
+            return self.state
+        try:
+            backbone = self.backbone
+            if self.state is None and backbone is not None:  # None: another model is loading
+                try:
+                    state, folder, _ = calibrate_cached(backbone, self.config, only_cached=True)
+                except LookupError:
+                    return None
+                self.set_state(state, f"loaded from cache: {folder}")
+            return self.state
+        finally:
+            self.lock.release()
 
     def load_state(self, path: str | os.PathLike) -> MarsState:
         state = MarsState.load(path)

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import plotly.graph_objects as go
@@ -112,6 +114,28 @@ def projection_key(method: str) -> str:
         raise ValueError(f"unknown projection {method!r}: use one of {list(PROJECTIONS)}") from None
 
 
+# UMAP fits (seconds each) are kept per (state, layer): a layer-inspect or a projection switch on any page reuses
+# them. A few only: one state is loaded at a time, and a swap leaves the old one's to be pushed out.
+_UMAP_KEEP = 4
+_umaps: OrderedDict[tuple, object] = OrderedDict()
+_umaps_lock = threading.Lock()
+
+
+def _umap(state: MarsState, layer: int):
+    """The UMAP embedding of `state`'s calibration points at `layer`, fitted once per (state, layer)."""
+    key = (state.fingerprint(), layer, state.config.seed)
+    with _umaps_lock:
+        if key in _umaps:
+            _umaps.move_to_end(key)
+            return _umaps[key]
+    proj = project(state.diagnostics.calib_points, method="umap", seed=state.config.seed)
+    with _umaps_lock:
+        _umaps[key] = proj
+        while len(_umaps) > _UMAP_KEEP:
+            _umaps.popitem(last=False)
+    return proj
+
+
 def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: str) -> go.Figure:
     diag = state.diagnostics
     method = projection_key(method)
@@ -122,7 +146,7 @@ def _centroid_fig(state: MarsState, layer: int, view: LayerView | None, method: 
         fn = lambda x: plane_coords(torch.as_tensor(x), mu_minus, r, pc).numpy()  # noqa: E731
         axes = ("unsafety score s along r̂ (0 = safe centroid, 1 = unsafe)", "top PC of the residual (units of ||r||)")
     elif method == "umap" and diag.calib_points is not None and layer == state.layer:
-        proj = project(diag.calib_points, method="umap", seed=state.config.seed)
+        proj = _umap(state, layer)
         coords, fn, name = proj.coords, proj.transform, "UMAP"
     elif diag.proj_points is None or diag.proj_basis is None or diag.proj_mean is None:
         # an older state without per-layer projections: PCA of the chosen layer only

@@ -1,0 +1,72 @@
+"""A page that waits for the shared model says so (its place in the queue, and what the model is doing), and its
+Stop button ends its own run, in a real headless browser."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.integration.test_browser import CHROMIUM, _open, _run_and_wait, browser  # noqa: F401
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
+
+
+def _wait(cond, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_second_page_shows_its_queue_position_while_another_run_holds_the_model(browser, class_server,  # noqa: F811
+                                                                                   tmp_path):
+    from gradio_client import Client
+
+    s = class_server["session"]
+    other = Client(class_server["url"], verbose=False)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        _open(page, class_server["url"])
+        other.submit(prompt="Tell me a very long story.", max_new_tokens=2000, api_name="/analyze")
+        _wait(lambda: s.lock.locked() and s.runs.holder is not None, 60)
+        page.locator("#run").click()
+        # Gradio's status on the page's outputs: "queue: 1/1 | …", not a bare spinner
+        page.wait_for_function("() => /queue: *\\d+ *\\/ *\\d+/.test(document.body.innerText)", timeout=30_000)
+        # and the line that says what the shared model is doing meanwhile
+        busy = page.locator("#busy_banner")
+        busy.get_by_text("answering an /analyze API call").wait_for(timeout=10_000)
+        page.screenshot(path=str(tmp_path / "queued.png"))
+        assert other.predict(api_name="/stop")  # the other user stops: this page's run goes next
+        page.locator("#verdict").get_by_text("Unsteered:").first.wait_for(timeout=120_000)
+        page.wait_for_function("() => !(document.querySelector('#busy_banner') || {innerText: ''})"
+                               ".innerText.includes('shared model is')", timeout=10_000)
+    finally:
+        other.close()
+        page.close()
+
+
+def test_the_stop_button_ends_the_pages_run_and_frees_the_model(browser, class_server):  # noqa: F811
+    s = class_server["session"]
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    try:
+        _open(page, class_server["url"])
+        _run_and_wait(page)  # a first short run, so the page has answers to keep
+        box = page.locator("#component-0").page.get_by_label("Max new tokens", exact=False).first
+        box.fill("2000")
+        box.press("Enter")
+        page.locator("#prompt textarea").fill("Tell me a very long story.")
+        page.locator("#run").click()
+        _wait(lambda: s.lock.locked() and s.runs.holder is not None, 60)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        page.locator("#stop").click()
+        _wait(lambda: not s.lock.locked(), 5)
+        assert time.monotonic() - t0 < 2.0  # a click's round trip, then one decode step
+        page.locator("#verdict").get_by_text("Stopped.").wait_for(timeout=10_000)
+        assert s.runs.count() == 0
+        _run_and_wait(page)  # the page runs again
+    finally:
+        page.close()
