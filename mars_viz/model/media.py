@@ -171,11 +171,33 @@ def read_video(path: str | os.PathLike, num_frames: int = 8, max_seconds: float 
         notes.append(f"video has only {usable} frames; using all of them instead of {num_frames}")
     indices = [int((i + 0.5) * usable / n) for i in range(n)]
     try:
-        arr = reader.get_batch(indices).asnumpy()  # [n, H, W, 3] uint8
+        arr = list(reader.get_batch(indices).asnumpy())  # [n, H, W, 3] uint8
     except Exception as e:
-        raise ValueError(f"could not decode frames of {p.name!r} (truncated file?): {str(e)[:200]}") from None
+        # decord 0.6 fails to convert some frame sizes whose rows are padded (an MP4 48 px wide: "from_size ==
+        # to_size (9216 vs. 6912)"); PyAV decodes the same file, so it gets a second try before we give up
+        arr = _frames_pyav(p, indices)
+        if arr is None:
+            raise ValueError(f"could not decode frames of {p.name!r} (truncated file?): {str(e)[:200]}") from None
     frames = [prepare_image(Image.fromarray(a), max_side) for a in arr]
     return Video(frames=frames, indices=indices, fps=fps, total_frames=total, notes=notes)
+
+
+def _frames_pyav(p: Path, indices: list[int]) -> list[np.ndarray] | None:
+    """The frames at `indices` (ascending) of the file's first video stream, decoded with PyAV as RGB arrays; None
+    when PyAV cannot read them all."""
+    try:
+        import av
+
+        wanted, out = set(indices), {}
+        with av.open(str(p)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    out[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+        return [out[i] for i in indices] if len(out) == len(wanted) else None
+    except Exception:  # noqa: BLE001 - whatever PyAV says, decord's error is the one reported
+        return None
 
 
 def _colours(k: int, seed: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from ..views.seen import CSS as SEEN_CSS
@@ -39,6 +41,7 @@ def create_app(session: Session) -> gr.Blocks:
     bb = session.backbone
     ttl = session.limits.session_ttl_s
     with gr.Blocks(title="mars_viz", delete_cache=(int(min(600, max(10, ttl / 2))), int(ttl))) as demo:
+        session.files.upload_dir = Path(demo.GRADIO_CACHE)
         gr.Markdown(f"# mars_viz — Modality-Agnostic Refusal Steering\n"
                     f"Model **{bb.display_name}** (`{bb.model_type}`, {bb.num_layers} layers, d={bb.hidden_size}, "
                     f"inputs: {', '.join(bb.modalities)}). A refusal direction from text, re-centred for images and "

@@ -109,6 +109,7 @@ class SessionFiles:
         self._root = Path(root) if root else None
         self.ttl_s = ttl_s
         self._swept = 0.0
+        self.upload_dir: Path | None = None  # Gradio's upload folder (`create_app` sets it): its leftovers expire too
 
     @property
     def root(self) -> Path:
@@ -133,7 +134,8 @@ class SessionFiles:
         shutil.rmtree(self.root / "sessions" / name, ignore_errors=True)
 
     def sweep(self, now: float | None = None) -> int:
-        """Remove session folders last written more than `ttl_s` ago; returns how many."""
+        """Remove session folders last written more than `ttl_s` ago (and Gradio's upload leftovers as old); returns
+        how many session folders went."""
         now = time.time() if now is None else now
         gone = 0
         for d in (self.root / "sessions").glob("*") if (self.root / "sessions").exists() else ():
@@ -141,6 +143,12 @@ class SessionFiles:
                 if now - d.stat().st_mtime > self.ttl_s:
                     shutil.rmtree(d, ignore_errors=True)
                     gone += 1
+        # Gradio's multipart parser leaves one empty `tmpXXXXXXXX` per upload at the top of its upload folder (the
+        # upload itself moves to a hashed sub-folder, which `delete_cache` ages out): those go after the TTL too
+        for f in self.upload_dir.glob("tmp*") if self.upload_dir is not None and self.upload_dir.exists() else ():
+            with contextlib.suppress(OSError):
+                if f.is_file() and now - f.stat().st_mtime > self.ttl_s:
+                    f.unlink()
         return gone
 
     def sweep_now_and_then(self, every_s: float = 5.0) -> None:

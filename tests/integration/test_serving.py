@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 LONG = 2000  # tokens: a generation that would hold the tiny model far longer than the test waits
 
@@ -183,3 +183,23 @@ def test_stale_banner_names_the_tab_whose_results_are_old(tiny_backbones):
     assert "results in Evaluate came" in stale_banner(s, now, now - 1)["value"]
     assert "Explore and Evaluate" in stale_banner(s, now - 1, now - 1)["value"]
     assert "results in Explore came" in stale_banner(s, now - 1, None)["value"]
+
+
+def test_gradio_upload_leftovers_expire_too(tmp_path):
+    import os
+
+    from mars_viz.ui.serving import SessionFiles
+
+    files = SessionFiles(tmp_path / "ours", ttl_s=60)
+    files.upload_dir = tmp_path / "gradio"
+    (files.upload_dir / "0123abcd").mkdir(parents=True)  # an upload Gradio keeps (its own delete_cache ages it)
+    kept = files.upload_dir / "0123abcd" / "cat.png"
+    kept.write_bytes(b"png")
+    old, new = files.upload_dir / "tmpold", files.upload_dir / "tmpnew"
+    old.write_bytes(b"")
+    new.write_bytes(b"")
+    past = time.time() - 120
+    os.utime(old, (past, past))
+    os.utime(kept, (past, past))
+    files.sweep()
+    assert not old.exists() and new.exists() and kept.exists()
