@@ -1,20 +1,18 @@
 """What a pair reads on the way, as context managers around its forwards: the residuals of every layer at t_post
-(`_capturing`) and at t_inst (`_inst_capturing`), a gate read at t_inst during the shared prefill (`_prefix_gate`),
+(`_capturing`) and at t_inst (`_inst_capturing`),
 and every prompt position at the maps' layers (`_seq_capturing`, completed by `_finish_seq`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 
-from ..core.state import MarsState
 from ..model.backbone import Backbone
-from ..model.hooks import ResidualCapture, capture_residuals, capture_sequence, read_position
-from ..model.inputs import gate_index, inst_positions
-from .steering import SteerOptions, gate_scores, plan
+from ..model.hooks import ResidualCapture, capture_residuals, capture_sequence
+from ..model.inputs import inst_positions
 
 
 @contextlib.contextmanager
@@ -38,24 +36,6 @@ def _inst_capturing(backbone: Backbone, capture: bool, batch, out: dict) -> Iter
     with capture_residuals(backbone.layers, positions=inst_positions(backbone, batch["input_ids"])) as cap:
         yield
     out["inst"] = cap.at_positions()[:, :, 0]
-
-
-@contextlib.contextmanager
-def _prefix_gate(backbone: Backbone, state: MarsState, options: SteerOptions, modalities: Sequence[str],
-                 box: dict) -> Iterator[None]:
-    """A gate read at t_inst is read during the shared prefill of prompt[:-1] (which holds t_inst, not t_post):
-    its scores go to `box["s"]` and the steered pass gets them as `gate=`. Nothing for a gate at t_post."""
-    p = plan(state, options)
-    if not options.steer or p.gate_position != "inst":
-        yield
-        return
-
-    def read(h: torch.Tensor) -> None:
-        box["s"] = gate_scores(state, p, h, modalities, options.recenter)
-
-    # index from the end of the prefix, which lacks the prompt's last position
-    with read_position(backbone.layers[p.detect_layer], read, position=gate_index(backbone, "inst") + 1):
-        yield
 
 
 @contextlib.contextmanager

@@ -114,6 +114,26 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     return cache, {k: batch[k] for k in DECODE_KEYS if k in batch}
 
 
+def _rewind(backbone: Backbone, cache, length: int) -> bool:
+    """Cut `cache` back to its first `length` positions, in place, and say whether it could: only when every layer
+    is a plain `DynamicLayer` (a sliding-window layer past its window has lost what it would need, a static one is
+    cut differently) and no decoder layer is skipped by text (Mllama's cross-attention layers cache the image, not
+    the prompt). Positions before `length` are untouched by what came after them (causal attention), so the cut
+    cache is the prefill of prompt[:length]."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or backbone.arch.skip_layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return False
+    extra = [layer.get_seq_length() - length for layer in layers]
+    if min(extra) < 0:
+        return False
+    for layer, n in zip(layers, extra, strict=True):
+        if n:
+            layer.crop(-n)
+    return True
+
+
 def _rope_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules where an M-RoPE model (Qwen2-VL family) keeps `rope_deltas` between calls: the registry's
     `ArchSpec.rope_deltas` paths (transformers 5.24: the inner `model`); none for other architectures."""

@@ -3,11 +3,14 @@
 Both answers share the prompt up to its last position, the one MARS edits. How the pair is computed is a
 `PairStrategy`, chosen per call; each concrete one is a function of its own (`_PAIRS`):
 
-  gate_first  prefill prompt[:-1] once, decode the unsteered answer (reading the gate on the way), and decode the
-              steered answer from a copy of the cache only if MARS moves the input. Wins where a 2-row decode step
-              costs about two 1-row steps (a CPU leaving its matrix-vector path): benign inputs cost one generation.
-  batched     prefill prompt[:-1] once, then run the last position and the decode as [unsteered, steered] rows of
-              one batch. Wins where a 2-row step costs about one row (a GPU): every pair costs about one generation.
+  gate_first  decode the unsteered answer as one plain generation (reading the gate on the way), and decode the
+              steered answer, from the prompt's cache cut back to prompt[:-1], only if MARS moves the input. Wins
+              where a 2-row decode step costs about two 1-row steps (a CPU leaving its matrix-vector path): benign
+              inputs cost exactly one generation.
+  batched     prefill the prompt once (reading every gate, generating the first token); with no gate open, decode
+              on from there, one row per query; else cut the cache back to prompt[:-1] and run the last position and
+              the decode as [unsteered, steered] rows of one batch. Wins where a 2-row step costs about one row (a
+              GPU): every pair costs about one generation, a benign one exactly one.
   doubled     a plain batch of [unsteered..., steered...] rows, no shared prefill: the simplest path, the reference.
   auto        times one 1-row and one 2-row decode step on the loaded model (`timing.measure_pair_cost`, once per
               model, device and dtype) and picks batched when 2 rows cost at most `AUTO_MAX_RATIO` x one row, else
@@ -30,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import queue
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -42,18 +44,20 @@ from ..core.state import MarsState
 from ..data.judge import RefusalJudge, default_judge
 from ..model.backbone import Backbone
 from ..model.inputs import Query, build_batch
-from .captures import _capturing, _finish_seq, _inst_capturing, _prefix_gate, _seq_capturing
+from .captures import _capturing, _finish_seq, _inst_capturing, _seq_capturing
 from .generate import (
+    DECODE_KEYS,
     _decode_rows,
     _duplicated_rope_deltas,
     _gen_kwargs,
     _kept_rope_deltas,
     _prefill_all_but_last,
+    _rewind,
     _RowStreamer,
     generate_batch,
 )
 from .results import Answer, PairResult
-from .steering import Plan, SteerOptions, mars_steering, plan, probe_gate
+from .steering import Plan, SteerOptions, mars_steering, plan
 from .timing import measure_pair_cost
 
 __all__ = ["PAIR_STRATEGIES", "PairStrategy", "resolve_strategy", "run_pairs"]
@@ -62,53 +66,98 @@ PairStrategy = Literal["auto", "gate_first", "batched", "doubled"]
 
 
 @torch.inference_mode()
-def _generate_shared(backbone: Backbone, batch, max_new_tokens: int, streamer, steering_ctx, capture: bool,
-                     force_tokens: bool = False, probe=None, seq: dict | None = None, prefix_gate=None,
-                     inst: dict | None = None):
-    """Both answers of each row from one shared prefill: rows become [q0, q0', q1, q1', ...] for the last position
-    and the decode; `steering_ctx(gate)` (opened only around the decode) edits the primed rows. `prefix_gate(box)`
-    reads a t_inst gate during the prefill; `probe(cache, dec)`, when a t_post gate is read after the push layer,
-    runs the last prompt position unsteered first (on a copy of the prefix cache) and returns the gate's scores."""
-    rows = batch["input_ids"].shape[0]
-    box: dict = {"s": None}
+def _generate_shared(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modalities: list[str],
+                     max_new_tokens: int, stream: queue.Queue | None, capture: bool, force_tokens: bool = False,
+                     seq: dict | None = None, inst: dict | None = None):
+    """Both answers of each row, batched, with the gate read first. The prompt's prefill is run once, unsteered, and
+    generates the first token while reading every row's gate (wherever it sits) and the captures.
+
+    - No row moves (every gate closed): the unsteered rows go on decoding from that cache, one row per query, so the
+      pair costs one generation; the steered answers are the unsteered ones, bit for bit.
+    - Some row moves: the cache is cut back to prompt[:-1] (`_rewind`; a new prefill where it cannot be cut) and the
+      rows become [q0, q0', q1, q1', ...] for the last position and the decode, the primed rows steered by the gate
+      just read.
+
+    Returns (unsteered rows, steered rows, the edit's info, the unsteered residuals at the last position)."""
+    n, n_prompt = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+    dec = {k: batch[k] for k in DECODE_KEYS if k in batch}
     with _kept_rope_deltas(backbone.model):
-        with _seq_capturing(backbone, seq), prefix_gate(box), _inst_capturing(backbone, capture, batch, inst):
-            cache, dec = _prefill_all_but_last(backbone, batch)
-        gate = box["s"] if probe is None else probe(cache, dec)
+        with _seq_capturing(backbone, seq), _inst_capturing(backbone, capture, batch, inst), \
+                mars_steering(backbone, state, replace(options, steer=False), modalities) as probe, \
+                _capturing(backbone, capture) as cap:
+            first = backbone.model.generate(**batch, return_dict_in_generate=True,
+                                            **_gen_kwargs(backbone, 1, force_tokens))
+        acts = None if cap is None else cap.last()
+        info = probe.info
+        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+        if float(info["planned_norm"].max()) <= 0 and cache is not None:
+            plain = _go_on(backbone, first.sequences, cache, dec, max_new_tokens, force_tokens, stream, n_prompt)
+            if stream is not None:  # the steered answer is the unsteered one
+                stream.put(("tokens", 1, list(plain[0][0])))
+            return plain, plain, info, acts
+        if cache is None or not _rewind(backbone, cache, n_prompt - 1):
+            cache, _ = _prefill_all_but_last(backbone, batch)
+        rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
         cache.batch_repeat_interleave(2)
         dec = {k: v.repeat_interleave(2, dim=0) for k, v in dec.items()}
-        with _duplicated_rope_deltas(backbone.model, rows, 2), steering_ctx(gate) as rec, \
-                _capturing(backbone, capture) as cap:
+        streamer = None if stream is None else _RowStreamer(stream, (0, 1))
+        with _duplicated_rope_deltas(backbone.model, n, 2), \
+                mars_steering(backbone, state, options, modalities, rows=rows, gate=info["s_gate"]) as rec:
             out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
                                           **_gen_kwargs(backbone, max_new_tokens, force_tokens))
-    acts = None if cap is None else cap.last()[0::2]  # unsteered rows: the raw residual stream
-    return _decode_rows(backbone, out, dec["input_ids"].shape[1]), rec, acts
+    gen = _decode_rows(backbone, out, n_prompt)
+    return gen[0::2], gen[1::2], rec.info, acts
+
+
+def _go_on(backbone: Backbone, sequences: torch.Tensor, cache, dec: dict, max_new_tokens: int, force_tokens: bool,
+           stream: queue.Queue | None, n_prompt: int) -> list[tuple[list[int], str]]:
+    """Decode on from a generation of one token (`sequences` `[n, P + 1]`, `cache` holding the P prompt positions)
+    to `max_new_tokens` in all, as one plain generation would: the same cache, the next positions."""
+    streamer = None if stream is None else _RowStreamer(stream, (0,))
+    if streamer is not None:
+        streamer.put(sequences[:, :n_prompt])  # the prompt (skipped), then the first token
+        streamer.put(sequences[:, n_prompt:])
+    if max_new_tokens <= 1:
+        return _decode_rows(backbone, sequences, n_prompt)
+    if streamer is not None:
+        streamer.started = False  # the next call pushes its input first
+    dec = {**dec, "input_ids": sequences,
+           "attention_mask": torch.cat([dec["attention_mask"], dec["attention_mask"][:, -1:]], dim=1)}
+    if "cross_attention_mask" in dec:  # Mllama: the new position attends to the tiles the last one did
+        dec["cross_attention_mask"] = torch.cat([dec["cross_attention_mask"], dec["cross_attention_mask"][:, -1:]],
+                                                dim=1)
+    out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+                                  **_gen_kwargs(backbone, max_new_tokens - 1, force_tokens))
+    return _decode_rows(backbone, out, n_prompt)
 
 
 @torch.inference_mode()
 def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: SteerOptions, modality: str,
                          max_new_tokens: int, streamers, capture: bool, force_tokens: bool = False,
                          seq: dict | None = None, inst: dict | None = None):
-    """One query: shared prefill, the unsteered answer (reading the gate on the way), then the steered answer only
-    if MARS would actually move the input; otherwise it is the unsteered answer, bit for bit (the edit adds +0.0)."""
-    box: dict = {"s": None}
+    """One query: the unsteered answer as one plain generation that reads the gate on the way (wherever it sits),
+    then the steered answer only if MARS would actually move the input, decoded from the prompt's cache cut back to
+    all but its last position (`_rewind`; a new prefill of it where a cache cannot be cut). A closed gate therefore
+    costs exactly one generation, and its steered answer is the unsteered one, bit for bit (the edit adds +0.0)."""
+    kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
+    n_prompt = batch["input_ids"].shape[1]
     with _kept_rope_deltas(backbone.model):
-        with _seq_capturing(backbone, seq), _prefix_gate(backbone, state, options, [modality], box), \
-                _inst_capturing(backbone, capture, batch, inst):
-            cache, dec = _prefill_all_but_last(backbone, batch)
-        spare = copy.deepcopy(cache)
-        kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
-        n_prompt = dec["input_ids"].shape[1]
-        with mars_steering(backbone, state, replace(options, steer=False), [modality], gate=box["s"]) as probe, \
+        with _seq_capturing(backbone, seq), _inst_capturing(backbone, capture, batch, inst), \
+                mars_steering(backbone, state, replace(options, steer=False), [modality]) as probe, \
                 _capturing(backbone, capture) as cap:
-            out_u = backbone.model.generate(**dec, cache=cache, streamer=streamers[0], **kw)
+            out_u = backbone.model.generate(**batch, streamer=streamers[0], return_dict_in_generate=True, **kw)
         acts = None if cap is None else cap.last()
-        plain = _decode_rows(backbone, out_u, n_prompt)[0]
+        plain = _decode_rows(backbone, out_u.sequences, n_prompt)[0]
         info = probe.info
         if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
+            cache = getattr(out_u, "past_key_values", None)
+            if cache is not None and _rewind(backbone, cache, n_prompt - 1):
+                dec = {k: batch[k] for k in DECODE_KEYS if k in batch}
+            else:
+                cache, dec = _prefill_all_but_last(backbone, batch)
             # the gate read on the unsteered pass is the gate of the steered one (same input up to the push)
             with mars_steering(backbone, state, options, [modality], gate=info["s_gate"]) as rec:
-                out_s = backbone.model.generate(**dec, cache=spare, streamer=streamers[1], **kw)
+                out_s = backbone.model.generate(**dec, cache=cache, streamer=streamers[1], **kw)
             steered, info = _decode_rows(backbone, out_s, n_prompt)[0], rec.info
         else:
             steered = plain
@@ -133,22 +182,11 @@ def _pair_gate_first(backbone: Backbone, state: MarsState, chunk: list[Query], o
 def _pair_batched(backbone: Backbone, state: MarsState, chunk: list[Query], options: SteerOptions, p: Plan,
                   modalities: list[str], max_new_tokens: int, stream: queue.Queue | None, capture: bool,
                   force_tokens: bool, seq: dict | None, inst: dict):
-    """batched: one shared prefill, then [q0, q0', q1, q1', ...] rows for the last position and the decode."""
-    n = len(chunk)
-    rows = torch.tensor([False, True] * n)  # [q0, q0', q1, q1', ...]
-    streamer = None if stream is None else _RowStreamer(stream, (0, 1))
-    probe = None
-    if p.reads_later and p.gate_position == "post":
-        def probe(cache, dec):  # the last prompt position, unsteered, on a copy of the prefix cache
-            spare = copy.deepcopy(cache)
-            return probe_gate(backbone, state, options, modalities, lambda: backbone.model.generate(
-                **dec, cache=spare, **_gen_kwargs(backbone, 1)))
+    """batched: the gate read in the prompt's prefill, then one row per query when no gate opens, else
+    [q0, q0', q1, q1', ...] rows on the shared prefix for the last position and the decode."""
     batch = build_batch(backbone, chunk)
-    gen, rec, acts = _generate_shared(
-        backbone, batch, max_new_tokens, streamer,
-        lambda gate: mars_steering(backbone, state, options, modalities, rows=rows, gate=gate), capture,
-        force_tokens, probe, seq, lambda box: _prefix_gate(backbone, state, options, modalities, box), inst)
-    plain, steered, info = gen[0::2], gen[1::2], rec.info
+    plain, steered, info, acts = _generate_shared(backbone, state, batch, options, modalities, max_new_tokens, stream,
+                                                  capture, force_tokens, seq, inst)
     return batch, plain, steered, info, acts
 
 
