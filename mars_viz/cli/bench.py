@@ -12,6 +12,9 @@ Every figure is a median over repeats after a warm-up, on the same inputs:
   pair_vs_single             the gate-open figure of the strategy `auto` picks; pair_vs_single_gate_closed: its
                              gate-closed figure; pair_goal_unmet (only when no strategy reaches 1.25 gate open)
   calibration_forward_share  share of a (small) calibration's wall time spent inside model forwards
+  calibration_step_s         that calibration's wall time per fit step (state_fit_step_s: the given state's own fit)
+  eval                       the evaluation's throughput (queries per minute: text and image items, strengths 0
+                             and 1, the bench's new tokens)
   activation_bytes           bytes kept per query by capture (L * d * 4), for short and long prompts
 """
 
@@ -24,11 +27,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..analysis.evaluate import build_items, evaluate
 from ..core.state import MarsConfig, MarsState
 from ..data.judge import default_judge
 from ..fit.calibrate import calibrate
 from ..model.activations import collect_activations
-from ..model.backbone import Backbone
+from ..model.backbone import Backbone, typographic_layout
 from ..model.hooks import capture_residuals
 from ..model.inputs import Query, build_batch
 from ..model.media import neutral_images
@@ -66,7 +70,8 @@ def _forward_timer(model: torch.nn.Module):
 
 @torch.inference_mode()
 def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int = 5, new_tokens: int = 16,
-              calib: MarsConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
+              calib: MarsConfig | None = None, progress: Callable[[str], None] | None = None,
+              eval_limit: int = 8) -> dict:
     say = progress or (lambda _msg: None)
     model = backbone.model
     say("decode-step cost (pair strategy auto)")
@@ -116,16 +121,21 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
         total = time.perf_counter() - t0
         out["calibration_s"] = total
         out["calibration_forward_share"] = acc["t"] / total
+        out["calibration_step_s"] = state.diagnostics.fit_seconds
     else:
         say("calibration forward share (small refit)")
         cfg = calib or MarsConfig(max_prompts=24, k_neutral=4, neutral_prompts=8, curve_prompts=8, steer_prompts=8,
                                   levels=(1.0, 2.0, 4.0))
         t0 = time.perf_counter()
         with _forward_timer(model) as acc:
-            calibrate(backbone, cfg)
+            refit = calibrate(backbone, cfg)
         total = time.perf_counter() - t0
         out["calibration_s"] = total
         out["calibration_forward_share"] = acc["t"] / total
+        out["calibration_step_s"] = refit.diagnostics.fit_seconds
+        if state.diagnostics.fit_seconds:  # the given state's own fit (states fitted before 2026-12 lack it)
+            out["state_fit_step_s"] = state.diagnostics.fit_seconds
+            out["state_fit_s"] = round(sum(state.diagnostics.fit_seconds.values()), 1)
 
     p = plan(state, SteerOptions())
     out["gate"] = {"position": p.gate_position, "layer": p.detect_layer, "push_layer": p.layer,
@@ -181,6 +191,15 @@ def run_bench(backbone: Backbone, state: MarsState | None = None, repeats: int =
         out["pair_goal_unmet"] = {"goal": 1.25, "best_gate_open": best,
                                   "gate_open": {s: table[s]["gate_open"] for s in PAIR_STRATEGIES},
                                   "note": "no pair strategy costs <= 1.25 generations with the gate open here"}
+
+    say("evaluation throughput")
+    items = build_items(state, ["text", "image"], limit=eval_limit, layout=typographic_layout(backbone))
+    t0 = time.perf_counter()
+    evaluate(backbone, state, items, (0.0, 1.0), new_tokens)
+    dt = time.perf_counter() - t0
+    out["eval"] = {"items": len(items), "sets": ["text", "image"], "strengths": [0.0, 1.0],
+                   "max_new_tokens": new_tokens, "seconds": round(dt, 3),
+                   "queries_per_min": round(len(items) / dt * 60, 1)}
 
     say("activation memory")
     short = [Query("Hi")] * 8

@@ -137,7 +137,8 @@ def _cmd_fit(args) -> int:
     print(json.dumps({k: meta[k] for k in ("model", "num_layers", "hidden_size", "layer", "gate_position",
                                            "detect_layer", "inst_detect_layer", "tau", "target_level",
                                            "target_curve")}
-                     | gate | {"out": str(out), "behaviour": meta["behaviour"]}))
+                     | gate | {"out": str(out), "behaviour": meta["behaviour"], "fit_seconds": diag.fit_seconds,
+                              "fit_total_s": round(sum(diag.fit_seconds.values()), 1)}))
     return 0
 
 

@@ -118,12 +118,13 @@ class Diagnostics:
     # x = harmfulness score at t_inst (the inst axis at its layer), y = refusal score at t_post (the push layer).
     hr_points: torch.Tensor | None = None  # [N, 2]
     hr_labels: list[str] = field(default_factory=list)
+    fit_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each fit step, in the fit's order
 
     _TENSORS = ("spread_unsafe", "spread_safe", "calib_points", "proj_mean", "proj_basis", "proj_points", "plane_pc",
                 "plane_points", "hr_points")
     _JSON = ("balanced_accuracy", "gate_fpr", "gate_fnr", "steerability_gain_nats", "allowed_layers",
              "misalignment_video_before", "misalignment_video_after", "map_layer", "gate_choice", "hr_labels",
-             "map_position")
+             "map_position", "fit_seconds")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {n: getattr(self, n) for n in self._TENSORS if getattr(self, n) is not None}

@@ -31,10 +31,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -552,6 +554,21 @@ def _gate_errors(text: TextActs, behaviour: Behaviour, post: AxisFit) -> dict[st
                 gate_fnr=[float(x) for x in fnr])
 
 
+class _StepClock:
+    """Wall time per named step: `with clock("name"): ...` adds to `seconds["name"]`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
 def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Sequence[str] | None = None,
               harmless: Sequence[str] | None = None, judge: RefusalJudge | None = None,
               progress: CalibrationProgress | None = None, *, choices: FitChoices | None = None) -> MarsState:
@@ -562,17 +579,26 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     cfg, choices, judge = config or MarsConfig(), choices or FitChoices(), judge or default_judge()
     choices.check(backbone.num_layers)
     sets = PromptSets.of(cfg, harmful, harmless)
-    text = _text_activations(backbone, sets, cfg.batch_size, progress)
-    behaviour = _behaviour_filter(backbone, cfg, sets, judge, progress)
+    clock = _StepClock()  # each step's wall time: `Diagnostics.fit_seconds`, in fit's summary and in bench
+    with clock("text activations"):
+        text = _text_activations(backbone, sets, cfg.batch_size, progress)
+    with clock("behaviour filter"):
+        behaviour = _behaviour_filter(backbone, cfg, sets, judge, progress)
     post = _fit_axis(text["post"], behaviour.u_keep, behaviour.s_keep)
-    neutral = _neutral_media(backbone, cfg, sets, text, progress)
-    misalignment = _misalignment(backbone, cfg, sets, neutral, post, progress)
-    scores, gains = _layer_scores(backbone, cfg, sets, text["post"], behaviour, post, misalignment, progress)
+    with clock("neutral media"):
+        neutral = _neutral_media(backbone, cfg, sets, text, progress)
+    with clock("misalignment"):
+        misalignment = _misalignment(backbone, cfg, sets, neutral, post, progress)
+    with clock("layer scores"):
+        scores, gains = _layer_scores(backbone, cfg, sets, text["post"], behaviour, post, misalignment, progress)
     layer, allowed = _push_layer(cfg, choices, scores)
     axes = {"post": post, "inst": _fit_axis(text["inst"])}  # t_inst by intent: every harmful fit prompt
-    site = _gate_site(backbone, cfg, choices, sets, text, axes, progress)
-    curve, t_star = _target_level(backbone, cfg, sets, layer, post, judge, progress)
-    maps = _map_offsets(backbone, cfg, neutral, site, axes, progress)
+    with clock("gate site"):
+        site = _gate_site(backbone, cfg, choices, sets, text, axes, progress)
+    with clock("target level"):
+        curve, t_star = _target_level(backbone, cfg, sets, layer, post, judge, progress)
+    with clock("map offsets"):
+        maps = _map_offsets(backbone, cfg, neutral, site, axes, progress)
     video = {}
     if "video" in misalignment:
         before, after = misalignment["video"]
@@ -582,7 +608,8 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
         layer_scores=scores, target_curve=curve, steerability_gain_nats=[float(x) for x in gains],
         allowed_layers=(allowed.start, allowed.stop), refusal_opening=behaviour.opening, behaviour=behaviour.record,
         prompt_hashes={"harmful": prompts_hash(sets.harmful), "harmless": prompts_hash(sets.harmless)},
-        gate_choice=site.record, **_gate_errors(text["post"], behaviour, post), **video, **maps,
+        gate_choice=site.record, fit_seconds=clock.seconds, **_gate_errors(text["post"], behaviour, post), **video,
+        **maps,
         **_plot_points(sets, text, neutral, axes, layer, site.layers["inst"]))
     inst = axes["inst"]
     return MarsState(model_id=backbone.model_id, model_type=backbone.model_type, num_layers=backbone.num_layers,

@@ -13,7 +13,7 @@ from mars_viz.model.inputs import Query
 from mars_viz.steer.cancel import Cancelled, cancellable, raise_if_cancelled, stopping_criteria
 from mars_viz.steer.steering import SteerOptions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 LONG = 2000
 
 
