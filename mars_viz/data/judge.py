@@ -21,6 +21,10 @@ _PHRASES = ASSETS / "refusal_phrases.txt"
 
 
 class RefusalJudge(Protocol):
+    """`judge(texts) -> refused?` per text. A judge may also have `settled(texts) -> list[bool]` (see
+    `SubstringJudge.settled`), which lets a generation stop as soon as its verdict cannot change; one that reads the
+    whole answer (`ClassifierJudge`) has none, and its generations run to their length."""
+
     def __call__(self, texts: Sequence[str]) -> list[bool]: ...
 
 
@@ -39,6 +43,12 @@ class SubstringJudge:
     def __call__(self, texts: Sequence[str]) -> list[bool]:
         return [any(p in t[: self.window].lower().replace("\u2019", "'") or p in t[: self.window].lower()
                     for p in self.phrases) for t in texts]
+
+    def settled(self, texts: Sequence[str]) -> list[bool]:
+        """Per text (an answer so far): whether more of it cannot change the verdict. A refusal is settled once its
+        phrase is in the window (the window of a longer text holds it too); an answer is not, as the next tokens may
+        still refuse. Generations stop there (`greedy_texts(settled=...)`): the fit's verdicts come sooner, the same."""
+        return self(texts)
 
 
 class ClassifierJudge:

@@ -188,8 +188,8 @@ def _target_curve(backbone: Backbone, prompts: Sequence[str], layer: int, mu_min
         chunk = cases[i:i + batch_size]
         batch = build_batch(backbone, [Query(p) for p, _ in chunk])
         edit = push_to_level_edit(mu_minus, r, torch.tensor([t for _, t in chunk], dtype=torch.float64))
-        with edit_position(backbone.layers[layer], edit, position=-1):
-            gen = generate_batch(backbone, batch, max_new_tokens)
+        with edit_position(backbone.layers[layer], edit, position=-1):  # stops where the verdict is settled
+            gen = generate_batch(backbone, batch, max_new_tokens, settled=getattr(judge, "settled", None))
         for (_, t), v in zip(chunk, judge([txt for _, txt in gen]), strict=True):
             refused[float(t)].append(v)
         if progress:
@@ -331,8 +331,10 @@ def _behaviour_filter(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, jud
                       progress: CalibrationProgress | None) -> Behaviour:
     """Keep the harmful fit prompts the model refuses and the harmless ones it answers (short greedy answers)."""
     n_u = len(sets.u_fit)
+    # a refusal stops once it is settled, but not before its opening (`_refusal_opening`) is written
     gens = greedy_texts(backbone, [Query(p) for p in sets.u_fit + (sets.s_fit if cfg.behaviour_filter else [])],
-                        cfg.filter_tokens, cfg.batch_size, _stage(progress, "behaviour filter"))
+                        cfg.filter_tokens, cfg.batch_size, _stage(progress, "behaviour filter"),
+                        settled=getattr(judge, "settled", None), min_tokens=OPENING_TOKENS)
     verdicts = judge([t for _, t in gens])
     u_refused = torch.tensor(verdicts[:n_u], dtype=torch.bool)
     opening = _refusal_opening(gens[:n_u], verdicts[:n_u], backbone.tokenizer)

@@ -13,6 +13,7 @@ import queue
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..model.archs import arch_spec, at_path
@@ -74,23 +75,48 @@ def _decode_rows(backbone: Backbone, out: torch.Tensor, n_prompt: int) -> list[t
         rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
     return rows
 
+class _Settled(StoppingCriteria):
+    """A row is done once `settled(texts so far)` says its verdict cannot change (after `min_tokens` new tokens)."""
+
+    def __init__(self, backbone: Backbone, n_prompt: int, settled: Callable[[list[str]], list[bool]],
+                 min_tokens: int):
+        self.backbone, self.n_prompt, self.settled, self.min_tokens = backbone, n_prompt, settled, min_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.n_prompt:]
+        if new.shape[1] < self.min_tokens:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        texts = [self.backbone.tokenizer.decode(_cut(self.backbone, ids), skip_special_tokens=True).strip()
+                 for ids in new.tolist()]
+        return torch.tensor(self.settled(texts), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
-                   force_tokens: bool = False) -> list[tuple[list[int], str]]:
-    """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text."""
+                   force_tokens: bool = False, settled: Callable[[list[str]], list[bool]] | None = None,
+                   min_tokens: int = 1) -> list[tuple[list[int], str]]:
+    """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text. With `settled` (a
+    judge's `settled`), a row stops once its verdict cannot change, after at least `min_tokens` tokens."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens, force_tokens), streamer=streamer)
+    kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
+    if settled is not None:
+        stop = _Settled(backbone, batch["input_ids"].shape[1], settled, min_tokens)
+        kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), stop])
+    out = backbone.model.generate(**batch, **kw, streamer=streamer)
     raise_if_cancelled()  # a cut-short answer is not an answer
     return _decode_rows(backbone, out, batch["input_ids"].shape[1])
 
 
 def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: int, batch_size: int = 8,
-                 progress: Callable[[int, int], None] | None = None) -> list[tuple[list[int], str]]:
-    """Unsteered greedy answers for many queries, batched."""
+                 progress: Callable[[int, int], None] | None = None,
+                 settled: Callable[[list[str]], list[bool]] | None = None,
+                 min_tokens: int = 1) -> list[tuple[list[int], str]]:
+    """Unsteered greedy answers for many queries, batched (`settled`, `min_tokens`: see `generate_batch`)."""
     out: list[tuple[list[int], str]] = []
     for i in range(0, len(queries), batch_size):
-        out += generate_batch(backbone, build_batch(backbone, list(queries[i:i + batch_size])), max_new_tokens)
+        out += generate_batch(backbone, build_batch(backbone, list(queries[i:i + batch_size])), max_new_tokens,
+                              settled=settled, min_tokens=min_tokens)
         if progress:
             progress(min(i + batch_size, len(queries)), len(queries))
     return out
