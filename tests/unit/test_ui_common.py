@@ -64,3 +64,32 @@ def test_steer_options_passes_the_gate_position():
     assert steer_options(True, 1.0, "auto", "", True).gate_position is None  # default: the state's choice
     with pytest.raises(ValueError, match="gate position"):
         steer_options(True, 1.0, "auto", "", True, "auto", "t_middle")
+
+
+def test_a_waiting_page_is_told_what_the_shared_model_is_doing():
+    from types import SimpleNamespace
+
+    from mars_viz.ui.common import busy_banner, gr_progress
+    from mars_viz.ui.serving import Runs
+
+    session = SimpleNamespace(runs=Runs())
+    assert busy_banner(session, SimpleNamespace(session_hash="b"))["visible"] is False  # idle
+    session.runs.hold("a", "being calibrated in the Calibrate tab")
+    step = gr_progress(lambda *a, **k: None, session, "being calibrated in the Calibrate tab")
+    step("target level", 3, 9)
+    other = busy_banner(session, SimpleNamespace(session_hash="b"))
+    assert other["visible"] and "being calibrated in the Calibrate tab (step 3/9: target level)" in other["value"]
+    assert busy_banner(session, SimpleNamespace(session_hash="a"))["visible"] is False  # not to the page that fits
+    session.runs.release()
+    assert busy_banner(session, SimpleNamespace(session_hash="b"))["visible"] is False
+
+
+def test_the_servers_token_limit_is_a_clear_error():
+    from mars_viz.ui.serving import ServerLimits
+
+    limits = ServerLimits(max_new_tokens=64)
+    assert limits.check_new_tokens("48") == 48
+    with pytest.raises(ValueError, match="above this server's limit of 64 tokens"):
+        limits.check_new_tokens(65)
+    with pytest.raises(ValueError, match="at least 1"):
+        limits.check_new_tokens(0)
