@@ -134,10 +134,15 @@ def _prefill_all_but_last(backbone: Backbone, batch) -> tuple[object, dict]:
     # Prefill through `generate` (one token, discarded) so positions follow generate's own conventions for padded
     # rows; the cache then holds exactly the P-1 prompt positions.
     out = backbone.model.generate(**pre, **_gen_kwargs(backbone, 1), return_dict_in_generate=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = _cache_of(out)
     if cache is None:
         raise RuntimeError(f"{type(backbone.model).__name__} returned no KV cache")
     return cache, {k: batch[k] for k in DECODE_KEYS if k in batch}
+
+
+def _cache_of(out) -> object | None:
+    """The KV cache of a `generate(..., return_dict_in_generate=True)` output (`cache`; older: `past_key_values`)."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 def _rewind(backbone: Backbone, cache, length: int) -> bool:

@@ -47,6 +47,7 @@ from ..model.inputs import Query, build_batch
 from .captures import _capturing, _finish_seq, _inst_capturing, _seq_capturing
 from .generate import (
     DECODE_KEYS,
+    _cache_of,
     _decode_rows,
     _duplicated_rope_deltas,
     _gen_kwargs,
@@ -89,7 +90,7 @@ def _generate_shared(backbone: Backbone, state: MarsState, batch, options: Steer
                                             **_gen_kwargs(backbone, 1, force_tokens))
         acts = None if cap is None else cap.last()
         info = probe.info
-        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+        cache = _cache_of(first)
         if float(info["planned_norm"].max()) <= 0 and cache is not None:
             plain = _go_on(backbone, first.sequences, cache, dec, max_new_tokens, force_tokens, stream, n_prompt)
             if stream is not None:  # the steered answer is the unsteered one
@@ -150,7 +151,7 @@ def _generate_gate_first(backbone: Backbone, state: MarsState, batch, options: S
         plain = _decode_rows(backbone, out_u.sequences, n_prompt)[0]
         info = probe.info
         if float(info["planned_norm"].max()) > 0:  # MARS moves the input: decode the steered answer too
-            cache = getattr(out_u, "past_key_values", None)
+            cache = _cache_of(out_u)
             if cache is not None and _rewind(backbone, cache, n_prompt - 1):
                 dec = {k: batch[k] for k in DECODE_KEYS if k in batch}
             else:
