@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -54,7 +55,7 @@ from ..model.backbone import Backbone
 from ..model.hooks import edit_position
 from ..model.inputs import GATE_POSITIONS, Query, build_batch
 from ..model.media import neutral_images, neutral_video
-from ..steer.generate import generate_batch, greedy_texts
+from ..steer.generate import _no_rope_deltas, _rewind, generate_batch, greedy_texts
 from ..steer.steering import push_to_level_edit
 
 __all__ = ["CalibrationProgress", "FitChoices", "calibrate", "refusal_logprob_gain", "split_sets"]
@@ -136,10 +137,12 @@ def _extend(batch, extra_ids: torch.Tensor):
     return out
 
 
-def _opening_logprob(backbone: Backbone, batch: dict, open_ids: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log P(opening | prompt) per row `[B]`; the opening fills the last k positions of `batch`."""
+def _opening_logprob(backbone: Backbone, batch: dict, open_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    """Teacher-forced log P(opening | prompt) per row `[B]`; the opening fills the last k positions of `batch`. With
+    `cache` (the prompt's prefix), `batch` holds the positions after it (its mask still covers all of them)."""
     k = open_ids.numel()
-    logits = backbone.model(**batch, use_cache=False, logits_to_keep=k + 1).logits[:, :k].float()  # [B, k, V]
+    kw = {"use_cache": False} if cache is None else {"cache": cache, "use_cache": True}
+    logits = backbone.model(**batch, **kw, logits_to_keep=k + 1).logits[:, :k].float()  # [B, k, V]
     lp = torch.log_softmax(logits, dim=-1)
     target = open_ids.to(lp.device).view(1, k, 1).expand(lp.shape[0], k, 1)
     return lp.gather(-1, target).squeeze(-1).sum(-1).float().cpu().double()  # float64 on the CPU (MPS has none)
@@ -148,9 +151,14 @@ def _opening_logprob(backbone: Backbone, batch: dict, open_ids: torch.Tensor) ->
 @torch.inference_mode()
 def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: str, mu_minus: torch.Tensor,
                          r: torch.Tensor, level: float = 1.0, batch_size: int = 8,
-                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                         progress: Callable[[int, int], None] | None = None,
+                         share_prefix: bool = True) -> torch.Tensor:
     """Per layer: mean gain in teacher-forced log P(opening | prompt) when each prompt's last position is pushed to
-    `level` along r_l at layer l. One forward per layer per batch, no generation. Returns float64 `[L]`."""
+    `level` along r_l at layer l. No generation. Returns float64 `[L]`.
+
+    With `share_prefix`, each batch's prompt minus its last position is prefilled once, and each layer's forward
+    runs only the last prompt position and the opening on that cache (cut back after each); without it (or where a
+    cache cannot be cut), one full forward per layer per batch."""
     tok = backbone.tokenizer
     open_ids = torch.tensor(tok(opening, add_special_tokens=False)["input_ids"])
     if open_ids.numel() == 0:
@@ -165,17 +173,46 @@ def refusal_logprob_gain(backbone: Backbone, prompts: Sequence[str], opening: st
         prompt_batch = build_batch(backbone, [Query(p) for p in chunk])
         p_len = prompt_batch["input_ids"].shape[1]
         batch = _extend(prompt_batch, open_ids)
-        base = _opening_logprob(backbone, batch, open_ids)  # [B]
         levels = torch.full((len(chunk),), float(level), dtype=torch.float64)
-        for layer in range(num_layers):
-            edit = push_to_level_edit(mu_minus[layer], r[layer], levels)
-            with edit_position(backbone.layers[layer], edit, position=p_len - 1):
-                total[layer] += (_opening_logprob(backbone, batch, open_ids) - base).sum()
-            step += 1
-            if progress:
-                progress(step, steps)
+        with _no_rope_deltas(backbone.model):  # text only: positions follow the cache, not an earlier input's deltas
+            scorer = _shared_prefix_scorer(backbone, batch, open_ids, p_len) if share_prefix else None
+            score = scorer or functools.partial(_opening_logprob, backbone, batch, open_ids)
+            at = 0 if scorer else p_len - 1  # the edited position: the last prompt position, in the scored call
+            base = score()  # [B]
+            for layer in range(num_layers):
+                edit = push_to_level_edit(mu_minus[layer], r[layer], levels)
+                with edit_position(backbone.layers[layer], edit, position=at):
+                    total[layer] += (score() - base).sum()
+                step += 1
+                if progress:
+                    progress(step, steps)
         n_done += len(chunk)
     return total / max(n_done, 1)
+
+
+def _shared_prefix_scorer(backbone: Backbone, batch: dict, open_ids: torch.Tensor,
+                          p_len: int) -> Callable[[], torch.Tensor] | None:
+    """The prompt minus its last position, prefilled once; returns a scorer that runs only the last prompt position
+    and the opening on that cache (then cuts it back), or None where a cache cannot be cut back (`_rewind`) or a
+    prefix-LM's could not be shared."""
+    if backbone.arch.prefix_lm:  # its prompt attends both ways: a prefix's cache is not the prompt's
+        return None
+    ids = batch["input_ids"]
+    per_token = {k for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape}
+    pre = {k: (v[:, :p_len - 1] if k in per_token else v) for k, v in batch.items()}
+    out = backbone.model(**pre, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not _rewind(backbone, cache, p_len - 1):
+        return None
+    # the tail's per-token entries are cut to its positions, except the mask, which covers the whole sequence
+    tail = {k: (v if k == "attention_mask" else v[:, p_len - 1:]) for k, v in batch.items() if k in per_token}
+
+    def score() -> torch.Tensor:
+        lp = _opening_logprob(backbone, tail, open_ids, cache)
+        _rewind(backbone, cache, p_len - 1)
+        return lp
+
+    return score
 
 
 @torch.inference_mode()

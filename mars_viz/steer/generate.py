@@ -184,6 +184,16 @@ def _kept_rope_deltas(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _no_rope_deltas(model: torch.nn.Module) -> Iterator[None]:
+    """Text-only forwards on a cache of their own: no `rope_deltas` left from an earlier call (with a cache, an M-RoPE
+    model would add them to positions built from the whole attention mask); the ones found come back on exit."""
+    with _kept_rope_deltas(model):
+        for owner in _rope_owners(model):
+            owner.rope_deltas = None
+        yield
+
+
+@contextlib.contextmanager
 def _duplicated_rope_deltas(model: torch.nn.Module, rows: int, n: int) -> Iterator[None]:
     """Per-row position offsets `[rows, 1]` left by a prefill of `rows` rows, each repeated `n` times (rows
     [q0, q0, q1, q1, ...]) for the decode that follows; the prefill's values come back in `finally`."""
