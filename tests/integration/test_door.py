@@ -198,6 +198,7 @@ def test_login_keeps_clients_out_and_temp_files_go_at_exit(tiny_dirs, tmp_path):
         assert len(roots) == 1
         uploads = [p for p in (roots[0] / "gradio").rglob("*") if p.is_file()]  # Gradio's cache lives under it
         assert any(p.read_text() == "not json" for p in uploads), uploads
+        client.close()  # no client stream open while the server shuts down
     finally:
         rc = _stop(proc)
     text = log.read_text()
@@ -217,8 +218,11 @@ def test_insecure_public_starts_without_login(tiny_dirs, tmp_path):
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_up(proc, url, log)
-        assert "/load_model" in Client(url, verbose=False).view_api(return_format="dict",
-                                                                     print_info=False)["named_endpoints"]
+        client = Client(url, verbose=False)
+        try:
+            assert "/load_model" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        finally:
+            client.close()  # its heartbeat stream would otherwise be open while the server shuts down
     finally:
         rc = _stop(proc, signal.SIGINT)
     assert "public on 0.0.0.0 WITHOUT login (--insecure-public)" in log.read_text()
