@@ -15,9 +15,10 @@ from .session import Session
 __all__ = ["create_app", "launch_kwargs"]
 
 # Explore's empty drop zones are compact (110 px, words without the big upload icon), so Run stays in view at 900 px;
-# only the empty zone is sized: an uploaded file's row keeps Gradio's own layout.
+# only the empty zone is sized: an uploaded file's row keeps Gradio's own layout. `!important`: Gradio 6.31's own rule
+# for the zone (`.upload-container.boundedheight`, 240 px) is more specific than an elem_id rule scoped by the app.
 CSS = ("#verdict {min-height: 3em} #active textarea {font-weight: 600} "
-       "#image .upload-container, #video .upload-container {height: 110px; min-height: 0} "
+       "#image .upload-container, #video .upload-container {height: 110px !important; min-height: 0 !important} "
        "#image [data-testid=upload-icon], #video [data-testid=upload-icon] {display: none} " + SEEN_CSS)
 
 

@@ -70,3 +70,19 @@ def test_the_stop_button_ends_the_pages_run_and_frees_the_model(browser, class_s
         _run_and_wait(page)  # the page runs again
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_run_and_stop_are_in_view_on_an_empty_page(browser, class_server, width):  # noqa: F811
+    """The empty drop zones are compact (the app's CSS must win over Gradio's own height), so Run and Stop sit
+    above the fold at 900 px before anything is uploaded."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    try:
+        _open(page, class_server["url"])
+        for field in ("image", "video"):
+            assert page.locator(f"#{field} .upload-container").first.bounding_box()["height"] <= 120
+        for button in ("#run", "#stop"):
+            box = page.locator(button).bounding_box()
+            assert box["y"] + box["height"] <= 900, (button, box)
+    finally:
+        page.close()
