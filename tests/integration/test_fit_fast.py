@@ -36,7 +36,6 @@ def test_settled_is_refused_so_far():
 def test_steerability_on_a_shared_prefix_is_steerability(arch, tiny_dirs):
     from mars_viz.data.datasets import builtin_prompts
     from mars_viz.model.backbone import load_backbone
-
     from mars_viz.model.inputs import Query, build_batch
     from mars_viz.model.media import neutral_images
     from mars_viz.steer.generate import generate_batch
