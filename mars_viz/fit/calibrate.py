@@ -55,7 +55,7 @@ from ..model.backbone import Backbone
 from ..model.hooks import edit_position
 from ..model.inputs import GATE_POSITIONS, Query, build_batch
 from ..model.media import neutral_images, neutral_video
-from ..steer.generate import _no_rope_deltas, _rewind, generate_batch, greedy_texts
+from ..steer.generate import _cache_of, _no_rope_deltas, _rewind, generate_batch, greedy_texts
 from ..steer.steering import push_to_level_edit
 
 __all__ = ["CalibrationProgress", "FitChoices", "calibrate", "refusal_logprob_gain", "split_sets"]
@@ -201,7 +201,7 @@ def _shared_prefix_scorer(backbone: Backbone, batch: dict, open_ids: torch.Tenso
     per_token = {k for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape}
     pre = {k: (v[:, :p_len - 1] if k in per_token else v) for k, v in batch.items()}
     out = backbone.model(**pre, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = _cache_of(out)
     if cache is None or not _rewind(backbone, cache, p_len - 1):
         return None
     # the tail's per-token entries are cut to its positions, except the mask, which covers the whole sequence

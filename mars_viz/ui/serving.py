@@ -122,16 +122,18 @@ class SessionFiles:
 
     def folder(self, key: str | None) -> Path:
         """A fresh folder for one output of browser session `key` (a client's session hash, sanitised)."""
-        name = _SAFE.sub("_", key or "anonymous")[:64] or "anonymous"
-        base = self.root / "sessions" / name
+        base = self._session_dir(key)
         self.sweep_now_and_then()
         base.mkdir(parents=True, exist_ok=True)
         os.utime(base)  # its last write, for `sweep`
         return Path(tempfile.mkdtemp(dir=base))
 
+    def _session_dir(self, key: str | None) -> Path:
+        """The folder of browser session `key`, named by the key sanitised (a client's key never escapes the root)."""
+        return self.root / "sessions" / (_SAFE.sub("_", key or "anonymous")[:64] or "anonymous")
+
     def remove(self, key: str | None) -> None:
-        name = _SAFE.sub("_", key or "anonymous")[:64] or "anonymous"
-        shutil.rmtree(self.root / "sessions" / name, ignore_errors=True)
+        shutil.rmtree(self._session_dir(key), ignore_errors=True)
 
     def sweep(self, now: float | None = None) -> int:
         """Remove session folders last written more than `ttl_s` ago (and Gradio's upload leftovers as old); returns
