@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import random
@@ -55,7 +56,15 @@ from ..model.backbone import Backbone
 from ..model.hooks import edit_position
 from ..model.inputs import GATE_POSITIONS, Query, build_batch
 from ..model.media import neutral_images, neutral_video
-from ..steer.generate import _cache_of, _no_rope_deltas, _rewind, generate_batch, greedy_texts
+from ..steer.generate import (
+    _cache_of,
+    _kept_rope_deltas,
+    _no_rope_deltas,
+    _prefill_all_but_last,
+    _rewind,
+    generate_batch,
+    greedy_texts,
+)
 from ..steer.steering import push_to_level_edit
 
 __all__ = ["CalibrationProgress", "FitChoices", "calibrate", "refusal_logprob_gain", "split_sets"]
@@ -218,19 +227,31 @@ def _shared_prefix_scorer(backbone: Backbone, batch: dict, open_ids: torch.Tenso
 @torch.inference_mode()
 def _target_curve(backbone: Backbone, prompts: Sequence[str], layer: int, mu_minus: torch.Tensor, r: torch.Tensor,
                   levels: Sequence[float], judge: RefusalJudge, max_new_tokens: int, batch_size: int,
-                  progress: Callable[[int, int], None] | None) -> dict[float, float]:
-    cases = [(p, t) for t in levels for p in prompts]
+                  progress: Callable[[int, int], None] | None, share_prefix: bool = True) -> dict[float, float]:
+    """The refusal rate of `prompts` pushed to each level at `layer`'s last prompt position (greedy answers, judged).
+
+    With `share_prefix`, each batch's prompts but their last position are prefilled once for every level, and each
+    level runs the last position (where the push acts) and the decode on a copy of that cache; a prefix-LM, whose
+    prompt attends both ways, runs its whole prompt at each level. Answers stop once their verdict is settled."""
+    settled = getattr(judge, "settled", None)
     refused: dict[float, list[bool]] = {float(t): [] for t in levels}
-    for i in range(0, len(cases), batch_size):
-        chunk = cases[i:i + batch_size]
-        batch = build_batch(backbone, [Query(p) for p, _ in chunk])
-        edit = push_to_level_edit(mu_minus, r, torch.tensor([t for _, t in chunk], dtype=torch.float64))
-        with edit_position(backbone.layers[layer], edit, position=-1):  # stops where the verdict is settled
-            gen = generate_batch(backbone, batch, max_new_tokens, settled=getattr(judge, "settled", None))
-        for (_, t), v in zip(chunk, judge([txt for _, txt in gen]), strict=True):
-            refused[float(t)].append(v)
-        if progress:
-            progress(min(i + batch_size, len(cases)), len(cases))
+    steps, step = len(levels) * math.ceil(len(prompts) / batch_size), 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        batch = build_batch(backbone, [Query(p) for p in chunk])
+        with _no_rope_deltas(backbone.model):  # text only: positions follow this batch, not an earlier input
+            prefix = None
+            if share_prefix and not backbone.arch.prefix_lm:
+                prefix, _ = _prefill_all_but_last(backbone, batch)
+            for t in levels:
+                edit = push_to_level_edit(mu_minus, r, torch.full((len(chunk),), float(t), dtype=torch.float64))
+                with _kept_rope_deltas(backbone.model), edit_position(backbone.layers[layer], edit, position=-1):
+                    gen = generate_batch(backbone, batch, max_new_tokens, settled=settled,
+                                         prefix=None if prefix is None else copy.deepcopy(prefix))
+                refused[float(t)] += judge([txt for _, txt in gen])
+                step += 1
+                if progress:
+                    progress(step, steps)
     return {t: sum(v) / len(v) for t, v in refused.items()}
 
 

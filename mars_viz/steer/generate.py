@@ -1,8 +1,9 @@
 """Greedy decoding, and the plumbing every pair strategy shares.
 
-`generate_batch` and `greedy_texts` decode unsteered answers (batched, cut at EOS). `_prefill_all_but_last` runs the
-prompt up to the position MARS edits once, for both answers; `_kept_rope_deltas` / `_duplicated_rope_deltas` give
-M-RoPE models (Qwen2-VL family) their per-call state back; `_RowStreamer` posts each answer's tokens as they come.
+`generate_batch` and `greedy_texts` decode unsteered answers (batched, cut at EOS; with a judge's `settled`, a row
+leaves the batch once its verdict cannot change, `_settling`). `_prefill_all_but_last` runs the prompt up to the
+position MARS edits once, for both answers; `_kept_rope_deltas` / `_duplicated_rope_deltas` give M-RoPE models
+(Qwen2-VL family) their per-call state back; `_RowStreamer` posts each answer's tokens as they come.
 The pair itself is in `pair`, what it costs in `timing`, its streaming entry point in `stream`.
 """
 
@@ -75,8 +76,86 @@ def _decode_rows(backbone: Backbone, out: torch.Tensor, n_prompt: int) -> list[t
         rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
     return rows
 
+@torch.inference_mode()
+def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
+                   force_tokens: bool = False, settled: Callable[[list[str]], list[bool]] | None = None,
+                   min_tokens: int = 1, prefix=None) -> list[tuple[list[int], str]]:
+    """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text.
+
+    With `settled` (a judge's `settled`), a row stops once its verdict cannot change, after at least `min_tokens`
+    tokens, and leaves the batch (`_settling`). With `prefix` (the KV cache of every row's prompt but its last
+    position, `_prefill_all_but_last`), only the last prompt position is run before the decode; the cache grows."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if prefix is not None:
+        batch = {k: batch[k] for k in DECODE_KEYS if k in batch}
+    if settled is not None:
+        if streamer is not None or force_tokens:
+            raise ValueError("a settling generation neither streams nor forces its length")
+        return _settling(backbone, batch, max_new_tokens, settled, min_tokens, prefix)
+    out = backbone.model.generate(**batch, **_gen_kwargs(backbone, max_new_tokens, force_tokens), streamer=streamer,
+                                  **({} if prefix is None else {"cache": prefix}))
+    raise_if_cancelled()  # a cut-short answer is not an answer
+    return _decode_rows(backbone, out, batch["input_ids"].shape[1])
+
+
+def _settling(backbone: Backbone, batch, max_new_tokens: int, settled: Callable[[list[str]], list[bool]],
+              min_tokens: int, prefix=None) -> list[tuple[list[int], str]]:
+    """`generate_batch` with rows that leave once done: the first `min_tokens` tokens for all rows, then one token
+    at a time for the rows whose answer has not ended (EOS, `max_new_tokens`) and whose verdict is not `settled`.
+    Each step goes on from the last one's cache (`_go_on`'s convention) with the finished rows taken out of it, so a
+    batch costs what its unfinished rows cost. Each row's tokens are those of one plain generation. A prefix-LM's
+    decode is not continued from a cut batch; its rows stop together, when all are done."""
+    model, n_prompt = backbone.model, batch["input_ids"].shape[1]
+    eos = torch.tensor(sorted(_eos_ids(backbone)), dtype=torch.long)
+    if backbone.arch.prefix_lm:
+        stop = _Settled(backbone, n_prompt, settled, min_tokens)
+        kw = _gen_kwargs(backbone, max_new_tokens)
+        kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), stop])
+        out = model.generate(**batch, **kw, **({} if prefix is None else {"cache": prefix}))
+        raise_if_cancelled()
+        return _decode_rows(backbone, out, n_prompt)
+    rows: list[tuple[list[int], str] | None] = [None] * batch["input_ids"].shape[0]
+    alive = torch.arange(len(rows))
+    dec = {k: batch[k] for k in DECODE_KEYS if k in batch}
+    with _kept_rope_deltas(model):
+        out = model.generate(**batch, **_gen_kwargs(backbone, min(max(min_tokens, 1), max_new_tokens)),
+                             return_dict_in_generate=True, **({} if prefix is None else {"cache": prefix}))
+        while True:
+            raise_if_cancelled()
+            seqs, cache = out.sequences, _cache_of(out)
+            new = seqs[:, n_prompt:]
+            answers = _decode_rows(backbone, seqs, n_prompt)
+            done = torch.isin(new.cpu(), eos).any(dim=1) | torch.tensor(settled([t for _, t in answers]))
+            if new.shape[1] >= max_new_tokens or cache is None:
+                done[:] = True
+            for j in done.nonzero().flatten().tolist():
+                rows[int(alive[j])] = answers[j]
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            alive = alive[keep]
+            cache.batch_select_indices(keep.to(seqs.device))
+            for owner in _rope_owners(model):  # M-RoPE: each row keeps its own position offset
+                if torch.is_tensor(owner.rope_deltas) and owner.rope_deltas.shape[0] == len(done):
+                    owner.rope_deltas = owner.rope_deltas[keep.to(owner.rope_deltas.device)]
+            dec = {k: v[keep.to(v.device)] for k, v in dec.items()}  # the prompt's entries of the rows left
+            step = dict(dec)
+            grown = new.shape[1]  # the positions generated so far: the mask (and Mllama's) grows by as many
+            step["attention_mask"] = torch.cat([step["attention_mask"], step["attention_mask"][:, -1:].expand(
+                -1, grown)], dim=1)
+            if "cross_attention_mask" in step:
+                last = step["cross_attention_mask"][:, -1:]
+                step["cross_attention_mask"] = torch.cat(
+                    [step["cross_attention_mask"], last.expand(-1, grown, *last.shape[2:])], dim=1)
+            step["input_ids"] = seqs[keep.to(seqs.device)]
+            out = model.generate(**step, cache=cache, return_dict_in_generate=True, **_gen_kwargs(backbone, 1))
+    return rows  # type: ignore[return-value]
+
+
 class _Settled(StoppingCriteria):
-    """A row is done once `settled(texts so far)` says its verdict cannot change (after `min_tokens` new tokens)."""
+    """A batch is done once `settled(texts so far)` says every row's verdict cannot change (after `min_tokens` new
+    tokens): the stop of a prefix-LM's settling generation, whose rows are not taken out one by one."""
 
     def __init__(self, backbone: Backbone, n_prompt: int, settled: Callable[[list[str]], list[bool]],
                  min_tokens: int):
@@ -89,23 +168,6 @@ class _Settled(StoppingCriteria):
         texts = [self.backbone.tokenizer.decode(_cut(self.backbone, ids), skip_special_tokens=True).strip()
                  for ids in new.tolist()]
         return torch.tensor(self.settled(texts), dtype=torch.bool, device=input_ids.device)
-
-
-@torch.inference_mode()
-def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
-                   force_tokens: bool = False, settled: Callable[[list[str]], list[bool]] | None = None,
-                   min_tokens: int = 1) -> list[tuple[list[int], str]]:
-    """Greedy-decode a built batch; per row, the new token ids (cut at EOS) and their text. With `settled` (a
-    judge's `settled`), a row stops once its verdict cannot change, after at least `min_tokens` tokens."""
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    kw = _gen_kwargs(backbone, max_new_tokens, force_tokens)
-    if settled is not None:
-        stop = _Settled(backbone, batch["input_ids"].shape[1], settled, min_tokens)
-        kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), stop])
-    out = backbone.model.generate(**batch, **kw, streamer=streamer)
-    raise_if_cancelled()  # a cut-short answer is not an answer
-    return _decode_rows(backbone, out, batch["input_ids"].shape[1])
 
 
 def greedy_texts(backbone: Backbone, queries: Sequence[Query], max_new_tokens: int, batch_size: int = 8,

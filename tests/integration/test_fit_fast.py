@@ -1,7 +1,8 @@
-"""The fast fit gives the slow fit's figures. It stops each generation once its judge's verdict cannot change
-(`SubstringJudge.settled`), and steerability prefills each prompt's prefix once for every layer
-(`refusal_logprob_gain(share_prefix=True)`). The tiny random model never writes a real refusal, so the judge here
-calls one of its frequent letters a refusal: some answers settle after a few tokens, others never do."""
+"""The fast fit gives the slow fit's figures. A generation's rows leave the batch once their judge's verdict cannot
+change (`SubstringJudge.settled`), and steerability and the target curve prefill each prompt's prefix once for every
+layer and every level (`refusal_logprob_gain(share_prefix=True)`, `_target_curve(share_prefix=True)`). The tiny
+random model never writes a real refusal, so the judge here calls one of its frequent letters a refusal: some answers
+settle after a few tokens, others never do."""
 
 from __future__ import annotations
 
@@ -26,13 +27,94 @@ def _counted(bb):
     return calls, handle
 
 
+def _rows_and_positions(bb):
+    """Per call of the first decoder layer: (rows, positions) of its input."""
+    shapes: list[tuple[int, int]] = []
+
+    def hook(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        shapes.append((h.shape[0], h.shape[1]))
+
+    return shapes, bb.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+ALL = [*ARCHS, "paligemma", "mllama", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_a_settling_generation_gives_each_row_its_own_tokens_and_lets_finished_rows_go(arch, tiny_dirs):
+    import copy
+
+    from mars_viz.data.datasets import builtin_prompts
+    from mars_viz.model.backbone import load_backbone
+    from mars_viz.model.inputs import Query, build_batch
+    from mars_viz.steer.generate import _prefill_all_but_last, generate_batch
+
+    bb = load_backbone(tiny_dirs(arch), device="cpu")
+    batch = build_batch(bb, [Query(p) for p in builtin_prompts("harmless")[:6]])
+    judge = SubstringJudge(PHRASES)
+    shapes, handle = _rows_and_positions(bb)
+    try:
+        plain = generate_batch(bb, batch, 12)
+        plain_rows = sum(r for r, _ in shapes)
+        shapes.clear()
+        fast = generate_batch(bb, batch, 12, settled=judge.settled, min_tokens=3)
+    finally:
+        handle.remove()
+    assert any(len(ids) < 12 for ids, _ in fast)  # some answers settled early: a comparison with content
+    for (ids, _), (fast_ids, _) in zip(plain, fast, strict=True):
+        assert len(fast_ids) >= min(3, len(ids)) and ids[:len(fast_ids)] == fast_ids  # one generation, cut short
+    assert judge([t for _, t in fast]) == judge([t for _, t in plain])
+    rows = [r for r, _ in shapes]
+    assert sum(rows) < plain_rows  # fewer row-steps than the plain generation
+    if bb.arch.prefix_lm:  # the rows of a prefix-LM stop together, when all are settled
+        assert set(rows) == {6}
+    else:  # the first 3 tokens for all rows, then only the unsettled ones, fewer as they settle
+        assert rows[:3] == [6, 6, 6] and rows == sorted(rows, reverse=True)
+    prefix, _ = _prefill_all_but_last(bb, batch)  # on a prompt's prefix cache: the same answers
+    assert generate_batch(bb, batch, 12, settled=judge.settled, min_tokens=3, prefix=copy.deepcopy(prefix)) == fast
+    assert generate_batch(bb, batch, 12, prefix=prefix) == plain
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_the_target_curve_on_a_shared_prefix_is_the_target_curve(arch, tiny_dirs):
+    from mars_viz.data.datasets import builtin_prompts
+    from mars_viz.fit.calibrate import _target_curve
+    from mars_viz.model.backbone import load_backbone
+
+    bb = load_backbone(tiny_dirs(arch), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    mu, r = (torch.randn(bb.hidden_size, generator=g, dtype=torch.float64) for _ in range(2))
+    prompts, levels, layer = builtin_prompts("harmless")[:5], (0.0, 16.0, 1024.0), 0
+    texts: dict[bool, list[str]] = {True: [], False: []}
+    positions = {}
+    for share in (True, False):
+        def judge(ts, share=share):  # no `settled`: every answer runs out, and its whole text is compared
+            texts[share].extend(ts)
+            return SubstringJudge(PHRASES)(ts)
+
+        shapes, handle = _rows_and_positions(bb)
+        try:
+            curve = _target_curve(bb, prompts, layer, mu, r, levels, judge, 6, 3, None, share_prefix=share)
+        finally:
+            handle.remove()
+        positions[share] = sum(rows * n for rows, n in shapes)
+        assert list(curve) == list(levels) and all(0.0 <= v <= 1.0 for v in curve.values())
+    assert texts[False][:len(prompts)] != texts[False][-len(prompts):]  # the push changes answers: a comparison
+    assert texts[True] == texts[False]
+    if bb.arch.prefix_lm:  # its prompt attends both ways: never shared
+        assert positions[True] == positions[False]
+    else:  # each batch's prefix runs once, not once per level
+        assert positions[True] < positions[False]
+
+
 def test_settled_is_refused_so_far():
     j = SubstringJudge(["house"])
     assert j.settled(["a house", "no", ""]) == [True, False, False]
     assert j.settled(["x" * 200 + "house"]) == [False]  # past the window: the verdict is "answered", not settled
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "paligemma", "mllama", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ALL)
 def test_steerability_on_a_shared_prefix_is_steerability(arch, tiny_dirs):
     from mars_viz.data.datasets import builtin_prompts
     from mars_viz.model.backbone import load_backbone
@@ -73,8 +155,9 @@ def test_the_fast_fit_gives_the_slow_fits_figures_with_fewer_forwards(tiny_backb
         fast = calibrate(bb, cfg, judge=judge)
         n_fast = len(calls)
         calls.clear()
-        # no `settled`: every generation runs out; every layer's forward is a full one
+        # no `settled`: every generation runs out; every layer's and level's forward is a full one
         monkeypatch.setattr(C, "refusal_logprob_gain", functools.partial(C.refusal_logprob_gain, share_prefix=False))
+        monkeypatch.setattr(C, "_target_curve", functools.partial(C._target_curve, share_prefix=False))
         slow = calibrate(bb, cfg, judge=lambda texts: judge(texts))
         n_slow = len(calls)
     finally:
