@@ -108,6 +108,23 @@ def fitted(tiny_backbones, tmp_path_factory):
     return get
 
 
+def wait_until(cond, timeout: float, step: float = 0.01) -> float:
+    """Seconds until `cond()` holds; fails after `timeout`."""
+    import time
+
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - t0
+
+
+def model_held(session) -> bool:
+    """Whether a run holds the session's model (the lock, and a holder recorded)."""
+    return session.lock.locked() and session.runs.holder is not None
+
+
 def _free_port() -> int:
     import socket
 

@@ -91,7 +91,7 @@ def _config_from_args(args):
 
     kw = {}
     for name in ("seed", "max_prompts", "k_neutral", "neutral_prompts", "curve_prompts", "steer_prompts", "margin",
-                 "batch_size", "filter_tokens"):
+                 "batch_size", "generate_batch_size", "filter_tokens"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "trailing space or case (default: such sites are not eligible)")
     p.add_argument("--tau", type=float, help="force the gate threshold")
     p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="prompts per forward of the activation steps (default 8)")
+    p.add_argument("--generate-batch-size", type=int,
+                   help="rows per batch of the fit's greedy generations (default 32: a decode step costs about the "
+                        "same for 2 to 16 rows)")
     p.add_argument("--no-behaviour-filter", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_fit)

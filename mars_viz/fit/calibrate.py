@@ -391,7 +391,7 @@ def _behaviour_filter(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, jud
     n_u = len(sets.u_fit)
     # a refusal stops once it is settled, but not before its opening (`_refusal_opening`) is written
     gens = greedy_texts(backbone, [Query(p) for p in sets.u_fit + (sets.s_fit if cfg.behaviour_filter else [])],
-                        cfg.filter_tokens, cfg.batch_size, _stage(progress, "behaviour filter"),
+                        cfg.filter_tokens, cfg.generate_batch_size, _stage(progress, "behaviour filter"),
                         settled=getattr(judge, "settled", None), min_tokens=OPENING_TOKENS)
     verdicts = judge([t for _, t in gens])
     u_refused = torch.tensor(verdicts[:n_u], dtype=torch.bool)
@@ -556,7 +556,8 @@ def _target_level(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, layer: 
                   judge: RefusalJudge, progress: CalibrationProgress | None) -> tuple[dict[float, float], float]:
     """The refusal curve of held-out harmless text pushed to each level at `layer`, and t* chosen on it."""
     curve = _target_curve(backbone, sets.s_held[: cfg.curve_prompts], layer, post.mu_minus[layer], post.r[layer],
-                          cfg.levels, judge, cfg.filter_tokens, cfg.batch_size, _stage(progress, "target level"))
+                          cfg.levels, judge, cfg.filter_tokens, cfg.generate_batch_size,
+                          _stage(progress, "target level"))
     return curve, float(S.choose_target_level(list(curve), list(curve.values()), tol=cfg.level_tol))
 
 

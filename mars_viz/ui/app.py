@@ -56,7 +56,7 @@ def create_app(session: Session) -> gr.Blocks:
         # Session.generation of each tab's last results (Explore's set on load and on each run; Evaluate's on its runs)
         explore_gen, evaluate_gen = gr.State(None), gr.State(None)
         with gr.Tabs(elem_id="tabs") as tabs:
-            with gr.Tab("Explore", id="explore"):
+            with gr.Tab("Explore", id="explore") as explore_tab:
                 tab = explore.build(session, explore_gen)
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluate_tab.build(session, evaluate_gen, tab, tabs)
@@ -65,7 +65,9 @@ def create_app(session: Session) -> gr.Blocks:
             with gr.Tab("Learn", id="learn") as learn_tab:
                 learn.build(session, tab, tabs, learn_tab)
         api.build(session, demo)
-        demo.load(tab.on_load, None, tab.plots, api_name=False)
+        demo.load(tab.on_load, None, [*tab.plots, tab.shown], api_name=False)
+        explore_tab.select(tab.on_select, [tab.analysis, tab.shown], [*tab.plots, tab.shown], api_name=False,
+                           queue=False, show_progress="hidden")
         demo.load(lambda: session.generation, None, explore_gen, api_name=False)
         demo.load(lambda: credibility_banner(session), None, credibility, api_name=False)
 

@@ -60,7 +60,10 @@ class ExploreTab:
     video: gr.File
     example: gr.Dropdown
     plots: list
-    on_load: object  # callable returning the figures for `plots`
+    on_load: object  # callable returning the figures for `plots`, then the fingerprint for `shown`
+    on_select: object  # callable (analysis, shown) -> the same, or skips where the plots are current
+    analysis: gr.State  # the page's last Analysis (None before its first run)
+    shown: gr.State  # the fingerprint of the state whose own figures the plots show (None: placeholders or a run's)
     run: object = None  # the Run handler, for other tabs to chain after loading an input (`.then(run, ...)`)
     run_inputs: list | None = None
     run_outputs: list | None = None
@@ -552,11 +555,20 @@ def _wire_maps(session: Session, page: _Page) -> None:
 
 def _state_plots(session: Session):
     def show_state_plots():
-        """On page load: the state's own figures (no input yet), if a state is fitted or cached."""
+        """On page load: the state's own figures (no input yet), if a state is fitted or cached; and which state."""
         state = session.cached_state()
-        return _figures(state, None, None if state is None else state.layer, DEFAULT_PROJECTION)
+        figs = _figures(state, None, None if state is None else state.layer, DEFAULT_PROJECTION)
+        return [*figs, None if state is None else state.fingerprint()]
 
-    return show_state_plots
+    def on_select(analysis, shown):
+        """On opening the tab: a page without a run of its own shows the state fitted or loaded since its plots were
+        drawn (a first run in Evaluate calibrates, Calibrate loads another), instead of the old figures."""
+        state = session.cached_state()
+        if analysis is not None or state is None or state.fingerprint() == shown:
+            return [gr.skip()] * (len(PLOTS) + 1)
+        return show_state_plots()
+
+    return show_state_plots, on_select
 
 
 def _wire(session: Session, page: _Page) -> ExploreTab:
@@ -569,8 +581,10 @@ def _wire(session: Session, page: _Page) -> ExploreTab:
     _wire_occlusion(session, page)
     _wire_maps(session, page)
     i = page.inputs
+    on_load, on_select = _state_plots(session)
     return ExploreTab(prompt=i.prompt, image=i.image, video=i.video, example=i.example, plots=page.plots.figures,
-                      on_load=_state_plots(session), run=run, run_inputs=run_inputs, run_outputs=run_outputs)
+                      on_load=on_load, on_select=on_select, analysis=page.analysis, shown=gr.State(None), run=run,
+                      run_inputs=run_inputs, run_outputs=run_outputs)
 
 
 def build(session: Session, generation: gr.State) -> ExploreTab:

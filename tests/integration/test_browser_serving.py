@@ -8,17 +8,11 @@ import time
 
 import pytest
 
+from tests.conftest import model_held, wait_until
 from tests.integration.test_browser import CHROMIUM, _open, _run_and_wait, browser  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")]
-
-
-def _wait(cond, timeout: float) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
-        time.sleep(0.02)
 
 
 def test_a_second_page_shows_its_queue_position_while_another_run_holds_the_model(browser, class_server,  # noqa: F811
@@ -31,7 +25,7 @@ def test_a_second_page_shows_its_queue_position_while_another_run_holds_the_mode
     try:
         _open(page, class_server["url"])
         other.submit(prompt="Tell me a very long story.", max_new_tokens=2000, api_name="/analyze")
-        _wait(lambda: s.lock.locked() and s.runs.holder is not None, 60)
+        wait_until(lambda: model_held(s), 60)
         page.locator("#run").click()
         # Gradio's status on the page's outputs: "queue: 1/1 | …", not a bare spinner
         page.wait_for_function("() => /queue: *\\d+ *\\/ *\\d+/.test(document.body.innerText)", timeout=30_000)
@@ -59,11 +53,11 @@ def test_the_stop_button_ends_the_pages_run_and_frees_the_model(browser, class_s
         box.press("Enter")
         page.locator("#prompt textarea").fill("Tell me a very long story.")
         page.locator("#run").click()
-        _wait(lambda: s.lock.locked() and s.runs.holder is not None, 60)
+        wait_until(lambda: model_held(s), 60)
         time.sleep(0.5)
         t0 = time.monotonic()
         page.locator("#stop").click()
-        _wait(lambda: not s.lock.locked(), 5)
+        wait_until(lambda: not s.lock.locked(), 5)
         assert time.monotonic() - t0 < 2.0  # a click's round trip, then one decode step
         page.locator("#verdict").get_by_text("Stopped.").wait_for(timeout=10_000)
         assert s.runs.count() == 0
@@ -85,4 +79,29 @@ def test_run_and_stop_are_in_view_on_an_empty_page(browser, class_server, width)
             box = page.locator(button).bounding_box()
             assert box["y"] + box["height"] <= 900, (button, box)
     finally:
+        page.close()
+
+
+def test_a_page_without_a_run_shows_a_state_fitted_since_it_opened(browser, class_server):  # noqa: F811
+    """A first run in Evaluate (or Calibrate) fits the state while Explore shows "No MARS state yet"; opening the
+    Explore tab again draws that state's own figures."""
+    s = class_server["session"]
+    with s.lock:
+        fitted = s.state
+        s.set_state(None, "cleared by a test")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        _open(page, class_server["url"])
+        placeholder = page.get_by_text("No MARS state yet").first
+        placeholder.wait_for(timeout=30_000)
+        with s.lock:  # what Evaluate's first run does: the state is fitted (here: installed) for the first time
+            s.set_state(fitted, "fitted by a test")
+        page.get_by_role("tab", name="Calibrate").click()
+        page.get_by_role("tab", name="Explore").click()
+        placeholder.wait_for(state="hidden", timeout=30_000)
+        page.locator("#run").wait_for(timeout=10_000)
+        assert page.get_by_text("No MARS state yet").count() == 0
+    finally:
+        with s.lock:
+            s.set_state(fitted, "test")
         page.close()

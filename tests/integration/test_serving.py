@@ -8,25 +8,13 @@ import time
 
 import pytest
 
+from ..conftest import model_held, wait_until
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 LONG = 2000  # tokens: a generation that would hold the tiny model far longer than the test waits
 
 
-
-
-def _wait(cond, timeout: float, step: float = 0.01) -> float:
-    """Seconds until `cond()` holds; fails after `timeout`."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - t0
-
-
-def _holding(session) -> bool:
-    return session.lock.locked() and session.runs.holder is not None
 
 
 def _quiet(session) -> dict:
@@ -46,12 +34,12 @@ def test_stop_ends_a_long_generation_within_a_second_and_the_next_user_runs(clas
     a, b = Client(class_server["url"], verbose=False), Client(class_server["url"], verbose=False)
     try:
         job = a.submit(prompt="Tell me a very long story.", max_new_tokens=LONG, api_name="/explore")
-        _wait(lambda: _holding(s), 60)
+        wait_until(lambda: model_held(s), 60)
         time.sleep(0.5)  # well into the decode
         assert s.lock.locked(), "the 2000-token generation ended by itself: nothing was stopped"
         t0 = time.monotonic()
         said = a.predict(api_name="/stop")  # the page's Stop button: same browser session as the run
-        _wait(lambda: not s.lock.locked(), 5)
+        wait_until(lambda: not s.lock.locked(), 5)
         released = time.monotonic() - t0
         assert released < 1.0, f"the lock was released {released:.2f} s after Stop"
         assert "Stopped" in said
@@ -76,11 +64,11 @@ def test_a_closed_client_has_its_generation_ended(class_server, monkeypatch):
     s = class_server["session"]
     c = Client(class_server["url"], verbose=False)
     c.submit(prompt="Tell me a very long story.", max_new_tokens=LONG, api_name="/analyze")
-    _wait(lambda: _holding(s), 60)
+    wait_until(lambda: model_held(s), 60)
     time.sleep(0.5)
     assert s.lock.locked()
     c.close()
-    released = _wait(lambda: not s.lock.locked(), 0.5 + 1.0 + 1.0)  # heartbeat + unload + one decode step
+    released = wait_until(lambda: not s.lock.locked(), 0.5 + 1.0 + 1.0)  # heartbeat + unload + one decode step
     assert released < 2.5
     _quiet(s)
 
@@ -112,7 +100,7 @@ def test_a_closed_page_takes_its_results_and_files_with_it(class_server, monkeyp
     assert any(folder.rglob("mars_viz_export.zip"))
     assert demo.state_holder.session_data[key].state_data  # the page's analysis is held
     c.close()
-    _wait(lambda: key not in demo.state_holder.session_data and not folder.exists(), 5)
+    wait_until(lambda: key not in demo.state_holder.session_data and not folder.exists(), 5)
 
 
 def test_session_folders_expire_after_their_time_to_live(tmp_path):
