@@ -3,11 +3,9 @@
 `calibrate` runs these steps in order (our formulation of MARS; README, "The formulation"); each is one function:
   1. `PromptSets.of`: seeded fit / held-out split of the harmful (U), harmless (S) and look-alike text sets
      (look-alikes are harmless requests with alarming words; their fit part joins the safe side), plus jailbreak
-     prompts that are only plotted;
+     prompts that are only plotted; `_text_activations`: residuals of every layer at both gate positions;
   2. `_behaviour_filter`: the unsafe centroid uses the harmful fit prompts the model refuses, the safe one the
      harmless prompts it answers (falls back to all harmful prompts when fewer than `min_refused` are refused);
-     `_text_activations`: residuals of every layer at both gate positions (the answered prompts' were read in their
-     answers' prefills);
   3. `_fit_axis` at t_post: centroids, refusal directions, thresholds tau by balanced accuracy on held-out text;
   4. `_neutral_media`: modality offsets from K neutral solid-colour images (and videos) paired with safe fit
      prompts; `_misalignment` of held-out safe prompts with other neutral inputs, before and after re-centring;
@@ -55,8 +53,8 @@ from ..data.judge import RefusalJudge, default_judge
 from ..maps.offsets import neutral_position_offsets
 from ..model.activations import collect_activations, collect_sites
 from ..model.backbone import Backbone
-from ..model.hooks import capture_residuals, edit_position
-from ..model.inputs import GATE_POSITIONS, Query, build_batch, inst_positions
+from ..model.hooks import edit_position
+from ..model.inputs import GATE_POSITIONS, Query, build_batch
 from ..model.media import neutral_images, neutral_video
 from ..steer.generate import (
     _cache_of,
@@ -65,6 +63,7 @@ from ..steer.generate import (
     _prefill_all_but_last,
     _rewind,
     generate_batch,
+    greedy_texts,
 )
 from ..steer.steering import push_to_level_edit
 
@@ -377,66 +376,23 @@ class GateSite:
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------------
-def _text_activations(backbone: Backbone, sets: PromptSets, batch_size: int, progress: CalibrationProgress | None,
-                      read: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, TextActs]:
+def _text_activations(backbone: Backbone, sets: PromptSets, batch_size: int,
+                      progress: CalibrationProgress | None) -> dict[str, TextActs]:
     """Residuals of every calibration prompt at both gate positions (t_post: the last prompt position; t_inst: the
-    user's last token). `read` holds those of whole sets already read (set name -> position -> `[n, L, d]`: the
-    behaviour filter's prefills); only the other sets' prompts are run, in one pass."""
-    read = read or {}
-    rest = [name for name in sets.ORDER if name not in read]
-    sites = collect_sites(backbone, [Query(p) for name in rest for p in getattr(sets, name)], batch_size,
+    user's last token), in one pass."""
+    sites = collect_sites(backbone, [Query(p) for p in sets.prompts()], batch_size,
                           _stage(progress, "text activations"))
-    out = {}
-    for pos, acts in sites.items():
-        parts, at = [], 0
-        for name in sets.ORDER:
-            if name in read:
-                parts.append(read[name][pos])
-            else:
-                n = len(getattr(sets, name))
-                parts.append(acts[at:at + n])
-                at += n
-        out[pos] = TextActs(torch.cat(parts), sets)
-    return out
-
-
-def _answers_and_sites(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                       settled: Callable[[list[str]], list[bool]] | None, min_tokens: int,
-                       progress: Callable[[int, int], None] | None
-                       ) -> tuple[list[tuple[list[int], str]], dict[str, torch.Tensor]]:
-    """Greedy answers to text prompts (`generate_batch`, in batches of similar length), and every layer's residual at
-    both gate positions read in each batch's prefill (`collect_sites`'s figures without a forward of their own).
-    Both in the input order: (answers, position -> `[N, L, d]` float32)."""
-    n = len(prompts)
-    order = sorted(range(n), key=lambda i: len(prompts[i]))
-    answers: list[tuple[list[int], str]] = [([], "")] * n
-    sites = {pos: torch.empty(n, backbone.num_layers, backbone.hidden_size, dtype=torch.float32)
-             for pos in GATE_POSITIONS}
-    for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        batch = build_batch(backbone, [Query(prompts[j]) for j in idx])
-        with capture_residuals(backbone.layers, positions=inst_positions(backbone, batch["input_ids"])) as cap:
-            got = generate_batch(backbone, batch, max_new_tokens, settled=settled, min_tokens=min_tokens)
-        sites["post"][idx], sites["inst"][idx] = cap.last(), cap.at_positions()[:, :, 0]
-        for j, answer in zip(idx, got, strict=True):
-            answers[j] = answer
-        if progress:
-            progress(min(i + batch_size, n), n)
-    return answers, sites
+    return {pos: TextActs(acts, sets) for pos, acts in sites.items()}
 
 
 def _behaviour_filter(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, judge: RefusalJudge,
-                      progress: CalibrationProgress | None) -> tuple[Behaviour, dict[str, dict[str, torch.Tensor]]]:
-    """Keep the harmful fit prompts the model refuses and the harmless ones it answers (short greedy answers). Also
-    returns what the answers' prefills read: the residuals of the sets it answered (`_text_activations`'s `read`)."""
+                      progress: CalibrationProgress | None) -> Behaviour:
+    """Keep the harmful fit prompts the model refuses and the harmless ones it answers (short greedy answers)."""
     n_u = len(sets.u_fit)
-    answered = ("u_fit", "s_fit") if cfg.behaviour_filter else ("u_fit",)
     # a refusal stops once it is settled, but not before its opening (`_refusal_opening`) is written
-    gens, sites = _answers_and_sites(backbone, [p for name in answered for p in getattr(sets, name)],
-                                     cfg.filter_tokens, cfg.generate_batch_size, getattr(judge, "settled", None),
-                                     OPENING_TOKENS, _stage(progress, "behaviour filter"))
-    read = {name: {pos: acts[rows] for pos, acts in sites.items()}
-            for name, rows in zip(answered, (slice(0, n_u), slice(n_u, None)), strict=False)}
+    gens = greedy_texts(backbone, [Query(p) for p in sets.u_fit + (sets.s_fit if cfg.behaviour_filter else [])],
+                        cfg.filter_tokens, cfg.generate_batch_size, _stage(progress, "behaviour filter"),
+                        settled=getattr(judge, "settled", None), min_tokens=OPENING_TOKENS)
     verdicts = judge([t for _, t in gens])
     u_refused = torch.tensor(verdicts[:n_u], dtype=torch.bool)
     opening = _refusal_opening(gens[:n_u], verdicts[:n_u], backbone.tokenizer)
@@ -459,7 +415,7 @@ def _behaviour_filter(backbone: Backbone, cfg: MarsConfig, sets: PromptSets, jud
             notes.append("behaviour filter: fewer than 2 harmless prompts were answered; the safe centroid uses all")
     record.update(fallback=bool(notes), notes=notes, unsafe_used=int(u_keep.sum()), safe_used=int(s_keep.sum()),
                   lookalike_used=len(sets.la_fit))
-    return Behaviour(u_keep=u_keep, s_keep=s_keep, opening=opening, record=record), read
+    return Behaviour(u_keep=u_keep, s_keep=s_keep, opening=opening, record=record)
 
 
 def _fit_axis(acts: TextActs, u_keep: torch.Tensor | None = None, s_keep: torch.Tensor | None = None) -> AxisFit:
@@ -685,10 +641,10 @@ def calibrate(backbone: Backbone, config: MarsConfig | None = None, harmful: Seq
     choices.check(backbone.num_layers)
     sets = PromptSets.of(cfg, harmful, harmless)
     clock = _StepClock()  # each step's wall time: `Diagnostics.fit_seconds`, in fit's summary and in bench
-    with clock("behaviour filter"):  # its answers' prefills read those prompts' residuals too
-        behaviour, read = _behaviour_filter(backbone, cfg, sets, judge, progress)
     with clock("text activations"):
-        text = _text_activations(backbone, sets, cfg.batch_size, progress, read)
+        text = _text_activations(backbone, sets, cfg.batch_size, progress)
+    with clock("behaviour filter"):
+        behaviour = _behaviour_filter(backbone, cfg, sets, judge, progress)
     post = _fit_axis(text["post"], behaviour.u_keep, behaviour.s_keep)
     with clock("neutral media"):
         neutral = _neutral_media(backbone, cfg, sets, text, progress)

@@ -22,7 +22,7 @@ def test_bench_json_has_the_ratios(tiny_dirs, tmp_path):
         assert isinstance(data[key], float) and data[key] > 0
     assert 0 < data["calibration_forward_share"] <= 1
     steps = data["calibration_step_s"]  # the fit's wall time per step, in the fit's order
-    assert list(steps)[:2] == ["behaviour filter", "text activations"] and "target level" in steps
+    assert list(steps)[:2] == ["text activations", "behaviour filter"] and "target level" in steps
     assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= data["calibration_s"]
     ev = data["eval"]
     assert ev["items"] > 0 and ev["queries_per_min"] == pytest.approx(ev["items"] / ev["seconds"] * 60, rel=0.05)

@@ -181,7 +181,7 @@ def test_progress_stages_reported(tiny_backbones):
     seen = []
     calibrate(tiny_backbones("llava"), SMALL, progress=lambda stage, d, n: seen.append((stage, d, n)))
     stages = list(dict.fromkeys(s for s, _, _ in seen))
-    assert stages[:2] == ["behaviour filter", "text activations"] and "target level" in stages
+    assert stages[:2] == ["text activations", "behaviour filter"] and "target level" in stages
     assert all(d <= n for _, d, n in seen)
 
 
