@@ -114,7 +114,7 @@ def _stale(state: MarsState | None, analysis: Analysis) -> str | None:
 
 
 FIRST_RUN = ("Press Run in Explore. The first run calibrates MARS for this model (about 30 s on the tiny demo "
-             "model, 10-20 min for a 0.5B model on a CPU) and caches it; after that these plots are instant.")
+             "model, about 10 min for a 0.5B model on a 2-core CPU) and caches it; after that these plots are instant.")
 NO_VIDEO = "Per-frame scores appear for a video input."
 NO_MAP = "Run an image or a video: each patch's unsafety score is drawn over it here."
 
