@@ -76,6 +76,7 @@ def _decode_rows(backbone: Backbone, out: torch.Tensor, n_prompt: int) -> list[t
         rows.append((cut, backbone.tokenizer.decode(cut, skip_special_tokens=True).strip()))
     return rows
 
+
 @torch.inference_mode()
 def generate_batch(backbone: Backbone, batch, max_new_tokens: int, streamer: BaseStreamer | None = None,
                    force_tokens: bool = False, settled: Callable[[list[str]], list[bool]] | None = None,
@@ -103,9 +104,10 @@ def _settling(backbone: Backbone, batch, max_new_tokens: int, settled: Callable[
               min_tokens: int, prefix=None) -> list[tuple[list[int], str]]:
     """`generate_batch` with rows that leave once done: the first `min_tokens` tokens for all rows, then one token
     at a time for the rows whose answer has not ended (EOS, `max_new_tokens`) and whose verdict is not `settled`.
-    Each step goes on from the last one's cache (`_go_on`'s convention) with the finished rows taken out of it, so a
-    batch costs what its unfinished rows cost. Each row's tokens are those of one plain generation. A prefix-LM's
-    decode is not continued from a cut batch; its rows stop together, when all are done."""
+    Each step goes on from the last one's cache (`_continued`, as the pair's `_go_on` does) with the finished rows
+    taken out of it, so a batch costs what its unfinished rows cost. Each row's tokens are those of one plain
+    generation. A prefix-LM's decode is not continued from a cut batch; its rows stop together, when all are
+    done."""
     model, n_prompt = backbone.model, batch["input_ids"].shape[1]
     eos = torch.tensor(sorted(_eos_ids(backbone)), dtype=torch.long)
     if backbone.arch.prefix_lm:
@@ -140,17 +142,22 @@ def _settling(backbone: Backbone, batch, max_new_tokens: int, settled: Callable[
                 if torch.is_tensor(owner.rope_deltas) and owner.rope_deltas.shape[0] == len(done):
                     owner.rope_deltas = owner.rope_deltas[keep.to(owner.rope_deltas.device)]
             dec = {k: v[keep.to(v.device)] for k, v in dec.items()}  # the prompt's entries of the rows left
-            step = dict(dec)
-            grown = new.shape[1]  # the positions generated so far: the mask (and Mllama's) grows by as many
-            step["attention_mask"] = torch.cat([step["attention_mask"], step["attention_mask"][:, -1:].expand(
-                -1, grown)], dim=1)
-            if "cross_attention_mask" in step:
-                last = step["cross_attention_mask"][:, -1:]
-                step["cross_attention_mask"] = torch.cat(
-                    [step["cross_attention_mask"], last.expand(-1, grown, *last.shape[2:])], dim=1)
-            step["input_ids"] = seqs[keep.to(seqs.device)]
+            step = _continued(dec, seqs[keep.to(seqs.device)], n_prompt)
             out = model.generate(**step, cache=cache, return_dict_in_generate=True, **_gen_kwargs(backbone, 1))
     return rows  # type: ignore[return-value]
+
+
+def _continued(dec: dict, sequences: torch.Tensor, n_prompt: int) -> dict:
+    """The decode inputs (`DECODE_KEYS` of the prompt) for going on from `sequences` (prompt + the tokens generated
+    so far): those ids, the mask grown by one column per generated token, and Mllama's `cross_attention_mask` grown
+    by its last row as many times (the new positions attend to the tiles the last one did), as `generate` does."""
+    grown = sequences.shape[1] - n_prompt
+    out = {**dec, "input_ids": sequences}
+    for key in ("attention_mask", "cross_attention_mask"):
+        if key in dec:
+            last = dec[key][:, -1:]
+            out[key] = torch.cat([dec[key], last.expand(-1, grown, *last.shape[2:])], dim=1)
+    return out
 
 
 class _Settled(StoppingCriteria):

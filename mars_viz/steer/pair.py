@@ -48,6 +48,7 @@ from .captures import _capturing, _finish_seq, _inst_capturing, _seq_capturing
 from .generate import (
     DECODE_KEYS,
     _cache_of,
+    _continued,
     _decode_rows,
     _duplicated_rope_deltas,
     _gen_kwargs,
@@ -122,12 +123,7 @@ def _go_on(backbone: Backbone, sequences: torch.Tensor, cache, dec: dict, max_ne
         return _decode_rows(backbone, sequences, n_prompt)
     if streamer is not None:
         streamer.started = False  # the next call pushes its input first
-    dec = {**dec, "input_ids": sequences,
-           "attention_mask": torch.cat([dec["attention_mask"], dec["attention_mask"][:, -1:]], dim=1)}
-    if "cross_attention_mask" in dec:  # Mllama: the new position attends to the tiles the last one did
-        dec["cross_attention_mask"] = torch.cat([dec["cross_attention_mask"], dec["cross_attention_mask"][:, -1:]],
-                                                dim=1)
-    out = backbone.model.generate(**dec, cache=cache, streamer=streamer,
+    out = backbone.model.generate(**_continued(dec, sequences, n_prompt), cache=cache, streamer=streamer,
                                   **_gen_kwargs(backbone, max_new_tokens - 1, force_tokens))
     return _decode_rows(backbone, out, n_prompt)
 
